@@ -1,0 +1,957 @@
+"""Configuration: one YAML file in, an immutable :class:`Config` (with a compiled :class:`CorsEngine`) out.
+
+Owns the public key layout, defaults, environment overrides and every validation rule. Validation collects *all*
+problems, each with its YAML path, what is wrong and how to fix it (the jub0bs/cors shape), and refuses dangerous
+configurations (CORS-RULES 15-16) unless the policy names the matching ``dangerously_*`` opt-in, which then warns on
+every start. :func:`check_origin_entry` is the same check for every later write path (CLI, admin API, origins file).
+
+Must not import aiohttp or lmdb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from publicsuffixlist import PublicSuffixList
+
+from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet
+from corsproxy.header_list import is_token
+from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry, parse_request_origin
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_POLICY",
+    "Config",
+    "ConfigError",
+    "ConfiguredOrigin",
+    "check_origin_entry",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_expiry",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/corsproxy/config.yaml"
+#: The name of the policy the ``cors`` block defines.
+DEFAULT_POLICY = "default"
+
+#: Methods a browser can never send (Fetch ``#forbidden-method``); listing one is a mistake or a probe.
+FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+#: Chromium caps Access-Control-Max-Age at 7200 s, Firefox at 86400 s (CORS-RULES 13).
+MAX_AGE_WARN = 7200
+MAX_AGE_LIMIT = 86400
+#: Sites where anyone can publish a page under the listed origin (CORS-RULES 16: allowing them allows everyone).
+CODE_HOSTING_DOMAINS = (
+    "codepen.io",
+    "cdpn.io",
+    "jsfiddle.net",
+    "jshell.net",
+    "jsbin.com",
+    "codesandbox.io",
+    "csb.app",
+    "stackblitz.io",
+    "stackblitz.com",
+    "webcontainer.io",
+    "plnkr.co",
+    "glitch.me",
+    "replit.dev",
+    "repl.co",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is refused; ``problems`` lists every reason, each as ``path: what — how to fix``."""
+
+    def __init__(self, problems: list[str], source: str = "configuration"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfiguredOrigin:
+    """An origin entry as configured: its canonical key, policy, expiry (Unix time) and note."""
+
+    key: str
+    policy: str = DEFAULT_POLICY
+    expires: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySafety:
+    """The parts of a policy that decide whether an origin entry under it is safe."""
+
+    name: str
+    allow_credentials: bool
+    dangerously_allow_any_origin_with_credentials: bool = False
+    dangerously_allow_null_origin: bool = False
+    dangerously_allow_http_origins: bool = False
+    dangerously_allow_public_suffix_wildcards: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the listener speaks HTTPS
+    tls_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str = "http://127.0.0.1:8000"
+    scheme: str = "http"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base_path: str = ""  # no trailing slash
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    ca_bundle: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What goes to the upstream besides the request itself (issue 4)."""
+
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are kept (and appended to)
+    preserve_host: bool = False  # send the client's Host instead of the upstream's own
+    websockets: bool = True  # pass WebSocket upgrades through
+    websocket_origin_check: bool = True  # refuse a handshake whose Origin the policy refuses (CSWSH)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client can make the proxy hold (issue 4)."""
+
+    max_header_size: int = 16384  # bytes of one header line / request line; over it: 431
+    max_body_size: int = 100 << 20  # bytes; over it: 413 (0 = no limit)
+    header_read_timeout: float = 10.0  # seconds to receive a request's head
+    idle_timeout: float = 75.0  # seconds a keep-alive connection may sit idle
+    max_upstream_connections: int = 100  # pooled connections to the upstream per worker (0 = no limit)
+    drain_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """The separate admin listener (issue 5); disabled when ``port`` is None."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    token_file: str | None = None  # else the CORSPROXY_ADMIN_TOKEN environment variable
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    format: str = "auto"  # auto (JSON unless stderr is a TTY) | json | text
+    level: str = "info"
+    sample_allowed: float = 1.0  # fraction of allowed requests logged; refusals are always logged
+
+
+@dataclass(frozen=True, slots=True)
+class OriginsFile:
+    """Fleet mode (issue 5): a file that is the source of truth for the ``file``-owned entries."""
+
+    path: str | None = None
+    poll_interval: float = 2.0
+
+
+_DEFAULT_STORE_PATH = "./var/origins.lmdb"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    path: str = _DEFAULT_STORE_PATH
+    map_size_mb: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen
+    upstream: Upstream
+    store: Store
+    engine: CorsEngine
+    origins: Mapping[str, ConfiguredOrigin]  # cors.allow_origins, canonical key -> entry
+    safety: Mapping[str, PolicySafety]  # per policy name, for validating later writes
+    forwarding: Forwarding = Forwarding()
+    limits: Limits = Limits()
+    admin: Admin = Admin()
+    logging: Logging = Logging()
+    origins_file: OriginsFile = OriginsFile()
+    warnings: tuple[str, ...] = ()
+    source: str = "configuration"
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+# -- small typed readers ------------------------------------------------------------------------------------------
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+
+def _section(data: Mapping[str, Any], key: str, path: str, p: _Problems, allowed: set[str]) -> dict[str, Any]:
+    value = data.get(key)
+    where = f"{path}.{key}" if path else key
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        p.error(where, f"must be a mapping, got {type(value).__name__}")
+        return {}
+    _unknown_keys(value, where, p, allowed)
+    return value
+
+
+def _unknown_keys(data: Mapping[str, Any], path: str, p: _Problems, allowed: set[str]) -> None:
+    for key in data:
+        if key in allowed:
+            continue
+        where = f"{path}.{key}" if path else str(key)
+        if key == "allow_origin_regex":
+            p.error(
+                where,
+                "corsproxy takes no regex (an unanchored or unescaped one is the classic CORS hole); list exact "
+                'origins and patterns in allow_origins instead: "https://app.example.com", "https://*.example.com" '
+                '(any subdomain), "http://localhost:*" (any port). `corsproxy origins import-regex` converts one.',
+            )
+            continue
+        close = [k for k in sorted(allowed) if _similar(str(key), k)]
+        hint = f' — did you mean "{close[0]}"?' if close else f" — allowed keys: {', '.join(sorted(allowed))}"
+        p.error(where, f"unknown key{hint}")
+
+
+def _similar(a: str, b: str) -> bool:
+    a, b = a.lower(), b.lower()
+    if a == b or a.replace("-", "_") == b:
+        return True
+    if abs(len(a) - len(b)) > 2:
+        return False
+    # Cheap edit-distance check: a typo of one or two characters.
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1] <= 2
+
+
+def _bool(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        p.error(f"{path}.{key}", f"must be true or false, got {value!r}")
+        return default
+    return value
+
+
+def _number(
+    data: Mapping[str, Any], key: str, path: str, p: _Problems, default: float, *, minimum: float = 0.0
+) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= minimum:
+        p.error(f"{path}.{key}", f"must be a number of seconds greater than {minimum:g}, got {value!r}")
+        return default
+    return float(value)
+
+
+def _port(value: Any, where: str, p: _Problems, default: int) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        p.error(where, f"must be a port number 0-65535, got {value!r}")
+        return default
+    return value
+
+
+def _string_list(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: list[str]) -> list[str]:
+    value = data.get(key, default)
+    if isinstance(value, str):
+        p.error(f"{path}.{key}", f'must be a list, e.g. [{value}] or ["{value}"]')
+        return list(default)
+    if not isinstance(value, list):
+        p.error(f"{path}.{key}", f"must be a list, got {type(value).__name__}")
+        return list(default)
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            p.error(f"{path}.{key}[{i}]", f"must be a string, got {item!r}")
+        else:
+            out.append(item)
+    return out
+
+
+# -- durations and expiry -----------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or a combination such as ``1d12h``) in seconds."""
+    text = text.strip()
+    pos = 0
+    total = 0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or total <= 0:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 15m, 12h, 7d or 2w")
+    return float(total)
+
+
+def parse_expiry(value: Any) -> float:
+    """An ISO 8601 timestamp with a timezone (``2026-12-31T00:00:00Z``) as Unix time."""
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an ISO 8601 time; write e.g. 2026-12-31T00:00:00Z") from None
+    else:
+        raise ValueError(f"{value!r} is not a time; write e.g. 2026-12-31T00:00:00Z")
+    if moment.tzinfo is None:
+        if isinstance(value, dt.datetime):  # YAML turns an unquoted "…Z" timestamp into a naive UTC datetime
+            moment = moment.replace(tzinfo=dt.UTC)
+        else:
+            raise ValueError(f"{value!r} has no timezone; add Z for UTC, e.g. 2026-12-31T00:00:00Z")
+    return moment.timestamp()
+
+
+# -- origin entry safety ------------------------------------------------------------------------------------------
+
+
+@cache
+def _public_suffixes() -> PublicSuffixList:
+    # The list ships inside the package: never a download at run time (issue 3).
+    return PublicSuffixList()
+
+
+def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[str], list[str]]:
+    """Errors and warnings for allowing ``entry`` under ``policy`` (CORS-RULES 15-16). Shared by every write path."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    creds = policy.allow_credentials
+    opt_in_note = "(policy {name!r} sets {flag}: this is dangerous, see the README)"
+
+    def gate(flag: str, message: str) -> None:
+        if getattr(policy, flag):
+            warnings.append(f"{message} {opt_in_note.format(name=policy.name, flag=flag)}")
+        else:
+            errors.append(f"{message}; if you really mean it, set {flag}: true on policy {policy.name!r}")
+
+    if entry.is_any:
+        if creds:
+            gate(
+                "dangerously_allow_any_origin_with_credentials",
+                '"*" with allow_credentials: true would let every website make credentialed requests as the user '
+                "(browsers forbid the combination, so it can only be done by reflecting any origin) — list the "
+                "origins, or use a policy with allow_credentials: false",
+            )
+        return errors, warnings
+    if entry.is_null:
+        gate(
+            "dangerously_allow_null_origin",
+            '"null" is the origin of sandboxed iframes, file: and data: documents and cross-origin redirects — any '
+            "site can produce it, so allowing it allows everyone; allow the real origins instead",
+        )
+        return errors, warnings
+    if entry.scheme == "http" and creds and not entry.is_loopback:
+        gate(
+            "dangerously_allow_http_origins",
+            f"{entry.key!r} is plain http on a policy with credentials: anyone on the network path can inject "
+            f"script into that origin and act as the user — use {entry.key.replace('http://', 'https://', 1)!r}",
+        )
+    if entry.subdomains:
+        psl = _public_suffixes()
+        if psl.privatesuffix(entry.host) is None and not entry.is_loopback:
+            gate(
+                "dangerously_allow_public_suffix_wildcards",
+                f"{entry.key!r} covers every site under the public suffix {entry.host!r} (anyone can register "
+                f'or publish there) — pin a registrable domain, e.g. "{entry.scheme}://*.yourname.{entry.host}"',
+            )
+        elif creds:
+            warnings.append(
+                f"{entry.key!r} allows credentialed requests from every subdomain of {entry.host!r}: one subdomain "
+                "with an XSS or a takeover exposes your users — prefer listing the subdomains"
+            )
+    host = entry.host
+    for domain in CODE_HOSTING_DOMAINS:
+        if host == domain or host.endswith("." + domain):
+            warnings.append(
+                f"{entry.key!r} is on {domain}, where anyone can publish pages: allowing it allows everyone there"
+            )
+            break
+    return errors, warnings
+
+
+# -- policies -----------------------------------------------------------------------------------------------------
+
+_POLICY_KEYS = {
+    "allow_methods",
+    "allow_headers",
+    "expose_headers",
+    "allow_credentials",
+    "max_age",
+    "allow_private_network",
+    "preflight_status",
+    "dangerously_allow_any_origin_with_credentials",
+    "dangerously_allow_null_origin",
+    "dangerously_allow_http_origins",
+    "dangerously_allow_public_suffix_wildcards",
+}
+_DANGER_FLAGS = sorted(k for k in _POLICY_KEYS if k.startswith("dangerously_"))
+
+#: Starlette's CORSMiddleware defaults, so that a migrated block behaves the same.
+_POLICY_DEFAULTS: dict[str, Any] = {
+    "allow_methods": ["GET"],
+    "allow_headers": [],
+    "expose_headers": [],
+    "allow_credentials": False,
+    "max_age": 600,
+    "allow_private_network": False,
+    "preflight_status": 204,
+    **dict.fromkeys(_DANGER_FLAGS, False),
+}
+
+
+def _compile_policy(
+    name: str, data: Mapping[str, Any], base: Mapping[str, Any], path: str, p: _Problems
+) -> tuple[Policy, PolicySafety]:
+    merged = {**base, **{k: v for k, v in data.items() if k in _POLICY_KEYS}}
+
+    methods = _string_list(merged, "allow_methods", path, p, ["GET"])
+    clean_methods: set[str] = set()
+    for i, method in enumerate(methods):
+        where = f"{path}.allow_methods[{i}]"
+        if method == "*":
+            continue
+        if not is_token(method):
+            p.error(where, f"{method!r} is not a method name (a token such as GET or PATCH)")
+        elif method.upper() in FORBIDDEN_METHODS:
+            p.error(
+                where, f"{method!r} is a forbidden method (browsers never send it, and TRACE leaks headers) — remove it"
+            )
+        else:
+            if method != method.upper() and method.upper() in {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"}:
+                p.warn(where, f"{method!r}: methods are case-sensitive and browsers send {method.upper()!r}")
+            clean_methods.add(method)
+
+    headers = _string_list(merged, "allow_headers", path, p, [])
+    clean_headers: set[str] = set()
+    for i, header in enumerate(headers):
+        if header != "*" and not is_token(header):
+            p.error(f"{path}.allow_headers[{i}]", f"{header!r} is not a header name")
+        elif header != "*":
+            clean_headers.add(header.lower())
+
+    expose = _string_list(merged, "expose_headers", path, p, [])
+    clean_expose: list[str] = []
+    for i, header in enumerate(expose):
+        where = f"{path}.expose_headers[{i}]"
+        if header != "*" and not is_token(header):
+            p.error(where, f"{header!r} is not a header name")
+        elif header.lower() in {"set-cookie", "set-cookie2"}:
+            p.error(where, "Set-Cookie is never readable by scripts (Fetch forbidden response header) — remove it")
+        elif header != "*" and header.lower() not in clean_expose:
+            clean_expose.append(header.lower())
+
+    credentials = _bool(merged, "allow_credentials", path, p, False)
+    max_age_raw = merged.get("max_age")
+    max_age: int | None = None
+    if max_age_raw is not None:
+        if isinstance(max_age_raw, bool) or not isinstance(max_age_raw, int) or max_age_raw < 0:
+            p.error(f"{path}.max_age", f"must be a whole number of seconds >= 0 (or null to omit), got {max_age_raw!r}")
+        elif max_age_raw > MAX_AGE_LIMIT:
+            p.error(f"{path}.max_age", f"{max_age_raw} is above {MAX_AGE_LIMIT} (Firefox's cap; Chromium's is 7200)")
+        else:
+            max_age = max_age_raw
+            if max_age_raw > MAX_AGE_WARN:
+                p.warn(
+                    f"{path}.max_age", f"{max_age_raw} is above Chromium's cap of {MAX_AGE_WARN}; Chromium uses 7200"
+                )
+    status = merged.get("preflight_status", 204)
+    if status not in (200, 204):
+        p.error(f"{path}.preflight_status", f"must be 204 (the default) or 200 (for old clients), got {status!r}")
+        status = 204
+    policy = Policy(
+        name=name,
+        allow_methods=frozenset(clean_methods),
+        allow_headers=frozenset(clean_headers),
+        expose_headers=tuple(clean_expose),
+        allow_credentials=credentials,
+        max_age=max_age,
+        allow_private_network=_bool(merged, "allow_private_network", path, p, False),
+        preflight_status=int(status),
+        any_method="*" in methods,
+        any_header="*" in headers,
+        expose_all="*" in expose,
+    )
+    flags = {flag: _bool(merged, flag, path, p, False) for flag in _DANGER_FLAGS}
+    safety = PolicySafety(name=name, allow_credentials=credentials, **flags)
+    return policy, safety
+
+
+# -- origin lists -------------------------------------------------------------------------------------------------
+
+_ENTRY_KEYS = {"origin", "policy", "expires", "note"}
+
+
+def _origin_list(
+    items: Any,
+    path: str,
+    p: _Problems,
+    safety: Mapping[str, PolicySafety],
+    default_policy: str,
+    allow_policy_field: bool = True,
+) -> dict[str, ConfiguredOrigin]:
+    out: dict[str, ConfiguredOrigin] = {}
+    if items is None:
+        return out
+    if not isinstance(items, list):
+        p.error(path, f"must be a list of origins, got {type(items).__name__}")
+        return out
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        policy_name, expires, note = default_policy, None, ""
+        if isinstance(item, dict):
+            _unknown_keys(item, where, p, _ENTRY_KEYS if allow_policy_field else {"origin", "note"})
+            text = item.get("origin")
+            if "policy" in item and allow_policy_field:
+                policy_name = item["policy"]
+                if policy_name not in safety:
+                    known = ", ".join(sorted(safety))
+                    p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined policies: {known}")
+                    continue
+            if item.get("expires") is not None:
+                try:
+                    expires = parse_expiry(item["expires"])
+                except ValueError as exc:
+                    p.error(f"{where}.expires", str(exc))
+            note = str(item.get("note") or "")
+        else:
+            text = item
+        if not isinstance(text, str):
+            p.error(where, f'an origin must be a string such as "https://app.example.com", got {text!r}')
+            continue
+        try:
+            entry = parse_origin_entry(text)
+        except EntryError as exc:
+            p.error(where, str(exc))
+            continue
+        errors, warnings = check_origin_entry(entry, safety[policy_name])
+        for message in errors:
+            p.error(where, message)
+        for message in warnings:
+            p.warn(where, message)
+        if entry.key in out:
+            p.error(where, f"{text!r} is listed twice (as {entry.key!r}); keep one entry")
+            continue
+        out[entry.key] = ConfiguredOrigin(entry.key, policy_name, expires, note)
+    return out
+
+
+# -- the whole file -----------------------------------------------------------------------------------------------
+
+_TOP_KEYS = {
+    "listen",
+    "upstream",
+    "store",
+    "cors",
+    "policies",
+    "routes",
+    "mode",
+    "block_disallowed",
+    "public_origins",
+    "debug_reason_header",
+    "forwarding",
+    "limits",
+    "admin",
+    "logging",
+    "origins_file",
+}
+
+
+def _enum(value: Any, kind: type[Mode] | type[BlockMode], where: str, p: _Problems) -> Any:
+    if value is False and kind is BlockMode:
+        value = "off"  # YAML 1.1 reads a bare `off` as false
+    try:
+        return kind(value)
+    except ValueError:
+        p.error(where, f"must be one of {', '.join(m.value for m in kind)}, got {value!r}")
+        return next(iter(kind))
+
+
+def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Upstream:
+    section = _section(data, "upstream", "", p, {"url", "connect_timeout", "read_timeout", "ca_bundle"})
+    url = env.get("CORSPROXY_UPSTREAM") or section.get("url")
+    where = "env CORSPROXY_UPSTREAM" if env.get("CORSPROXY_UPSTREAM") else "upstream.url"
+    if not isinstance(url, str) or not url:
+        p.error("upstream.url", 'is required, e.g. "http://127.0.0.1:8000" (the API corsproxy forwards to)')
+        return Upstream()
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    problems_before = len(p.errors)
+    if scheme not in ("http", "https"):
+        p.error(where, f'{url!r}: the upstream must be an http:// or https:// URL, e.g. "http://127.0.0.1:8000"')
+    try:
+        port = parts.port
+    except ValueError:
+        p.error(where, f"{url!r}: the port is not a number 1-65535")
+        port = None
+    if not parts.hostname:
+        p.error(where, f"{url!r}: missing host")
+    if parts.username or parts.password:
+        p.error(where, f"{url!r}: credentials in the URL would be logged; configure the upstream without them")
+    if parts.query or parts.fragment:
+        p.error(where, f"{url!r}: the upstream URL takes no query or fragment")
+    ca_bundle = section.get("ca_bundle")
+    if ca_bundle is not None and (not isinstance(ca_bundle, str) or not Path(ca_bundle).is_file()):
+        p.error("upstream.ca_bundle", f"{ca_bundle!r} is not a readable file of PEM certificates")
+    if len(p.errors) > problems_before:
+        return Upstream()
+    host = parts.hostname or ""
+    return Upstream(
+        url=url,
+        scheme=scheme,
+        host=f"[{host}]" if ":" in host else host,
+        port=port or (443 if scheme == "https" else 80),
+        base_path=parts.path.rstrip("/"),
+        connect_timeout=_number(section, "connect_timeout", "upstream", p, 5.0),
+        read_timeout=_number(section, "read_timeout", "upstream", p, 60.0),
+        ca_bundle=ca_bundle,
+    )
+
+
+def parse_config(
+    data: Any, *, source: str = "configuration", env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Config:
+    """Validate a parsed YAML document; raise :class:`ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    p = _Problems()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"the top level must be a mapping of sections, got {type(data).__name__}"], source)
+    _unknown_keys(data, "", p, _TOP_KEYS)
+
+    listen_section = _section(data, "listen", "", p, {"host", "port", "tls_cert", "tls_key"})
+    port_value = env.get("CORSPROXY_PORT") or listen_section.get("port", 8080)
+    port_where = "env CORSPROXY_PORT" if env.get("CORSPROXY_PORT") else "listen.port"
+    host = listen_section.get("host", "0.0.0.0")
+    if not isinstance(host, str) or not host:
+        p.error("listen.host", f"must be an address such as 0.0.0.0 or 127.0.0.1, got {host!r}")
+        host = "0.0.0.0"
+    tls_cert, tls_key = listen_section.get("tls_cert"), listen_section.get("tls_key")
+    for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if value is not None and (not isinstance(value, str) or not Path(value).is_file()):
+            p.error(f"listen.{key}", f"{value!r} is not a readable PEM file")
+    if (tls_cert is None) != (tls_key is None):
+        p.error("listen", "tls_cert and tls_key go together: give both for HTTPS, or neither")
+    listen = Listen(host=host, port=_port(port_value, port_where, p, 8080), tls_cert=tls_cert, tls_key=tls_key)
+
+    upstream = _upstream(data, p, env)
+
+    store_section = _section(data, "store", "", p, {"path", "map_size_mb"})
+    store_path = store_section.get("path", _DEFAULT_STORE_PATH)
+    if not isinstance(store_path, str) or not store_path:
+        p.error("store.path", f"must be a directory path, got {store_path!r}")
+        store_path = _DEFAULT_STORE_PATH
+    elif base_dir is not None and not Path(store_path).is_absolute():
+        store_path = str(base_dir / store_path)  # relative to the config file, not to wherever it was started
+    map_size = store_section.get("map_size_mb", 1024)
+    if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1:
+        p.error("store.map_size_mb", f"must be a whole number of MiB >= 1, got {map_size!r}")
+        map_size = 1024
+    store = Store(path=store_path, map_size_mb=map_size)
+
+    cors = _section(data, "cors", "", p, _POLICY_KEYS | {"allow_origins"})
+    policies: dict[str, Policy] = {}
+    safety: dict[str, PolicySafety] = {}
+    policies[DEFAULT_POLICY], safety[DEFAULT_POLICY] = _compile_policy(
+        DEFAULT_POLICY, cors, _POLICY_DEFAULTS, "cors", p
+    )
+    default_base = {**_POLICY_DEFAULTS, **{k: v for k, v in cors.items() if k in _POLICY_KEYS}}
+    named = data.get("policies") or {}
+    if not isinstance(named, dict):
+        p.error("policies", "must be a mapping of name -> policy settings, e.g. {partners: {allow_methods: [GET]}}")
+        named = {}
+    for name, spec in named.items():
+        where = f"policies.{name}"
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", name):
+            p.error(where, "a policy name is 1-64 lowercase letters, digits, '-' or '_'")
+            continue
+        if name == DEFAULT_POLICY:
+            p.error(where, f"{DEFAULT_POLICY!r} is the name of the cors block's policy; pick another name")
+            continue
+        if not isinstance(spec, dict):
+            p.error(where, "must be a mapping of policy settings, e.g. {allow_methods: [GET], max_age: 60}")
+            continue
+        _unknown_keys(spec, where, p, _POLICY_KEYS)
+        policies[name], safety[name] = _compile_policy(name, spec, default_base, where, p)
+
+    origins = _origin_list(cors.get("allow_origins"), "cors.allow_origins", p, safety, DEFAULT_POLICY)
+
+    routes = _routes(data.get("routes"), p, safety)
+
+    public: set[str] = set()
+    for i, text in enumerate(_string_list(data, "public_origins", "", p, [])):
+        if parse_request_origin(text) is None:
+            p.error(
+                f"public_origins[{i}]",
+                f"{text!r} must be an exact origin as browsers send it, e.g. https://api.example.com",
+            )
+        else:
+            public.add(text)
+
+    debug = data.get("debug_reason_header", False)
+    if not isinstance(debug, bool):
+        p.error("debug_reason_header", f"must be true or false, got {debug!r}")
+        debug = False
+    if debug:
+        p.warn("debug_reason_header", "refused preflights carry X-Corsproxy-Reason: turn it off in production")
+
+    forwarding = _forwarding(data, p)
+    limits = _limits(data, p)
+    admin = _admin(data, p, env)
+    logging_ = _logging(data, p)
+    origins_file = _origins_file(data, p, base_dir)
+
+    if p.errors:
+        raise ConfigError(p.errors, source)
+    engine = CorsEngine(
+        policies=policies,
+        routes=routes,
+        mode=_enum(data.get("mode", "enforce"), Mode, "mode", p),
+        block_disallowed=_enum(data.get("block_disallowed", "off"), BlockMode, "block_disallowed", p),
+        public_origins=frozenset(public),
+        private_network=any(policy.allow_private_network for policy in policies.values()),
+        debug_reason_header=debug,
+    )
+    if p.errors:
+        raise ConfigError(p.errors, source)
+    for name, flags in safety.items():
+        for flag in _DANGER_FLAGS:
+            if getattr(flags, flag):
+                p.warn(f"policies.{name}" if name != DEFAULT_POLICY else "cors", f"{flag} is set")
+    return Config(
+        listen,
+        upstream,
+        store,
+        engine,
+        origins,
+        safety,
+        forwarding,
+        limits,
+        admin,
+        logging_,
+        origins_file,
+        tuple(p.warnings),
+        source,
+        data,
+    )
+
+
+def _forwarding(data: Mapping[str, Any], p: _Problems) -> Forwarding:
+    section = _section(
+        data, "forwarding", "", p, {"trusted_proxies", "preserve_host", "websockets", "websocket_origin_check"}
+    )
+    proxies: list[str] = []
+    for i, text in enumerate(_string_list(section, "trusted_proxies", "forwarding", p, [])):
+        try:
+            proxies.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            p.error(f"forwarding.trusted_proxies[{i}]", f"{text!r} is not an IP address or CIDR, e.g. 10.0.0.0/8")
+    return Forwarding(
+        trusted_proxies=tuple(proxies),
+        preserve_host=_bool(section, "preserve_host", "forwarding", p, False),
+        websockets=_bool(section, "websockets", "forwarding", p, True),
+        websocket_origin_check=_bool(section, "websocket_origin_check", "forwarding", p, True),
+    )
+
+
+def _count(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: int, minimum: int = 0) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        p.error(f"{path}.{key}", f"must be a whole number >= {minimum}, got {value!r}")
+        return default
+    return value
+
+
+def _limits(data: Mapping[str, Any], p: _Problems) -> Limits:
+    keys = {
+        "max_header_size",
+        "max_body_size",
+        "header_read_timeout",
+        "idle_timeout",
+        "max_upstream_connections",
+        "drain_timeout",
+    }
+    section = _section(data, "limits", "", p, keys)
+    d = Limits()
+    return Limits(
+        max_header_size=_count(section, "max_header_size", "limits", p, d.max_header_size, 1024),
+        max_body_size=_count(section, "max_body_size", "limits", p, d.max_body_size),
+        header_read_timeout=_number(section, "header_read_timeout", "limits", p, d.header_read_timeout),
+        idle_timeout=_number(section, "idle_timeout", "limits", p, d.idle_timeout),
+        max_upstream_connections=_count(section, "max_upstream_connections", "limits", p, d.max_upstream_connections),
+        drain_timeout=_number(section, "drain_timeout", "limits", p, d.drain_timeout),
+    )
+
+
+def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Admin:
+    section = _section(data, "admin", "", p, {"listen", "token_file"})
+    if not section:
+        return Admin()
+    listen = _section(section, "listen", "admin", p, {"host", "port"})
+    host = listen.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        p.error("admin.listen.host", f"must be an address such as 127.0.0.1, got {host!r}")
+        host = "127.0.0.1"
+    port = _port(listen.get("port", 9090), "admin.listen.port", p, 9090)
+    token_file = section.get("token_file")
+    if token_file is not None and (not isinstance(token_file, str) or not Path(token_file).is_file()):
+        p.error("admin.token_file", f"{token_file!r} is not a readable file holding the admin token")
+    has_token = bool(env.get("CORSPROXY_ADMIN_TOKEN")) or token_file is not None
+    loopback = host == "localhost"
+    with contextlib.suppress(ValueError):
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    if not loopback and not has_token:
+        p.error(
+            "admin.listen.host",
+            f"{host!r} is not a loopback address and no admin token is set: anyone who can reach it could change "
+            "the origin set — set CORSPROXY_ADMIN_TOKEN or admin.token_file, or listen on 127.0.0.1",
+        )
+    return Admin(host=host, port=port, token_file=token_file)
+
+
+def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:
+    section = _section(data, "logging", "", p, {"format", "level", "sample_allowed"})
+    fmt = section.get("format", "auto")
+    if fmt not in ("auto", "json", "text"):
+        p.error("logging.format", f"must be auto, json or text, got {fmt!r}")
+        fmt = "auto"
+    level = section.get("level", "info")
+    if not isinstance(level, str) or level.lower() not in ("debug", "info", "warning", "error"):
+        p.error("logging.level", f"must be debug, info, warning or error, got {level!r}")
+        level = "info"
+    sample = section.get("sample_allowed", 1.0)
+    if isinstance(sample, bool) or not isinstance(sample, int | float) or not 0 <= sample <= 1:
+        p.error("logging.sample_allowed", f"must be a fraction between 0 and 1, got {sample!r}")
+        sample = 1.0
+    return Logging(format=fmt, level=level.lower(), sample_allowed=float(sample))
+
+
+def _origins_file(data: Mapping[str, Any], p: _Problems, base_dir: Path | None) -> OriginsFile:
+    section = data.get("origins_file")
+    if section is None:
+        return OriginsFile()
+    if isinstance(section, str):
+        section = {"path": section}
+    if not isinstance(section, dict):
+        p.error("origins_file", "must be a path, or a mapping {path: FILE, poll_interval: SECONDS}")
+        return OriginsFile()
+    _unknown_keys(section, "origins_file", p, {"path", "poll_interval"})
+    path = section.get("path")
+    if not isinstance(path, str) or not path:
+        p.error("origins_file.path", f"must be the path of the origins file, got {path!r}")
+        return OriginsFile()
+    if base_dir is not None and not Path(path).is_absolute():
+        path = str(base_dir / path)
+    return OriginsFile(path=path, poll_interval=_number(section, "poll_interval", "origins_file", p, 2.0))
+
+
+_ROUTE_KEYS = {"path", "allow_origins", "policy", "mode"}
+
+
+def _routes(items: Any, p: _Problems, safety: Mapping[str, PolicySafety]) -> tuple[Route, ...]:
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        p.error("routes", "must be a list of {path: /prefix/, ...} entries")
+        return ()
+    routes: list[Route] = []
+    for i, item in enumerate(items):
+        where = f"routes[{i}]"
+        if not isinstance(item, dict):
+            p.error(where, "must be a mapping such as {path: /public/, allow_origins: ['*'], policy: public}")
+            continue
+        _unknown_keys(item, where, p, _ROUTE_KEYS)
+        prefix = item.get("path")
+        if not isinstance(prefix, str) or not prefix.startswith("/") or any(c in prefix for c in "?#* "):
+            p.error(f"{where}.path", f'must be a path prefix starting with "/", e.g. "/public/", got {prefix!r}')
+            continue
+        for earlier in routes:
+            if earlier.matches(prefix):
+                p.error(
+                    f"{where}.path",
+                    f"{prefix!r} can never match: routes[{earlier.index}] ({earlier.prefix!r}) comes first and covers "
+                    "it — put the more specific route first",
+                )
+                break
+        policy_name = item.get("policy")
+        if policy_name is not None and policy_name not in safety:
+            p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined: {', '.join(sorted(safety))}")
+            continue
+        if policy_name is not None and "allow_origins" not in item:
+            p.error(
+                f"{where}.policy",
+                "a route's policy applies to the route's own allow_origins list; add allow_origins (origins from "
+                "the store keep their own policy)",
+            )
+            continue
+        origins = None
+        if "allow_origins" in item:
+            listed = _origin_list(
+                item["allow_origins"], f"{where}.allow_origins", p, safety, policy_name or DEFAULT_POLICY, False
+            )
+            origins = StaticOriginSet({key: entry.policy for key, entry in listed.items()})
+        mode = _enum(item.get("mode", "enforce"), Mode, f"{where}.mode", p)
+        routes.append(Route(prefix, origins, mode, i))
+    return tuple(routes)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file (``CORSPROXY_CONFIG``, then :data:`DEFAULT_CONFIG_PATH`, when ``None``)."""
+    env = os.environ if env is None else env
+    file = Path(path or env.get("CORSPROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the config file: {exc.strerror or exc}"], str(file)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["the config file is not UTF-8 text"], str(file)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}invalid YAML: {problem}"], str(file)) from None
+    return parse_config(data, source=str(file), env=env, base_dir=file.resolve().parent)

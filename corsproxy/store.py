@@ -1,0 +1,323 @@
+"""The origin store: allowed origins and patterns in an LMDB environment, with an audit trail of every change.
+
+Owns the on-disk format and every transaction. Readers (each request) open a read-only transaction and make a handful
+of exact ``get`` calls, whatever the size of the set (see :func:`corsproxy.origin.lookup_keys`); writers (CLI, admin
+API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed state
+intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate.
+
+Record value layout, chosen so the request path never parses JSON::
+
+    version (1 byte, =1) | expires (float64 LE, 0 = never) | policy length (1 byte) | policy (ASCII) | JSON metadata
+
+The audit database is keyed by a big-endian nanosecond timestamp, so iteration order is time order.
+
+Imports lmdb; must not import aiohttp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from corsproxy.decision import Found
+
+__all__ = ["AuditEvent", "OriginRecord", "OriginStore", "StoreError"]
+
+_VERSION = 1
+_HEAD = struct.Struct("<BdB")
+_AUDIT_KEY = struct.Struct(">Q")
+_DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as needed
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written; the message says which path and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginRecord:
+    policy: str = "default"
+    expires: float | None = None  # Unix time; None = never
+    source: str = "cli"  # config | cli | admin:<token name> | file
+    added: float = 0.0
+    note: str = ""
+
+    def encode(self) -> bytes:
+        policy = self.policy.encode("ascii")
+        meta = json.dumps({"source": self.source, "added": self.added, "note": self.note}, separators=(",", ":"))
+        return _HEAD.pack(_VERSION, self.expires or 0.0, len(policy)) + policy + meta.encode("utf-8")
+
+    @classmethod
+    def decode(cls, value: bytes | memoryview) -> OriginRecord:
+        _version, expires, length = _HEAD.unpack_from(value)
+        start = _HEAD.size
+        policy = bytes(value[start : start + length]).decode("ascii")
+        meta = json.loads(bytes(value[start + length :]))
+        return cls(policy, expires or None, str(meta["source"]), float(meta["added"]), str(meta.get("note", "")))
+
+    def is_expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def same_rule(self, other: OriginRecord) -> bool:
+        """Same effect on requests (metadata such as when it was added aside)."""
+        return (self.policy, self.expires, self.note) == (other.policy, other.expires, other.note)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "expires": _iso(self.expires) if self.expires else None,
+            "source": self.source,
+            "added": _iso(self.added),
+            "note": self.note,
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    time: float
+    action: str  # add | replace | remove | expire
+    origin: str
+    actor: str
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "time": _iso(self.time),
+            "action": self.action,
+            "origin": self.origin,
+            "actor": self.actor,
+            "old": self.old,
+            "new": self.new,
+        }
+
+
+def _read_head(value: bytes) -> tuple[float, str]:
+    """Expiry and policy name without decoding the JSON metadata (the request path)."""
+    _version, expires, length = _HEAD.unpack_from(value)
+    start = _HEAD.size
+    return expires, bytes(value[start : start + length]).decode("ascii")
+
+
+class OriginStore:
+    """An open LMDB environment holding the origin set. One per process, opened after any fork."""
+
+    def __init__(self, path: str | os.PathLike[str], *, map_size: int = _DEFAULT_MAP_SIZE, readonly: bool = False):
+        self.path = Path(path)
+        try:
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=4,
+                readonly=readonly,
+                readahead=False,  # random B-tree reads: read-ahead only evicts useful pages
+                max_readers=1024,
+            )
+            self._origins = self._env.open_db(b"origins", create=not readonly)
+            self._audit = self._env.open_db(b"audit", create=not readonly)
+        except (lmdb.Error, OSError) as exc:
+            raise StoreError(f"cannot open the origin store at {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> OriginStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads --------------------------------------------------------------------------------------------------
+
+    def find(self, keys: Iterable[str], now: float) -> Found | None:
+        """The first live entry among ``keys`` (most specific first), else the first expired one, else ``None``."""
+        expired: Found | None = None
+        with self._env.begin(db=self._origins) as txn:
+            get = txn.get
+            for key in keys:
+                value = get(key.encode())
+                if value is None:
+                    continue
+                expires, policy = _read_head(value)
+                if expires and expires <= now:
+                    if expired is None:
+                        expired = Found(key, policy, expired=True)
+                    continue
+                return Found(key, policy, expired=False)
+        return expired
+
+    def get(self, key: str) -> OriginRecord | None:
+        with self._env.begin(db=self._origins) as txn:
+            value = txn.get(key.encode())
+        return None if value is None else OriginRecord.decode(value)
+
+    def __len__(self) -> int:
+        with self._env.begin() as txn:
+            return int(txn.stat(self._origins)["entries"])
+
+    def items(self, *, contains: str = "", after: str = "", limit: int | None = None) -> list[tuple[str, OriginRecord]]:
+        """Entries in key order, optionally only those whose key contains ``contains``, starting after ``after``."""
+        out: list[tuple[str, OriginRecord]] = []
+        with self._env.begin(db=self._origins) as txn:
+            cursor = txn.cursor()
+            positioned = cursor.set_range(after.encode()) if after else cursor.first()
+            if not positioned:
+                return out
+            for raw_key, value in cursor:
+                key = bytes(raw_key).decode()
+                if key == after or (contains and contains not in key):
+                    continue
+                out.append((key, OriginRecord.decode(value)))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def iter_all(self) -> Iterator[tuple[str, OriginRecord]]:
+        with self._env.begin(db=self._origins) as txn:
+            for raw_key, value in txn.cursor():
+                yield bytes(raw_key).decode(), OriginRecord.decode(value)
+
+    def history(self, *, origin: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        """The newest ``limit`` audit events, oldest first, optionally for one origin."""
+        events: list[AuditEvent] = []
+        with self._env.begin(db=self._audit) as txn:
+            cursor = txn.cursor()
+            if not cursor.last():
+                return events
+            for _key, value in cursor.iterprev():
+                event = json.loads(bytes(value))
+                if origin is not None and event["origin"] != origin:
+                    continue
+                events.append(AuditEvent(**event))
+                if len(events) >= limit:
+                    break
+        events.reverse()
+        return events
+
+    # -- writes -------------------------------------------------------------------------------------------------
+
+    def put(self, key: str, record: OriginRecord, actor: str) -> bool:
+        """Add or replace one entry; ``True`` when it was new."""
+        with self._env.begin(write=True) as txn:
+            return self._put(txn, key, record, actor, time.time_ns())
+
+    def put_many(self, items: Iterable[tuple[str, OriginRecord]], actor: str) -> tuple[int, int]:
+        """Add or replace many entries in one transaction: all or nothing. Returns (added, replaced)."""
+        added = replaced = 0
+        with self._env.begin(write=True) as txn:
+            stamp = time.time_ns()
+            for key, record in items:
+                stamp += 1
+                if self._put(txn, key, record, actor, stamp):
+                    added += 1
+                else:
+                    replaced += 1
+        return added, replaced
+
+    def remove(self, key: str, actor: str, action: str = "remove") -> OriginRecord | None:
+        with self._env.begin(write=True) as txn:
+            return self._remove(txn, key, actor, time.time_ns(), action)
+
+    def prune_expired(self, now: float, actor: str) -> list[str]:
+        """Remove expired entries (their lookups already fail); each removal is audited as ``expire``."""
+        with self._env.begin(write=True) as txn:
+            stale = [
+                bytes(k).decode() for k, v in txn.cursor(db=self._origins) if OriginRecord.decode(v).is_expired(now)
+            ]
+            stamp = time.time_ns()
+            for offset, key in enumerate(stale):
+                self._remove(txn, key, actor, stamp + offset, "expire")
+        return stale
+
+    def reconcile(
+        self, wanted: Mapping[str, OriginRecord], *, source: str, actor: str | None = None
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Make the entries owned by ``source`` exactly ``wanted``, in one transaction.
+
+        Entries owned by another source are left alone (a CLI addition survives a config change); a wanted key that
+        another source already owns is skipped and reported in the third list. Returns (added/changed, removed,
+        skipped).
+        """
+        changed: list[str] = []
+        removed: list[str] = []
+        skipped: list[str] = []
+        actor = actor or source
+        with self._env.begin(write=True) as txn:
+            stamp = time.time_ns()
+            for raw_key, value in txn.cursor(db=self._origins):
+                key = bytes(raw_key).decode()
+                if key not in wanted and OriginRecord.decode(value).source == source:
+                    removed.append(key)
+            for key in removed:
+                stamp += 1
+                self._remove(txn, key, actor, stamp, "remove")
+            for key, record in wanted.items():
+                stored = txn.get(key.encode(), db=self._origins)
+                current = None if stored is None else OriginRecord.decode(stored)
+                if current is not None and current.source != source:
+                    skipped.append(key)
+                    continue
+                if current is not None and current.same_rule(record):
+                    continue
+                stamp += 1
+                self._put(txn, key, replace(record, source=source), actor, stamp)
+                changed.append(key)
+        return changed, removed, skipped
+
+    def _put(self, txn: lmdb.Transaction, key: str, record: OriginRecord, actor: str, stamp: int) -> bool:
+        raw = key.encode()
+        old = txn.get(raw, db=self._origins)
+        old_record = None if old is None else OriginRecord.decode(old)
+        if record.added == 0.0:
+            record = replace(record, added=old_record.added if old_record else stamp / 1e9)
+        txn.put(raw, record.encode(), db=self._origins)
+        self._audit_event(
+            txn,
+            stamp,
+            "add" if old_record is None else "replace",
+            key,
+            actor,
+            old_record.as_json() if old_record else None,
+            record.as_json(),
+        )
+        return old_record is None
+
+    def _remove(self, txn: lmdb.Transaction, key: str, actor: str, stamp: int, action: str) -> OriginRecord | None:
+        raw = key.encode()
+        old = txn.pop(raw, db=self._origins)
+        if old is None:
+            return None
+        record = OriginRecord.decode(old)
+        self._audit_event(txn, stamp, action, key, actor, record.as_json(), None)
+        return record
+
+    def _audit_event(
+        self,
+        txn: lmdb.Transaction,
+        stamp: int,
+        action: str,
+        key: str,
+        actor: str,
+        old: dict[str, Any] | None,
+        new: dict[str, Any] | None,
+    ) -> None:
+        # Keys must be unique even when two processes write in the same nanosecond: step past the newest key.
+        cursor = txn.cursor(db=self._audit)
+        if cursor.last():
+            (newest,) = _AUDIT_KEY.unpack(bytes(cursor.key()))
+            stamp = max(stamp, newest + 1)
+        event = {"time": stamp / 1e9, "action": action, "origin": key, "actor": actor, "old": old, "new": new}
+        txn.put(_AUDIT_KEY.pack(stamp), json.dumps(event, separators=(",", ":")).encode(), db=self._audit)
