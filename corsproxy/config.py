@@ -570,6 +570,8 @@ def _origin_list(
             p.error(where, message)
         for message in warnings:
             p.warn(where, message)
+        if errors:
+            continue
         if entry.key in out:
             p.error(where, f"{text!r} is listed twice (as {entry.key!r}); keep one entry")
             continue
