@@ -22,7 +22,7 @@ from typing import TextIO
 
 from corsproxy.config import Config, ConfigError, load_config
 from corsproxy.origin_lines import format_line, parse_entry, parse_lines
-from corsproxy.store import OriginRecord, OriginStore, StoreError
+from corsproxy.store import OriginRecord, OriginStore, StoreError, reconcile_config
 
 __all__ = ["main"]
 
@@ -44,7 +44,14 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _open_store(config: Config) -> OriginStore:
-    return OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    """The store, reconciled with ``cors.allow_origins`` as the server would on start (a no-op when in sync)."""
+    store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    try:
+        reconcile_config(store, config.origins)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 # -- commands -----------------------------------------------------------------------------------------------------
@@ -200,6 +207,55 @@ def cmd_origins_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_origins_import_regex(args: argparse.Namespace) -> int:
+    from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
+
+    config = _load(args)
+    try:
+        conversion = convert_regex(args.regex)
+    except RegexImportError as exc:
+        print(f"error: cannot convert: {exc}", file=sys.stderr)
+        return 2
+    accepted: list[str] = []
+    for key in conversion.entries:
+        try:
+            entry, warnings = parse_entry(key, config.safety, policy=args.policy)
+        except ValueError as exc:
+            print(f"refused: {key}: {exc}", file=sys.stderr)
+            continue
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        accepted.append(entry.key)
+        print(format_line(entry.key, entry.policy, None, ""))
+    for note in conversion.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for item in conversion.unconverted:
+        print(f"not converted: {item}", file=sys.stderr)
+    if args.sample_file:
+        with open(args.sample_file, encoding="utf-8") as samples:
+            only_regex, only_entries = compare_samples(args.regex, accepted, samples)
+        print(
+            f"sample: {len(only_regex)} origin(s) the regex accepted that the entries refuse"
+            + (" (usually the holes):" if only_regex else ""),
+            file=sys.stderr,
+        )
+        for origin in only_regex:
+            print(f"  regex only: {origin}", file=sys.stderr)
+        for origin in only_entries:
+            print(f"  entries only: {origin}", file=sys.stderr)
+    if args.apply and accepted:
+        with _open_store(config) as store:
+            added, replaced = store.put_many(
+                (
+                    (key, OriginRecord(args.policy or "default", None, "cli", 0.0, f"from regex {args.regex}"))
+                    for key in accepted
+                ),
+                _actor(),
+            )
+        print(f"applied: {added} new, {replaced} replaced", file=sys.stderr)
+    return 1 if conversion.unconverted or len(accepted) < len(conversion.entries) else 0
+
+
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
@@ -263,6 +319,15 @@ def _parser() -> argparse.ArgumentParser:
     hist.add_argument("--origin", help="only this origin")
     hist.add_argument("--limit", type=int, default=100)
     hist.set_defaults(func=cmd_origins_history)
+
+    regex = with_config(
+        origins.add_parser("import-regex", help="convert an origin regex into exact entries and safe patterns")
+    )
+    regex.add_argument("regex", help="the regex, e.g. '^https://(www\\.)?example\\.com$'")
+    regex.add_argument("--sample-file", help="real origins, one per line: show which ones the regex accepted only")
+    regex.add_argument("--policy", help="policy for the entries (default: the cors block)")
+    regex.add_argument("--apply", action="store_true", help="write the entries to the store (default: print them)")
+    regex.set_defaults(func=cmd_origins_import_regex)
 
     prune = with_config(origins.add_parser("prune", help="remove expired entries"))
     prune.set_defaults(func=cmd_origins_prune)

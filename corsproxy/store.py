@@ -27,9 +27,10 @@ from typing import Any
 
 import lmdb
 
+from corsproxy.config import ConfiguredOrigin
 from corsproxy.decision import Found
 
-__all__ = ["AuditEvent", "OriginRecord", "OriginStore", "StoreError"]
+__all__ = ["AuditEvent", "OriginRecord", "OriginStore", "StoreError", "reconcile_config"]
 
 _VERSION = 1
 _HEAD = struct.Struct("<BdB")
@@ -321,3 +322,17 @@ class OriginStore:
             stamp = max(stamp, newest + 1)
         event = {"time": stamp / 1e9, "action": action, "origin": key, "actor": actor, "old": old, "new": new}
         txn.put(_AUDIT_KEY.pack(stamp), json.dumps(event, separators=(",", ":")).encode(), db=self._audit)
+
+
+def reconcile_config(
+    store: OriginStore, origins: Mapping[str, ConfiguredOrigin]
+) -> tuple[list[str], list[str], list[str]]:
+    """Make the store's ``config``-owned entries exactly ``cors.allow_origins`` (the declarative part, issue 2).
+
+    Run on every start and before every CLI command, so the store and the file never disagree for long.
+    """
+    wanted = {
+        key: OriginRecord(policy=entry.policy, expires=entry.expires, source="config", note=entry.note)
+        for key, entry in origins.items()
+    }
+    return store.reconcile(wanted, source="config")

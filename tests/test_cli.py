@@ -1,0 +1,236 @@
+"""The ``corsproxy`` command, run as real subprocesses against a real LMDB store (and a real server where it serves)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_check_ok(write_config: Callable[..., Path]) -> None:
+    result = run_cli("check", "--config", str(write_config()))
+    assert result.returncode == 0, result.stderr
+    assert "OK — 3 configured origin(s)" in result.stdout
+
+
+def test_check_lists_every_problem(write_config: Callable[..., Path]) -> None:
+    path = write_config(cors={"allow_origins": ["*", "https://*example.com"], "allow_credentails": True})
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert "has 3 problem(s)" in result.stderr
+    assert "cors.allow_origins[0]:" in result.stderr
+    assert "cors.allow_origins[1]: 'https://*example.com': a wildcard must be a whole label" in result.stderr
+    assert 'cors.allow_credentails: unknown key — did you mean "allow_credentials"?' in result.stderr
+
+
+def test_config_path_from_environment(write_config: Callable[..., Path]) -> None:
+    result = run_cli("check", env={"CORSPROXY_CONFIG": str(write_config())})
+    assert result.returncode == 0, result.stderr
+
+
+def test_origins_add_list_remove_history(write_config: Callable[..., Path]) -> None:
+    path = str(write_config(policies={"partners": {"allow_methods": ["GET"]}}))
+    add = run_cli("origins", "add", "HTTPS://X.Partner.NET:443", "--policy", "partners", "--ttl", "7d", "-c", path)
+    assert add.returncode == 0, add.stderr
+    assert "added https://x.partner.net (policy partners)" in add.stdout
+    listing = run_cli("origins", "list", "--filter", "partner", "-c", path)
+    assert listing.stdout.startswith("https://x.partner.net\tpolicy=partners\tsource=cli expires ")
+    remove = run_cli("origins", "remove", "https://x.partner.net", "-c", path)
+    assert remove.returncode == 0 and "removed https://x.partner.net" in remove.stdout
+    again = run_cli("origins", "remove", "https://x.partner.net", "-c", path)
+    assert again.returncode == 1 and "not in the store" in again.stderr
+    output = run_cli("origins", "history", "--origin", "https://x.partner.net", "-c", path).stdout
+    history = [json.loads(line) for line in output.splitlines()]
+    assert [(e["action"], e["origin"]) for e in history] == [
+        ("add", "https://x.partner.net"),
+        ("remove", "https://x.partner.net"),
+    ]
+    assert history[0]["actor"].startswith("cli")
+
+
+REFUSED_ADDS = {
+    "null": (["null"], "dangerously_allow_null_origin"),
+    "star with credentials": (["*"], "dangerously_allow_any_origin_with_credentials"),
+    "public suffix": (["https://*.github.io"], "public suffix"),
+    "not a label": (["https://*example.com"], "whole label"),
+    "unknown policy": (["https://a.example.com", "--policy", "nope"], "unknown policy 'nope'"),
+    "bad ttl": (["https://a.example.com", "--ttl", "soon"], "not a duration"),
+}
+
+
+def test_origins_add_refusals(write_config: Callable[..., Path]) -> None:
+    path = str(write_config())
+    for name, (args, message) in REFUSED_ADDS.items():
+        result = run_cli("origins", "add", *args, "-c", path)
+        assert result.returncode == 2, name
+        assert message in result.stderr, (name, result.stderr)
+    assert "https://a.example.com" not in run_cli("origins", "list", "-c", path).stdout
+
+
+def test_import_reports_each_bad_line_and_commits_the_rest(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    path = str(write_config())
+    lines = "\n".join(
+        [
+            "# partners",
+            "https://one.example.com",
+            "https://two.example.com note='second one'",
+            "https://*example.com",
+            "",
+            "null",
+            "https://three.example.com expires=2030-01-01T00:00:00Z",
+            "https://four.example.com colour=blue",
+        ]
+    )
+    result = run_cli("origins", "import", "-", "-c", path, input=lines)
+    assert result.returncode == 1
+    assert "imported 3 origin(s) (3 new, 0 replaced), refused 3" in result.stdout
+    assert "-:4: refused:" in result.stderr and "whole label" in result.stderr
+    assert "-:6: refused:" in result.stderr
+    assert "-:8: refused: 'colour=blue'" in result.stderr
+    exported = run_cli("origins", "export", "-c", path).stdout.splitlines()
+    assert "https://two.example.com 'note=second one'" in exported
+    assert "https://three.example.com expires=2030-01-01T00:00:00Z" in exported
+    # export -> import round trip into a fresh store gives the same export
+    other = str(write_config("other.yaml", store={"path": str(tmp_path / "other.lmdb")}))
+    (tmp_path / "export.txt").write_text("\n".join(exported) + "\n")
+    assert run_cli("origins", "import", str(tmp_path / "export.txt"), "-c", other).returncode == 0
+    assert run_cli("origins", "export", "-c", other).stdout.splitlines() == exported
+
+
+def test_explain(write_config: Callable[..., Path]) -> None:
+    path = str(write_config(policies={"partners": {"allow_methods": ["GET"]}}))
+    run_cli("origins", "add", "https://x.partner.net", "--policy", "partners", "-c", path)
+    refused = run_cli("explain", "--origin", "https://x.partner.net", "--method", "PUT", "--path", "/api", "-c", path)
+    assert refused.returncode == 1
+    assert "decision: refused (method_not_allowed)" in refused.stdout
+    assert "fix:      add PUT to policies.partners.allow_methods" in refused.stdout
+    allowed = run_cli("explain", "--origin", "https://a.example.org", "--json", "-c", path)
+    assert allowed.returncode == 0
+    answer = json.loads(allowed.stdout)
+    assert (answer["reason"], answer["matched"], answer["policy"]) == ("allowed", "https://*.example.org", "default")
+    look_alike = run_cli("explain", "--origin", "https://evil-example.org", "-c", path)
+    assert "origin_not_allowed" in look_alike.stdout and "corsproxy origins add" in look_alike.stdout
+
+
+def test_import_regex(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    path = str(write_config())
+    samples = tmp_path / "seen.txt"
+    samples.write_text("https://example.com\nhttps://a.example.com\nhttps://evil-example.com\n")
+    result = run_cli("origins", "import-regex", r"^https://.*example\.com$", "--sample-file", str(samples), "-c", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["https://example.com", "https://*.example.com"]
+    assert "regex only: https://evil-example.com" in result.stderr
+    assert "https://*.example.com" not in run_cli("origins", "list", "-c", path).stdout  # printing does not write
+    applied = run_cli("origins", "import-regex", r"^https://(www\.)?example\.com$", "--apply", "-c", path)
+    assert applied.returncode == 0
+    listed = run_cli("origins", "list", "-c", path).stdout
+    assert "https://www.example.com" in listed and "https://example.com" in listed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _serve(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corsproxy", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+        cwd=REPO,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def _wait_ready(port: int, proc: subprocess.Popen[str]) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError("server did not start listening within 10 s")
+
+
+async def _preflight(session: aiohttp.ClientSession, port: int, origin: str) -> aiohttp.ClientResponse:
+    headers: Any = {"Origin": origin, "Access-Control-Request-Method": "GET"}
+    async with session.options(f"http://127.0.0.1:{port}/x", headers=headers) as response:
+        await response.read()
+        return response
+
+
+async def test_serve_honours_an_origin_added_by_the_cli(
+    write_config: Callable[..., Path], upstream: TestServer
+) -> None:
+    path = str(write_config(upstream={"url": f"http://127.0.0.1:{upstream.port}"}))
+    port = _free_port()
+    with _serve(["serve", "--config", path], {"CORSPROXY_PORT": str(port)}) as proc:
+        await _wait_ready(port, proc)
+        async with aiohttp.ClientSession() as session:
+            assert (await _preflight(session, port, "https://late.example.net")).status == 403
+            add = await asyncio.to_thread(run_cli, "origins", "add", "https://late.example.net", "-c", path)
+            assert add.returncode == 0, add.stderr
+            assert (await _preflight(session, port, "https://late.example.net")).status == 204
+            async with session.get(
+                f"http://127.0.0.1:{port}/hello", headers={"Origin": "https://late.example.net"}
+            ) as r:
+                assert r.status == 200
+                assert r.headers["Access-Control-Allow-Origin"] == "https://late.example.net"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert "3 origin(s) in the store" in output
+
+
+def test_serve_refuses_a_bad_config(write_config: Callable[..., Path]) -> None:
+    path = write_config(cors={"allow_origins": ["null"]}, upstream={"url": "gopher://x"})
+    result = run_cli("serve", "--config", str(path), timeout=30)
+    assert result.returncode == 2
+    assert "cors.allow_origins[0]" in result.stderr and "upstream.url" in result.stderr
+
+
+async def test_demo(tmp_path: Path) -> None:
+    port = _free_port()
+    with _serve(["demo", "--port", str(port)], {}) as proc:
+        await _wait_ready(port, proc)
+        async with aiohttp.ClientSession() as session:
+            assert (await _preflight(session, port, "https://app.example.com")).status == 204
+            assert (await _preflight(session, port, "https://evil-example.com")).status == 403
+            async with session.get(f"http://127.0.0.1:{port}/api/hello") as response:
+                assert (await response.json())["path"] == "/api/hello"
