@@ -7,6 +7,7 @@ this module turns requests into its arguments and decisions into headers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -15,41 +16,49 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from multidict import CIMultiDict
 from yarl import URL
 
-from corsproxy.config import Config
+from corsproxy.config import Config, Limits
 from corsproxy.decision import (
     CorsEngine,
     Decision,
     Kind,
     Mode,
+    Reason,
     actual_headers,
     merge_vary,
     preflight_headers,
 )
+from corsproxy.forwarding import (
+    ForwardContext,
+    TrustedProxies,
+    host_header,
+    is_websocket_upgrade,
+    request_headers,
+    response_headers,
+)
 from corsproxy.store import OriginRecord, OriginStore
 
-__all__ = ["DECISION", "STATE", "Observer", "Outcome", "ProxyState", "create_app", "reconcile_config_origins"]
+__all__ = [
+    "DECISION",
+    "STATE",
+    "GuardedRequestHandler",
+    "Observer",
+    "Outcome",
+    "ProxyRunner",
+    "ProxyState",
+    "create_app",
+    "handler_args",
+    "reconcile_config_origins",
+]
 
 log = logging.getLogger("corsproxy")
 
-#: RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard ones proxies have used; dropped in both directions.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    }
-)
-
 _VARY_ORIGIN = ("Origin",)
+#: RFC 6455 §7.4.1: codes that report a closure and must never be sent in a Close frame.
+_UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 _STREAM_CHUNK = 1 << 16
 
 
@@ -100,35 +109,6 @@ def reconcile_config_origins(store: OriginStore, config: Config) -> tuple[list[s
         for key, entry in config.origins.items()
     }
     return store.reconcile(wanted, source="config")
-
-
-def _hop_by_hop(headers: Any) -> set[str]:
-    """The hop-by-hop names of a message: the fixed list plus every name its ``Connection`` field lists."""
-    names = set(HOP_BY_HOP)
-    for line in headers.getall("Connection", ()):
-        names.update(item.strip().lower() for item in line.split(",") if item.strip())
-    return names
-
-
-def _upstream_request_headers(request: web.Request, state: ProxyState) -> CIMultiDict[str]:
-    drop = _hop_by_hop(request.headers)
-    drop.add("host")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in request.headers.items():
-        if name.lower() not in drop:
-            headers.add(name, value)
-    upstream = state.config.upstream
-    if state.config.forwarding.preserve_host and "Host" in request.headers:
-        headers["Host"] = request.headers["Host"]
-    else:
-        headers["Host"] = upstream.host if upstream.port in (80, 443) else f"{upstream.host}:{upstream.port}"
-    peer = request.remote or ""
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    if request.host:
-        headers["X-Forwarded-Host"] = request.headers.get("Host", request.host)
-    return headers
 
 
 def _text_response(status: int, text: str, headers: Iterable[tuple[str, str]]) -> web.Response:
@@ -198,6 +178,9 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
         private_network=headers.get("Access-Control-Request-Private-Network") == "true",
     )
     request[DECISION] = decision
+    oversized = _oversized_head(request, config.limits.max_header_size)
+    if oversized is not None:
+        return _error_response(*oversized, decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
     if decision.kind is Kind.PREFLIGHT and not report_only:
         return preflight_response(engine, decision)  # never forwarded, even if the upstream would redirect
@@ -206,55 +189,138 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     return await forward(request, state, decision, report_only)
 
 
+class _RequestBody:
+    """The client's body as the upstream request pulls it: streamed, counted against ``limits.max_body_size``, and
+    the ``100 Continue`` sent only once the upstream is connected and asks for the first byte."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.sent = 0
+        self.too_large = False  # the body outgrew the limit: the upstream request was cut, the answer is 413
+        self.client_failed = False  # the client's framing broke mid-body (bad chunk, early close): answer 400
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if _expects_continue(self.request):
+            await self.request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        stream = self.request.content
+        while True:
+            try:
+                chunk = await stream.readany()
+            except Exception:
+                self.client_failed = True
+                raise
+            if not chunk:
+                return
+            self.sent += len(chunk)
+            if self.limit and self.sent > self.limit:
+                # Raising here makes the client library abort the upstream connection mid-body, so the upstream
+                # never sees a complete (and therefore acceptable) request.
+                self.too_large = True
+                raise _BodyTooLarge(self.sent)
+            yield chunk
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _expects_continue(request: web.Request) -> bool:
+    return request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue"
+
+
+async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """Route-level ``Expect`` handling: unknown expectations get 417 (RFC 9110 §10.1.1); ``100-continue`` is
+    answered later, by :class:`_RequestBody`, once the CORS checks passed and the upstream is ready for the body."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return _text_response(417, f"unsupported expectation {expect!r}", ())
+    return None
+
+
+def _oversized_head(request: web.Request, limit: int) -> tuple[int, str] | None:
+    """The soft head-size limit (431 / 414). aiohttp's parser holds the hard ceiling at twice the limit; past that it
+    answers 400 itself, or 431 with :class:`GuardedRequestHandler`."""
+    if len(request.method) + len(request.raw_path) + 10 > limit:
+        return 414, "request line too long"
+    for name, value in request.raw_headers:
+        if len(name) + len(value) + 2 > limit:
+            return 431, f"request header {name[:64].decode('latin-1')!r} too large"
+    return None
+
+
+def _forward_context(request: web.Request, state: ProxyState) -> ForwardContext:
+    config = state.config
+    upstream = config.upstream
+    return ForwardContext(
+        peer=request.remote or "",
+        scheme=request.scheme,
+        client_host=request.headers.get("Host"),
+        upstream_host=host_header(upstream.scheme, upstream.host, upstream.port),
+        preserve_host=config.forwarding.preserve_host,
+        trusted=TrustedProxies.parse(config.forwarding.trusted_proxies),
+    )
+
+
+def _received_headers(request: web.Request) -> list[tuple[str, str]]:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers]
+
+
+def _timeout(config: Config) -> aiohttp.ClientTimeout:
+    # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
+    # turns into a 504 after connect_timeout instead of an unbounded queue.
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=config.upstream.connect_timeout,
+        sock_connect=config.upstream.connect_timeout,
+        sock_read=config.upstream.read_timeout,
+    )
+
+
 async def forward(request: web.Request, state: ProxyState, decision: Decision, report_only: bool) -> web.StreamResponse:
     """Stream the request to the upstream and its answer back, adding the decision's CORS headers."""
     config = state.config
+    limits = config.limits
+    websocket = is_websocket_upgrade(
+        request.method, request.headers.getall("Connection", ()), request.headers.getall("Upgrade", ())
+    )
+    if websocket and config.forwarding.websockets:
+        return await _forward_websocket(request, state, decision, report_only)
+    declared = request.content_length
+    if limits.max_body_size and declared is not None and declared > limits.max_body_size:
+        return _error_response(413, f"request body over {limits.max_body_size} bytes", decision)
+
     url = URL(state.upstream_base + request.raw_path, encoded=True)  # byte-for-byte path and query
-    body = request.content if request.body_exists else None
+    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
+    body = _RequestBody(request, limits.max_body_size) if request.body_exists else None
     started = time.monotonic()
     try:
         upstream = await state.session.request(
             request.method,
             url,
-            headers=_upstream_request_headers(request, state),
-            data=body,
+            headers=headers,
+            data=body.chunks() if body is not None else None,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=config.upstream.connect_timeout,
-                sock_read=config.upstream.read_timeout,
-            ),
+            timeout=_timeout(config),
         )
-    except TimeoutError:
-        request[UPSTREAM_ERROR] = "timeout"
-        log.warning("upstream timeout: %s %s", request.method, request.raw_path)
-        return _error_response(504, "upstream timed out", decision)
-    except aiohttp.ClientConnectorError as exc:
-        request[UPSTREAM_ERROR] = "connect"
-        log.warning("upstream unreachable: %s %s: %s", request.method, request.raw_path, exc)
-        return _error_response(502, "upstream unreachable", decision)
-    except aiohttp.ClientError as exc:
-        request[UPSTREAM_ERROR] = "protocol"
-        log.warning("upstream error: %s %s: %r", request.method, request.raw_path, exc)
-        return _error_response(502, "bad response from upstream", decision)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return _upstream_failure(request, decision, exc, body)
     request[UPSTREAM_LATENCY] = time.monotonic() - started
 
+    completed = False
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        drop = _hop_by_hop(upstream.headers)
         vary_lines: list[str] = []
-        for raw_name, raw_value in upstream.raw_headers:
-            name = raw_name.decode("latin-1")
+        received = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in upstream.raw_headers]
+        for name, value in response_headers(received):
             lower = name.lower()
-            if lower in drop:
-                continue
             if not report_only:
                 if lower.startswith("access-control-"):
                     continue  # the upstream cannot re-open what the policy closed (CORS-RULES 10)
                 if lower == "vary":
-                    vary_lines.append(raw_value.decode("latin-1"))
+                    vary_lines.append(value)
                     continue
-            response.headers.add(name, raw_value.decode("latin-1"))
+            response.headers.add(name, value)
         if report_only:
             _report(request, decision, upstream)
         else:
@@ -263,20 +329,128 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
                 response.headers.add(name, value)
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
-            async for chunk in upstream.content.iter_chunked(_STREAM_CHUNK):
-                await response.write(chunk)
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # Headers are already sent: the only honest signal left is to cut the connection, so that the
+                    # client sees an aborted response instead of a silently truncated "complete" one.
+                    request[UPSTREAM_ERROR] = "disconnect"
+                    log.warning("upstream failed mid-response: %s %s: %r", request.method, request.raw_path, exc)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if not chunk:
+                    break
+                await response.write(chunk)  # waits for the client to drain: memory stays bounded
         await response.write_eof()
+        completed = True
         return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        # Headers are already sent: the only honest signal left is to cut the connection, so that the client sees
-        # an aborted response instead of a silently truncated "complete" one.
-        request[UPSTREAM_ERROR] = "disconnect"
-        log.warning("upstream failed mid-response: %s %s: %r", request.method, request.raw_path, exc)
-        if request.transport is not None:
-            request.transport.abort()
-        raise
     finally:
-        upstream.release()
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()  # the client left or the upstream broke: this connection must not go back to the pool
+
+
+def _upstream_failure(
+    request: web.Request, decision: Decision, exc: BaseException, body: _RequestBody | None
+) -> web.StreamResponse:
+    """Map a failure before the upstream's response head to corsproxy's answer (CORS-RULES 12: with CORS headers)."""
+    method, path = request.method, request.raw_path
+    if body is not None and body.too_large:
+        log.warning("request body over the limit, upstream request cut: %s %s", method, path)
+        response = _error_response(413, f"request body over {body.limit} bytes", decision)
+        response.force_close()
+        return response
+    if body is not None and body.client_failed:
+        log.warning("client request body broken, upstream request cut: %s %s: %r", method, path, exc)
+        response = _error_response(400, "malformed request body", decision)
+        response.force_close()
+        return response
+    if isinstance(exc, TimeoutError):
+        request[UPSTREAM_ERROR] = "timeout"
+        log.warning("upstream timeout: %s %s", method, path)
+        return _error_response(504, "upstream timed out", decision)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        request[UPSTREAM_ERROR] = "connect"
+        log.warning("upstream unreachable: %s %s: %s", method, path, exc)
+        return _error_response(502, "upstream unreachable", decision)
+    request[UPSTREAM_ERROR] = "protocol"
+    log.warning("upstream error: %s %s: %r", method, path, exc)
+    return _error_response(502, "bad response from upstream", decision)
+
+
+async def _forward_websocket(
+    request: web.Request, state: ProxyState, decision: Decision, report_only: bool
+) -> web.StreamResponse:
+    """Relay a WebSocket: one handshake with the upstream, one with the client, then frames both ways.
+
+    The handshake's ``Origin`` is judged like any CORS request: WebSockets are not covered by CORS, so without this
+    check any page could open an authenticated socket with the user's cookies (cross-site WebSocket hijacking).
+    """
+    config = state.config
+    refused = decision.kind is Kind.ACTUAL and not decision.allowed and decision.reason is not Reason.SAME_ORIGIN
+    if config.forwarding.websocket_origin_check and refused and not report_only:
+        log.warning("WebSocket handshake refused: %s origin=%s", decision.reason.value, decision.origin)
+        return _error_response(403, f"WebSocket handshake refused: {decision.reason.value}", decision)
+    protocols = [
+        item.strip()
+        for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for item in line.split(",")
+        if item.strip()
+    ]
+    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state), True))
+    max_size = config.limits.max_body_size
+    url = URL(state.upstream_base + request.raw_path, encoded=True)
+    started = time.monotonic()
+    try:
+        upstream = await state.session.ws_connect(
+            url,
+            headers=headers,
+            protocols=protocols,
+            max_msg_size=max_size,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        request[UPSTREAM_ERROR] = "protocol"
+        status = exc.status if 400 <= exc.status < 600 else 502
+        log.warning("upstream refused the WebSocket handshake: %s: %s", request.raw_path, exc)
+        return _error_response(status, "upstream refused the WebSocket handshake", decision)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return _upstream_failure(request, decision, exc, None)
+    request[UPSTREAM_LATENCY] = time.monotonic() - started
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=max_size, timeout=10.0
+    )
+    try:
+        await client.prepare(request)
+        to_upstream = asyncio.create_task(_relay(client, upstream))
+        to_client = asyncio.create_task(_relay(upstream, client))
+        try:
+            await asyncio.wait((to_upstream, to_client), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (to_upstream, to_client):
+                task.cancel()
+            await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+    finally:
+        code = client.close_code or upstream.close_code
+        if code is None or code in _UNSENDABLE_CLOSE_CODES:
+            code = aiohttp.WSCloseCode.GOING_AWAY
+        await upstream.close(code=code)
+        await client.close(code=code)
+    return client
+
+
+async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse, sink: Any) -> None:
+    """Copy data frames from one side to the other until ``source`` closes; pings are answered per hop."""
+    async for message in source:
+        if message.type is aiohttp.WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif message.type is aiohttp.WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        else:
+            break  # an error frame: end the relay, the finally in _forward_websocket closes both sides
 
 
 def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientResponse) -> None:
@@ -317,9 +491,11 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
             auto_decompress=False,  # bytes through untouched; Content-Length stays true
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one user's cookies for the next
+            timeout=_timeout(config),
         )
         upstream = config.upstream
-        base = f"{upstream.scheme}://{upstream.host}:{upstream.port}{upstream.base_path}"
+        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+        base = f"{upstream.scheme}://{host}:{upstream.port}{upstream.base_path}"
         app[STATE] = ProxyState(config, store, session, base)
         scheme = "https" if config.listen.tls_cert else "http"
         log.info(
@@ -345,17 +521,125 @@ def _ssl_context(config: Config) -> Any:
     return ssl.create_default_context(cafile=config.upstream.ca_bundle)
 
 
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol plus the two guards it lacks (issue 4): a header-read timeout, and 431
+    instead of 400 for a head over the parser's ceiling.
+
+    The timeout runs from the accept, and from the first byte of every later request head, until the head is
+    complete (nginx's ``client_header_timeout``); an idle keep-alive connection is left to ``keepalive_timeout``
+    (``limits.idle_timeout``). A client dribbling a head byte by byte therefore holds one socket for at most
+    ``limits.header_read_timeout`` and never blocks anyone else. aiohttp has no public "between requests" state,
+    so :meth:`_awaiting_head` reads its private queue; the guard tests pin that behaviour.
+    """
+
+    def __init__(self, manager: web.Server, *, header_read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_read_timeout = header_read_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._awaiting_head():
+            self._disarm_head_timer()
+        elif self._head_timer is None:
+            self._arm_head_timer()
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
+            response = web.Response(status=431, text="request header fields too large\n")
+            response.force_close()
+            return response
+        return super().handle_error(request, status, exc, message)
+
+    def _awaiting_head(self) -> bool:
+        return not (self._request_in_progress or self._messages or self._upgraded)
+
+    def _arm_head_timer(self) -> None:
+        if self._header_read_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._head_timer = loop.call_later(self._header_read_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport is not None and self._awaiting_head():
+            log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
+            self.force_close()
+
+
+class _GuardedServer(web.Server):
+    """A :class:`web.Server` whose connections are :class:`GuardedRequestHandler`."""
+
+    def __init__(self, plain: web.Server, header_read_timeout: float, handler_kwargs: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=loop,
+            **handler_kwargs,
+        )
+        self._guard_loop = loop
+        self._guard_timeout = header_read_timeout
+        self._guard_kwargs = handler_kwargs
+
+    def __call__(self) -> web.RequestHandler:
+        return GuardedRequestHandler(
+            self, loop=self._guard_loop, header_read_timeout=self._guard_timeout, **self._guard_kwargs
+        )
+
+
+class ProxyRunner(web.AppRunner):
+    """``web.AppRunner`` for :func:`create_app` that also applies ``limits.header_read_timeout`` and answers 431 past
+    the parser's ceiling. Use it instead of ``web.run_app``/``web.AppRunner`` where corsproxy is served."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("handle_signals", "shutdown_timeout")}
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # runs the app's startup exactly as AppRunner does
+        app = self.app
+        handler_kwargs: dict[str, Any] = dict(self._runner_kwargs)
+        handler_kwargs.update(handler_args(app[_CONFIG].limits))  # as aiohttp merges them: the app's win
+        return _GuardedServer(plain, app[_CONFIG].limits.header_read_timeout, handler_kwargs)
+
+
+def handler_args(limits: Limits) -> dict[str, Any]:
+    """The aiohttp connection settings that enforce ``limits``; passed by :func:`create_app` as ``handler_args``."""
+    ceiling = 2 * limits.max_header_size  # past the soft limit (431 from the handler) up to here; then the parser
+    return {
+        "max_field_size": ceiling,
+        "max_line_size": ceiling,
+        "keepalive_timeout": limits.idle_timeout,
+    }
+
+
 def create_app(config: Config) -> web.Application:
-    """The proxy as an aiohttp application; the store and client session open when it starts."""
-    limits = config.limits
-    app = web.Application(
-        handler_args={
-            "max_field_size": limits.max_header_size,
-            "max_line_size": limits.max_header_size,
-            "keepalive_timeout": limits.idle_timeout,
-        }
-    )
+    """The proxy as an aiohttp application; the store and client session open when it starts.
+
+    Served by :class:`ProxyRunner` it also gets the header-read timeout; under a plain ``AppRunner`` everything else
+    still holds (a slow head is then bounded by ``limits.idle_timeout``).
+    """
+    kwargs = handler_args(config.limits)
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the upstream request (issue 4).
+    app = web.Application(handler_args={**kwargs, "handler_cancellation": True})
     app[_CONFIG] = config
     app.cleanup_ctx.append(_lifetime)
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
     return app
