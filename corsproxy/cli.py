@@ -59,6 +59,18 @@ def _open_store(config: Config) -> OriginStore:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    if Path(config.store.path, "data.mdb").exists():
+        # Entries added through the CLI or admin API name policies by name: a config that dropped one refuses them.
+        with OriginStore(config.store.path, readonly=True) as store:
+            orphans = [
+                k for k, r in store.iter_all() if r.source != "config" and r.policy not in config.engine.policies
+            ]
+        for key in orphans[:20]:
+            print(
+                f"warning: store entry {key} names a policy this config does not define; it is refused", file=sys.stderr
+            )
+        if len(orphans) > 20:
+            print(f"warning: ... and {len(orphans) - 20} more such entries", file=sys.stderr)
     print(
         f"{config.source}: OK — {len(config.origins)} configured origin(s), "
         f"{len(config.engine.policies)} polic{'y' if len(config.engine.policies) == 1 else 'ies'}, "

@@ -234,3 +234,14 @@ async def test_demo(tmp_path: Path) -> None:
             assert (await _preflight(session, port, "https://evil-example.com")).status == 403
             async with session.get(f"http://127.0.0.1:{port}/api/hello") as response:
                 assert (await response.json())["path"] == "/api/hello"
+
+
+def test_check_warns_about_entries_whose_policy_was_removed(write_config: Callable[..., Path]) -> None:
+    with_policy = str(write_config(policies={"partners": {"allow_methods": ["GET"]}}))
+    assert run_cli("origins", "add", "https://x.partner.net", "--policy", "partners", "-c", with_policy).returncode == 0
+    without = str(write_config("without.yaml"))
+    result = run_cli("check", "-c", without)
+    assert result.returncode == 0
+    assert "store entry https://x.partner.net names a policy this config does not define" in result.stderr
+    explained = run_cli("explain", "--origin", "https://x.partner.net", "-c", without)
+    assert "policy_unknown" in explained.stdout
