@@ -25,7 +25,9 @@ __all__ = [
     "SAFE_METHODS",
     "BlockMode",
     "CorsEngine",
+    "CorsHeaders",
     "Decision",
+    "DecisionCache",
     "Found",
     "Kind",
     "Mode",
@@ -132,6 +134,7 @@ class Found:
     key: str  # the entry that matched
     policy: str  # its policy's name
     expired: bool
+    expires: float | None = None  # when a live match stops matching (its entry's expiry)
 
 
 class OriginSet(Protocol):
@@ -139,6 +142,10 @@ class OriginSet(Protocol):
 
     def find(self, keys: Iterable[str], now: float) -> Found | None:
         """The first non-expired entry among ``keys``; else the first expired one; else ``None``."""
+        ...
+
+    def generation(self) -> int:
+        """A number that changes whenever the set changes (answers cached under another number are stale)."""
         ...
 
 
@@ -155,6 +162,9 @@ class StaticOriginSet:
             if policy is not None:
                 return Found(key, policy, expired=False)
         return None
+
+    def generation(self) -> int:
+        return 0  # immutable
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +292,83 @@ class CorsEngine:
 
 
 _NO_ORIGIN = Decision(Kind.NON_CORS, Reason.NO_ORIGIN)
+
+
+CorsHeaders = tuple[tuple[str, str], ...]
+
+
+class DecisionCache:
+    """Memoises decisions and their CORS headers per request shape, for one engine and one origin-set generation.
+
+    The request path of a busy proxy sees the same few (origin, method, headers) shapes over and over; answering
+    them from a dict skips origin parsing, the store lookups and header building (issue 6). Correctness rules:
+    entries are dropped whenever the origin set's generation changes (any committed write, from any process) or
+    the engine is replaced (a reload), an allowed answer is not used past its entry's expiry, and the dict is
+    bounded (cleared when full), so hostile requests with ever-new origins cannot grow it.
+    """
+
+    __slots__ = ("_entries", "_generation", "engine", "max_entries")
+
+    def __init__(self, engine: CorsEngine, max_entries: int = 8192) -> None:
+        self.engine = engine
+        self.max_entries = max_entries
+        self._entries: dict[tuple[object, ...], tuple[Decision, CorsHeaders | None, float]] = {}
+        self._generation = -1
+
+    def decide(
+        self,
+        method: str,
+        origins: Sequence[str],
+        request_methods: Sequence[str],
+        request_headers: Sequence[str],
+        path: str,
+        store: OriginSet,
+        now: float,
+        private_network: bool = False,
+    ) -> tuple[Decision, CorsHeaders | None]:
+        """The decision and, when they do not depend on the response, its CORS headers (else ``None``)."""
+        engine = self.engine
+        if len(origins) != 1:
+            decision = engine.decide(
+                method, origins, request_methods, request_headers, path, store, now, private_network
+            )
+            return decision, self._headers(decision)
+        generation = store.generation()
+        if generation != self._generation:
+            self._entries.clear()
+            self._generation = generation
+        preflight = method == "OPTIONS" and bool(request_methods)
+        route = engine.route_for(path) if engine.routes else None
+        key: tuple[object, ...] = (
+            origins[0],
+            route.index if route is not None else -1,
+            preflight,
+            tuple(request_methods) if preflight else (),
+            tuple(request_headers) if preflight else (),
+            private_network and preflight,
+        )
+        hit = self._entries.get(key)
+        if hit is not None and now < hit[2]:
+            return hit[0], hit[1]
+        decision = engine.decide(method, origins, request_methods, request_headers, path, store, now, private_network)
+        headers = self._headers(decision)
+        valid_until = float("inf")
+        if decision.matched is not None:
+            found = store.find((decision.matched,), now)
+            if found is not None and found.expires is not None:
+                valid_until = found.expires
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (decision, headers, valid_until)
+        return decision, headers
+
+    def _headers(self, decision: Decision) -> CorsHeaders | None:
+        if decision.kind is Kind.PREFLIGHT:
+            return tuple(preflight_headers(self.engine, decision))
+        policy = decision.policy
+        if decision.allowed and policy is not None and policy.expose_all and policy.allow_credentials:
+            return None  # depends on the response's header names
+        return tuple(actual_headers(decision))
 
 
 def normalize_path(raw_path: str) -> str:

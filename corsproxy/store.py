@@ -157,8 +157,12 @@ class OriginStore:
                     if expired is None:
                         expired = Found(key, policy, expired=True)
                     continue
-                return Found(key, policy, expired=False)
+                return Found(key, policy, expired=False, expires=expires or None)
         return expired
+
+    def generation(self) -> int:
+        """LMDB's last committed transaction id: changes on every write by any process, read without a transaction."""
+        return int(self._env.info()["last_txnid"])
 
     def get(self, key: str) -> OriginRecord | None:
         with self._env.begin(db=self._origins) as txn:

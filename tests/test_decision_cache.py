@@ -1,0 +1,73 @@
+"""The per-process decision cache must never answer differently from the engine it caches (issue 6 speed, CORS-RULES
+correctness): same answers for every table case, stale after any store write or expiry, bounded in size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corsproxy.config import Config, parse_config
+from corsproxy.decision import DecisionCache, Reason, actual_headers, preflight_headers
+from corsproxy.store import OriginRecord, OriginStore, reconcile_config
+from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
+
+
+@pytest.fixture
+def config() -> Config:
+    return parse_config(CONFIG, env={})
+
+
+@pytest.fixture
+def store(tmp_path: Path, config: Config) -> Iterator[OriginStore]:
+    with OriginStore(tmp_path / "db") as s:
+        reconcile_config(s, config.origins)
+        yield s
+
+
+@pytest.mark.parametrize("case", [c for c, _, _ in PREFLIGHTS.values()], ids=PREFLIGHTS.keys())
+def test_cache_answers_like_the_engine(config: Config, store: OriginStore, case: Preflight) -> None:
+    cache = DecisionCache(config.engine)
+    args = ("OPTIONS", case.origin, case.method, case.headers, case.path, store, 0.0, case.private_network)
+    expected = config.engine.decide(*args)
+    for _ in range(2):  # a miss, then a hit
+        decision, headers = cache.decide(*args)
+        assert decision == expected
+        assert headers == tuple(preflight_headers(config.engine, expected))
+
+
+def test_cache_sees_writes_from_the_store(config: Config, store: OriginStore) -> None:
+    cache = DecisionCache(config.engine)
+    args = ("GET", ["https://new.example.net"], [], [], "/", store, 0.0)
+    assert cache.decide(*args)[0].reason is Reason.ORIGIN_NOT_ALLOWED
+    store.put("https://new.example.net", OriginRecord(), "test")
+    decision, headers = cache.decide(*args)
+    assert decision.reason is Reason.ALLOWED
+    assert headers == tuple(actual_headers(decision))
+    store.remove("https://new.example.net", "test")
+    assert cache.decide(*args)[0].reason is Reason.ORIGIN_NOT_ALLOWED
+
+
+def test_cached_allow_ends_at_the_entry_expiry(config: Config, store: OriginStore) -> None:
+    store.put("https://trial.example.net", OriginRecord(expires=100.0), "test")
+    cache = DecisionCache(config.engine)
+    args = ["GET", ["https://trial.example.net"], [], [], "/", store]
+    assert cache.decide(*args, 50.0)[0].reason is Reason.ALLOWED  # type: ignore[arg-type]
+    assert cache.decide(*args, 99.0)[0].reason is Reason.ALLOWED  # type: ignore[arg-type]
+    assert cache.decide(*args, 100.0)[0].reason is Reason.ORIGIN_EXPIRED  # type: ignore[arg-type]
+
+
+def test_cache_is_bounded(config: Config, store: OriginStore) -> None:
+    cache = DecisionCache(config.engine, max_entries=10)
+    for i in range(100):
+        cache.decide("GET", [f"https://o{i}.example.net"], [], [], "/", store, 0.0)
+        assert len(cache._entries) <= 10
+
+
+def test_two_origin_lines_are_never_cached(config: Config, store: OriginStore) -> None:
+    cache = DecisionCache(config.engine)
+    decision, headers = cache.decide("GET", ["https://app.example.com"] * 2, [], [], "/", store, 0.0)
+    assert decision.reason is Reason.ORIGIN_MALFORMED
+    assert headers == ()
+    assert cache._entries == {}
