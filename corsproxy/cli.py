@@ -80,11 +80,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from corsproxy.server import run
+    from corsproxy.server import default_workers, serve
 
     config = _load(args)
-    run(config)
-    return 0
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    return serve(config, workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -283,7 +286,15 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(commands.add_parser("serve", help="run the proxy")).set_defaults(func=cmd_serve)
+    serve = with_config(commands.add_parser("serve", help="run the proxy"))
+    serve.add_argument(
+        "--workers",
+        "-w",
+        type=int,
+        default=int(os.environ["CORSPROXY_WORKERS"]) if os.environ.get("CORSPROXY_WORKERS", "").isdigit() else None,
+        help="worker processes (default: $CORSPROXY_WORKERS, else one per core)",
+    )
+    serve.set_defaults(func=cmd_serve)
     with_config(commands.add_parser("check", help="validate the config and exit")).set_defaults(func=cmd_check)
 
     demo = commands.add_parser("demo", help="run the proxy in front of a built-in echo upstream")

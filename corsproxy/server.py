@@ -1,37 +1,385 @@
-"""Running the proxy: the serve loop, logging set-up and the demo with its built-in echo upstream."""
+"""Running the proxy: ``corsproxy serve`` (a gunicorn arbiter over aiohttp workers), the admin listener, fleet mode
+and the demo with its built-in echo upstream.
+
+Owns the process model (issue 5). The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
+workers that share the proxied listening socket, replaces a worker that dies, and on ``SIGTERM`` lets every worker
+stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds (issue 4), then exits 0.
+Each worker builds its own app after the fork (:func:`corsproxy.proxy.create_app`), so each opens the LMDB
+environment itself; a change written by any process (admin API, CLI, origins file) is seen by every worker on its next
+request, since every lookup is a fresh LMDB read transaction.
+
+The admin listener's socket is bound once in the arbiter and inherited by every worker, like the proxied one: any
+worker may answer an admin request (they share the store, and metrics are summed across workers), and a bad admin
+address fails the start instead of one worker. ``SIGHUP`` (or ``POST /reload``, which signals the arbiter) validates
+the YAML first; a refused file is logged and changes nothing, a valid one starts new workers on it while the old
+ones drain (gunicorn's graceful reload), so no in-flight request is dropped.
+
+Imports prometheus-client only after ``PROMETHEUS_MULTIPROC_DIR`` is set (see :mod:`corsproxy.metrics`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import ssl
 import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import lmdb
 from aiohttp import web
+from aiohttp.worker import GunicornWebWorker
+from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
+from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 
-from corsproxy.config import Config
-from corsproxy.proxy import create_app
+from corsproxy.config import Config, ConfigError, load_config
+from corsproxy.proxy import STATE, ProxyState, create_app
 
-__all__ = ["echo_app", "run", "run_demo", "setup_logging"]
+if TYPE_CHECKING:
+    from corsproxy.metrics import Metrics
+
+__all__ = ["default_workers", "echo_app", "run", "run_demo", "serve", "setup_logging"]
 
 log = logging.getLogger("corsproxy")
+
+#: Read by prometheus-client when it is first imported, so it is set here before :mod:`corsproxy.metrics` is.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def default_workers() -> int:
+    """One worker per core this process may run on (the affinity mask, which respects a cpuset; not a CPU quota)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def run(config: Config) -> None:
-    """Serve until SIGINT/SIGTERM; aiohttp stops accepting, then lets in-flight requests finish."""
-    setup_logging()
-    web.run_app(
-        create_app(config),
-        host=config.listen.host,
-        port=config.listen.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=30.0,
-    )
+    """Serve with one worker per core until SIGTERM (kept for callers of the single-process era)."""
+    sys.exit(serve(config, default_workers()))
+
+
+# -- the gunicorn side: arbiter, worker, application --------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def check_admin_tokens(config: Config) -> None:
+    """Refuse to serve an admin listener whose token source yields no token (an empty file is no protection)."""
+    from corsproxy.admin import load_tokens
+
+    admin = config.admin
+    if admin.port is None:
+        return
+    try:
+        tokens = load_tokens(admin)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"admin token: {exc}"], config.source) from None
+    if not tokens and (admin.token_file or not _is_loopback(admin.host)):
+        raise ConfigError(
+            [f"admin: no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"], config.source
+        )
+
+
+class CorsproxyWorker(GunicornWebWorker):
+    """aiohttp's gunicorn worker, with a TLS context built the modern way (gunicorn's ``ssl_version`` is gone)."""
+
+    @staticmethod
+    def _create_ssl_context(cfg: Any) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cfg.certfile, cfg.keyfile)
+        return context
+
+
+class _Arbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's arbiter, except that a reload never starts workers on a configuration that does not validate."""
+
+    app: CorsproxyApplication
+
+    def reload(self) -> None:
+        app = self.app
+        path = app.config.source
+        try:
+            config = load_config(path)
+            check_admin_tokens(config)
+        except ConfigError as exc:
+            self.log.error("reload refused, the running configuration stays: %s", exc)
+            app.count_reload("refused")
+            return
+        except Exception as exc:  # never let a reload take the arbiter down
+            self.log.error("reload refused, the running configuration stays: %r", exc)
+            app.count_reload("refused")
+            return
+        for warning in config.warnings:
+            self.log.warning("%s: %s", path, warning)
+        try:
+            app.set_config(config)
+        except OSError as exc:
+            self.log.error(
+                "reload refused: admin listener %s: %s", _bind_address(config.admin.host, config.admin.port or 0), exc
+            )
+            app.count_reload("refused")
+            return
+        super().reload()
+        app.count_reload("applied")
+        self.log.info("reloaded %s: new workers serve it, old ones finished their requests", path)
+
+
+class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
+    """The gunicorn application: settings come from the corsproxy config; ``load`` gives each worker its app."""
+
+    def __init__(self, config: Config, workers: int, runtime_dir: Path) -> None:
+        self.config = config
+        self.workers = workers
+        self.runtime_dir = runtime_dir
+        self.admin_socket: socket.socket | None = None
+        self.arbiter_pid = os.getpid()
+        self._metrics: Metrics | None = None
+        self._bind_admin(config)
+        super().__init__(prog="corsproxy")
+
+    # -- arbiter side ---------------------------------------------------------------------------------------------
+
+    def _bind_admin(self, config: Config) -> None:
+        admin = config.admin
+        wanted = None if admin.port is None else (admin.host, admin.port)
+        current = None if self.admin_socket is None else getattr(self, "_admin_address", None)
+        if wanted == current:
+            return
+        new = None if wanted is None else _listen_socket(*wanted)
+        if self.admin_socket is not None:
+            self.admin_socket.close()  # this process's copy; draining workers keep theirs until they exit
+        self.admin_socket = new
+        self._admin_address = wanted
+
+    def set_config(self, config: Config) -> None:
+        self._bind_admin(config)
+        self.config = config
+
+    def count_reload(self, result: str) -> None:
+        from corsproxy.metrics import Metrics
+
+        if self._metrics is None:
+            self._metrics = Metrics()
+        self._metrics.reloads.labels(result).inc()
+
+    def load_config(self) -> None:
+        from corsproxy.request_log import log_dict_config
+
+        config = self.config
+        limits = config.limits
+        settings: dict[str, Any] = {
+            "bind": [_bind_address(config.listen.host, config.listen.port)],
+            "workers": self.workers,
+            "worker_class": "corsproxy.server.CorsproxyWorker",
+            # The worker's own drain (the AppRunner's shutdown_timeout) ends first, so the store is closed cleanly;
+            # the arbiter's SIGKILL is only the backstop.
+            "graceful_timeout": math.ceil(limits.drain_timeout) + 5,
+            # The heartbeat stops while a worker drains: the watchdog must outlast the drain.
+            "timeout": max(30, math.ceil(limits.drain_timeout) + 15),
+            "keepalive": math.ceil(limits.idle_timeout),
+            "proc_name": "corsproxy",
+            "worker_tmp_dir": str(self.runtime_dir),
+            "control_socket_disable": True,  # no unix socket in $HOME: read-only root filesystems stay happy
+            "logconfig_dict": log_dict_config(config.logging),
+            "loglevel": config.logging.level,
+            "accesslog": None,
+            "child_exit": _child_exit,
+            "forwarded_allow_ips": "",
+        }
+        if config.listen.tls_cert and config.listen.tls_key:
+            settings["certfile"] = config.listen.tls_cert
+            settings["keyfile"] = config.listen.tls_key
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Callable[[], Awaitable[web.AppRunner]]:
+        return self._build_runner
+
+    def run(self) -> None:
+        _Arbiter(self).run()
+
+    # -- worker side (after the fork) -----------------------------------------------------------------------------
+
+    async def _build_runner(self) -> web.AppRunner:
+        from corsproxy.metrics import Metrics
+
+        config = self.config
+        metrics = Metrics()
+        app = create_app(config)
+        app.middlewares.append(_store_error_counter(metrics))
+
+        async def runtime(app: web.Application) -> AsyncIterator[None]:
+            async with _worker_runtime(self, app, metrics):
+                yield
+
+        app.cleanup_ctx.append(runtime)  # after the proxy's own: the store is open when it runs
+        return web.AppRunner(app, access_log=None, shutdown_timeout=config.limits.drain_timeout)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    from corsproxy.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
+
+
+def _store_error_counter(metrics: Metrics) -> Any:
+    @web.middleware
+    async def count_store_errors(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except lmdb.Error:
+            metrics.store_read_errors.inc()
+            raise
+
+    return count_store_errors
+
+
+@contextlib.asynccontextmanager
+async def _worker_runtime(
+    application: CorsproxyApplication, app: web.Application, metrics: Metrics
+) -> AsyncIterator[None]:
+    """What a worker runs beside the proxy: observers, the admin site, the origins-file watcher."""
+    from corsproxy.admin import AdminContext, create_admin_app, load_tokens
+    from corsproxy.metrics import CONTENT_TYPE
+    from corsproxy.origins_file import OriginsFileWatcher, SyncResult
+    from corsproxy.request_log import RequestLog
+
+    state = app[STATE]
+    config = state.config
+    state.observers.append(metrics.observe)
+    state.observers.append(RequestLog(config.logging))
+
+    def render(state: ProxyState) -> tuple[bytes, str]:
+        try:
+            metrics.origins.set(len(state.store))
+        except lmdb.Error:
+            metrics.store_read_errors.inc()
+        return metrics.render(), CONTENT_TYPE
+
+    def reload_all(_config: Config) -> None:
+        os.kill(application.arbiter_pid, signal.SIGHUP)  # the arbiter validates again and restarts workers on it
+
+    admin_runner: web.AppRunner | None = None
+    if application.admin_socket is not None:
+        ctx = AdminContext(
+            proxy=app,
+            tokens=load_tokens(config.admin),
+            config_path=config.source,
+            request_reload=reload_all,
+            render_metrics=render,
+            on_reload_refused=lambda: metrics.reloads.labels("refused").inc(),
+        )
+
+        async def draining(_app: web.Application) -> None:
+            ctx.draining = True  # /readyz says 503 while this worker finishes its requests
+
+        app.on_shutdown.append(draining)
+        admin_runner = web.AppRunner(create_admin_app(ctx), access_log=None, shutdown_timeout=5.0)
+        await admin_runner.setup()
+        await web.SockSite(admin_runner, application.admin_socket).start()
+
+    watcher_task: asyncio.Task[None] | None = None
+    if config.origins_file.path:
+
+        def synced(result: SyncResult) -> None:
+            metrics.origins_file_syncs.labels("applied" if result.applied else "refused").inc()
+
+        watcher = OriginsFileWatcher(
+            config.origins_file.path,
+            state.store,
+            lambda: state.config.safety,
+            config.origins_file.poll_interval,
+            Path(config.store.path) / "origins-file.lock",
+            on_sync=synced,
+        )
+        if await asyncio.to_thread(watcher.try_lead):
+            await asyncio.to_thread(watcher.poll)  # the file's origins are in the store before this worker serves
+        watcher_task = asyncio.create_task(watcher.run())
+    try:
+        yield
+    finally:
+        if watcher_task is not None:
+            watcher_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher_task
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+
+
+# -- serve --------------------------------------------------------------------------------------------------------
+
+
+def serve(config: Config, workers: int) -> int:
+    """Run the arbiter and ``workers`` workers until SIGTERM/SIGINT; the exit status (0 after a clean drain)."""
+    check_admin_tokens(config)
+    owner = os.getpid()
+    runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    if metrics_dir:
+        # Samples of a previous run would be summed into this one's: start from zero, as prometheus-client asks.
+        for stale in Path(metrics_dir).glob("*.db"):
+            stale.unlink()
+    else:
+        metrics_dir = str(runtime_dir / "metrics")
+        os.mkdir(metrics_dir)
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    if "prometheus_client" in sys.modules:  # pragma: no cover - a programming error, not an operator's
+        log.warning("prometheus_client was imported before %s was set: metrics will not add up", MULTIPROC_ENV)
+    try:
+        application = CorsproxyApplication(config, workers, runtime_dir)
+        application.run()
+    except SystemExit as exc:
+        if os.getpid() != owner:
+            raise  # a worker leaving: its exit status is the arbiter's business
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        if os.getpid() == owner:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+    return 0
 
 
 async def _echo(request: web.Request) -> web.Response:

@@ -1,0 +1,457 @@
+"""The admin API: an aiohttp application on its own listener, never on the proxied port (every path there belongs to
+the upstream).
+
+Owns the admin endpoints, their bearer-token authentication and their JSON error shape. It shares the running proxy's
+state (the config snapshot and the open LMDB store) and reuses the one validation path every write goes through
+(:func:`corsproxy.origin_lines.parse_entry`/``parse_lines``) and the explain engine. Endpoints::
+
+    GET    /origins?limit=&after=&filter=     page through the store (``next`` is the cursor for ``after``)
+    GET    /origins/{origin}                  one entry (origin URL-encoded)
+    PUT    /origins/{origin}                  {"policy", "note", "expires" | "ttl"} -> 201 created / 200 replaced
+    DELETE /origins/{origin}
+    POST   /origins/import[?partial=true]     the CLI's line format; per-line errors in the answer
+    GET    /explain?origin=&method=&headers=&path=
+    GET    /audit?origin=&limit=
+    GET    /healthz   GET /readyz   GET /metrics   POST /reload
+
+Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; an unexpected failure is a 500 with no stack
+trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry
+from corsproxy.explain import explain
+from corsproxy.origin import EntryError, parse_origin_entry
+from corsproxy.origin_lines import parse_entry, parse_lines
+from corsproxy.proxy import STATE, ProxyState
+from corsproxy.store import OriginRecord
+
+__all__ = ["ADMIN", "AdminContext", "AdminError", "create_admin_app", "load_tokens"]
+
+log = logging.getLogger("corsproxy.admin")
+
+#: Sources whose entries are declared elsewhere: an admin write to them would be undone or fight the declaration.
+_DECLARED_SOURCES = {"config": "cors.allow_origins in the config file", "file": "the origins file"}
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+_MAX_PAGE = 1000
+_PUT_FIELDS = frozenset({"policy", "note", "expires", "ttl"})
+
+
+class AdminError(Exception):
+    """An answer the client can act on: status, a short error, the offending field (if any) and why."""
+
+    def __init__(self, status: int, error: str, reason: str = "", field: str | None = None, **extra: Any) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.reason = reason
+        self.field = field
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"error": self.error}
+        if self.field is not None:
+            body["field"] = self.field
+        if self.reason:
+            body["reason"] = self.reason
+        body.update(self.extra)
+        response = web.json_response(body, status=self.status)
+        if self.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="corsproxy-admin"'  # RFC 6750 §3
+        return response
+
+
+def load_tokens(admin: Admin, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Admin tokens by name, from ``CORSPROXY_ADMIN_TOKEN`` and/or ``admin.token_file``.
+
+    Each non-blank, non-``#`` line (or the variable) is ``TOKEN`` (named ``admin``) or ``NAME:TOKEN``; the name is
+    what the audit trail records as the actor (``admin:NAME``), so each person or tool can have its own token.
+    """
+    env = os.environ if env is None else env
+    lines: list[str] = []
+    if env.get("CORSPROXY_ADMIN_TOKEN"):
+        lines.append(env["CORSPROXY_ADMIN_TOKEN"])
+    if admin.token_file:
+        with open(admin.token_file, encoding="utf-8") as f:
+            lines.extend(f.read().splitlines())
+    tokens: dict[str, str] = {}
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        if not sep:
+            name, token = "admin", line
+        name, token = name.strip(), token.strip()
+        if len(token) < 16:
+            raise ValueError(f"admin token {name!r} is shorter than 16 characters: use e.g. `openssl rand -hex 32`")
+        tokens[token] = name
+    return tokens
+
+
+@dataclass
+class AdminContext:
+    """What the admin app needs from the process it runs in."""
+
+    proxy: web.Application  # the proxy app, whose STATE (config, store) the admin reads and writes
+    tokens: Mapping[str, str]  # token -> name; empty = no auth (only allowed on loopback, checked by the config)
+    config_path: str | None = None  # what POST /reload re-reads
+    request_reload: Callable[[Config], None] | None = None  # apply a validated config (signal the arbiter)
+    render_metrics: Callable[[ProxyState], tuple[bytes, str]] | None = None
+    on_reload_refused: Callable[[], None] | None = None  # (an accepted reload is counted by the arbiter)
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def state(self) -> ProxyState:
+        return self.proxy[STATE]
+
+
+ADMIN = web.AppKey("admin", AdminContext)
+_ACTOR = web.RequestKey("admin_actor", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# -- middlewares --------------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AdminError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body: dict[str, Any] = {"error": exc.reason}
+        if exc.status == 405:
+            body["reason"] = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+        elif exc.status == 404:
+            body["reason"] = f"no admin endpoint at {request.path}"
+        elif exc.status == 413:
+            body["reason"] = "request body too large"
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        return web.json_response(body, status=exc.status, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error", "reason": "see the corsproxy log"}, status=500)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = request.app[ADMIN]
+    if request.path in _PUBLIC_PATHS or not ctx.tokens:
+        request[_ACTOR] = "admin:anonymous"
+        return await handler(request)
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise AdminError(401, "unauthorized", "send the admin token as `Authorization: Bearer TOKEN`")
+    name = None
+    given = presented.encode()
+    for token, token_name in ctx.tokens.items():  # compare against every token: the time does not tell which failed
+        if hmac.compare_digest(given, token.encode()):
+            name = token_name
+    if name is None:
+        raise AdminError(401, "unauthorized", "the admin token is not valid")
+    request[_ACTOR] = f"admin:{name}"
+    return await handler(request)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _origin_from_path(request: web.Request) -> str:
+    """The ``{origin}`` path segment, percent-decoded from the raw path (``%2F`` must not split the route)."""
+    raw = request.raw_path.split("?", 1)[0]
+    encoded = raw[len("/origins/") :]
+    text = unquote(encoded)
+    try:
+        return parse_origin_entry(text).key
+    except EntryError as exc:
+        raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise AdminError(400, f"invalid {name}", f"must be a whole number from {low} to {high}", field=name)
+    return value
+
+
+def _record_json(key: str, record: OriginRecord, now: float) -> dict[str, Any]:
+    return {"origin": key, **record.as_json(), "expired": record.is_expired(now)}
+
+
+def _conflict(key: str, record: OriginRecord | None, verb: str) -> None:
+    if record is not None and record.source in _DECLARED_SOURCES:
+        raise AdminError(
+            409,
+            "conflict",
+            f"{key} is declared in {_DECLARED_SOURCES[record.source]} (source {record.source!r}); {verb} it there, "
+            "or the next reconciliation would fight this change",
+            field="origin",
+            source=record.source,
+        )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise AdminError(400, "invalid JSON body", str(exc), field="body") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "invalid JSON body", 'must be a JSON object such as {"policy": "default"}', field="body")
+    return body
+
+
+# -- origins ------------------------------------------------------------------------------------------------------
+
+
+async def list_origins(request: web.Request) -> web.Response:
+    state = request.app[ADMIN].state
+    limit = _int_query(request, "limit", 100, 1, _MAX_PAGE)
+    after = request.query.get("after", "")
+    contains = request.query.get("filter", "")
+    items = await asyncio.to_thread(state.store.items, contains=contains, after=after, limit=limit + 1)
+    more = len(items) > limit
+    items = items[:limit]
+    now = time.time()
+    return web.json_response(
+        {
+            "origins": [_record_json(key, record, now) for key, record in items],
+            "next": items[-1][0] if more else None,
+        }
+    )
+
+
+async def get_origin(request: web.Request) -> web.Response:
+    key = _origin_from_path(request)
+    record = request.app[ADMIN].state.store.get(key)
+    if record is None:
+        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+    return web.json_response(_record_json(key, record, time.time()))
+
+
+def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
+    for name in body:
+        if name not in _PUT_FIELDS:
+            raise AdminError(400, "invalid field", f"unknown field; allowed: {', '.join(sorted(_PUT_FIELDS))}", name)
+    for name in _PUT_FIELDS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise AdminError(400, f"invalid {name}", f"must be a string, got {type(value).__name__}", field=name)
+    if body.get("expires") is not None and body.get("ttl") is not None:
+        raise AdminError(400, "invalid expires", "give either expires or ttl, not both", field="expires")
+    policy = body.get("policy")
+    if policy is not None and policy not in config.safety:
+        raise AdminError(
+            400, "invalid policy", f"unknown policy {policy!r}; defined: {', '.join(sorted(config.safety))}", "policy"
+        )
+    for name, parse in (("expires", parse_expiry), ("ttl", parse_duration)):
+        if body.get(name) is not None:
+            try:
+                when = parse(body[name])
+            except ValueError as exc:
+                raise AdminError(400, f"invalid {name}", str(exc), field=name) from None
+            if name == "expires" and when <= time.time():
+                raise AdminError(400, "invalid expires", f"{body[name]} is in the past", field=name)
+    return {name: body.get(name) for name in ("policy", "expires", "ttl")} | {"note": body.get("note") or ""}
+
+
+async def put_origin(request: web.Request) -> web.Response:
+    ctx = request.app[ADMIN]
+    state = ctx.state
+    config = state.config
+    key = _origin_from_path(request)
+    options = _validate_put(await _json_body(request), config)
+    try:
+        entry, warnings = parse_entry(key, config.safety, **options)
+    except ValueError as exc:
+        raise AdminError(400, "invalid origin entry", str(exc), field="origin") from None
+    _conflict(entry.key, state.store.get(entry.key), "change")
+    actor = request[_ACTOR]
+    record = OriginRecord(entry.policy, entry.expires, actor, 0.0, entry.note)
+    created = await asyncio.to_thread(state.store.put, entry.key, record, actor)
+    stored = state.store.get(entry.key) or record
+    body = {**_record_json(entry.key, stored, time.time()), "created": created, "warnings": warnings}
+    headers = {"Location": f"/origins/{request.raw_path.split('?', 1)[0][len('/origins/') :]}"} if created else None
+    return web.json_response(body, status=201 if created else 200, headers=headers)
+
+
+async def delete_origin(request: web.Request) -> web.Response:
+    state = request.app[ADMIN].state
+    key = _origin_from_path(request)
+    _conflict(key, state.store.get(key), "remove")
+    old = await asyncio.to_thread(state.store.remove, key, request[_ACTOR])
+    if old is None:
+        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+    return web.json_response({"removed": key, "old": old.as_json()})
+
+
+async def import_origins(request: web.Request) -> web.Response:
+    state = request.app[ADMIN].state
+    config = state.config
+    partial = request.query.get("partial", "").lower() in ("1", "true", "yes")
+    try:
+        text = await request.text()
+    except UnicodeDecodeError as exc:
+        raise AdminError(400, "invalid body", f"not UTF-8 text: {exc}", field="body") from None
+    lines = text.splitlines()
+    parsed = await asyncio.to_thread(parse_lines, lines, config.safety)
+    refused: list[dict[str, Any]] = [{"line": n, "reason": reason} for n, reason in parsed.errors]
+    for key in list(parsed.entries):
+        current = state.store.get(key)
+        if current is not None and current.source in _DECLARED_SOURCES:
+            del parsed.entries[key]
+            refused.append({"line": None, "origin": key, "reason": f"declared in {_DECLARED_SOURCES[current.source]}"})
+    warnings = [{"line": n, "warning": w} for n, w in parsed.warnings]
+    if refused and not partial:
+        raise AdminError(
+            400,
+            "import refused",
+            f"{len(refused)} line(s) refused, nothing imported; fix them, or add ?partial=true to import the rest",
+            field="body",
+            refused=refused,
+            warnings=warnings,
+        )
+    actor = request[_ACTOR]
+    added, replaced = await asyncio.to_thread(
+        state.store.put_many,
+        [(key, OriginRecord(e.policy, e.expires, actor, 0.0, e.note)) for key, e in parsed.entries.items()],
+        actor,
+    )
+    return web.json_response({"added": added, "replaced": replaced, "refused": refused, "warnings": warnings})
+
+
+# -- explain, audit -----------------------------------------------------------------------------------------------
+
+
+async def explain_request(request: web.Request) -> web.Response:
+    state = request.app[ADMIN].state
+    origin = request.query.get("origin")
+    if not origin:
+        raise AdminError(400, "missing origin", "give ?origin= as the browser would send it", field="origin")
+    method = request.query.get("method") or None
+    path = request.query.get("path") or "/"
+    if not path.startswith("/"):
+        raise AdminError(400, "invalid path", 'must start with "/"', field="path")
+    result = explain(state.config, state.store, origin, method, request.query.get("headers", ""), path)
+    return web.json_response(result.as_json())
+
+
+async def audit(request: web.Request) -> web.Response:
+    state = request.app[ADMIN].state
+    limit = _int_query(request, "limit", 100, 1, _MAX_PAGE)
+    origin = request.query.get("origin") or None
+    if origin is not None:
+        try:
+            origin = parse_origin_entry(origin).key
+        except EntryError as exc:
+            raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+    events = await asyncio.to_thread(state.store.history, origin=origin, limit=limit)
+    return web.json_response({"events": [event.as_json() for event in events]})
+
+
+# -- health, metrics, reload --------------------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "pid": os.getpid()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ctx = request.app[ADMIN]
+    if ctx.draining:
+        return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
+    state = ctx.state
+    try:
+        entries = len(state.store)
+    except Exception as exc:
+        return web.json_response({"ready": False, "reason": f"origin store unreadable: {exc}"}, status=503)
+    upstream = state.config.upstream
+    timeout = min(upstream.connect_timeout, 2.0)
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(upstream.host, upstream.port), timeout)
+    except TimeoutError:
+        reason = f"upstream {upstream.host}:{upstream.port} did not accept a connection within {timeout:g}s"
+        return web.json_response({"ready": False, "reason": reason}, status=503)
+    except OSError as exc:
+        reason = f"upstream {upstream.host}:{upstream.port} unreachable: {exc.strerror or exc}"
+        return web.json_response({"ready": False, "reason": reason}, status=503)
+    writer.close()
+    return web.json_response({"ready": True, "origins": entries, "upstream": upstream.url})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[ADMIN]
+    if ctx.render_metrics is None:
+        raise AdminError(404, "not found", "metrics are not enabled in this process")
+    body, content_type = await asyncio.to_thread(ctx.render_metrics, ctx.state)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def reload(request: web.Request) -> web.Response:
+    ctx = request.app[ADMIN]
+    path = ctx.config_path or ctx.state.config.source
+    try:
+        config = await asyncio.to_thread(load_config, path)
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        if ctx.on_reload_refused is not None:
+            ctx.on_reload_refused()
+        raise AdminError(
+            400, "configuration refused", "the running configuration stays", field="config", problems=exc.problems
+        ) from None
+    if ctx.request_reload is None:
+        ctx.state.config = config  # no arbiter: swap the snapshot; the next request uses it
+    else:
+        ctx.request_reload(config)
+    log.info("reload of %s accepted by admin (%s)", path, request[_ACTOR])
+    return web.json_response({"status": "reloading", "config": path, "warnings": list(config.warnings)}, status=202)
+
+
+# -- the app ------------------------------------------------------------------------------------------------------
+
+
+def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Application:
+    app = web.Application(middlewares=[_json_errors, _auth], client_max_size=max_body)
+    app[ADMIN] = ctx
+    r = app.router
+    r.add_get("/origins", list_origins)
+    r.add_post("/origins/import", import_origins)
+    r.add_get("/origins/{origin:.+}", get_origin)
+    r.add_put("/origins/{origin:.+}", put_origin)
+    r.add_delete("/origins/{origin:.+}", delete_origin)
+    r.add_get("/explain", explain_request)
+    r.add_get("/audit", audit)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics)
+    r.add_post("/reload", reload)
+    return app

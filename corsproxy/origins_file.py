@@ -1,0 +1,229 @@
+"""Fleet mode: watch ``origins_file`` and reconcile the store's ``file``-owned entries to exactly what it lists.
+
+The file is the fleet's source of truth (a Kubernetes ConfigMap, a mounted secret, a file written by config
+management); each host's LMDB store is its local, read-optimised copy. The watcher polls the file's identity (inode,
+size, mtime) every ``poll_interval`` seconds and, when it changed, hashes the content; a new hash is parsed with the
+shared line format (:func:`corsproxy.origin_lines.parse_lines`, or a YAML list) and reconciled with
+``source="file"`` in one LMDB transaction. A file with any bad line is refused whole: the errors are logged and the
+last good state stays, because applying only the good lines would silently drop the origins the bad lines meant.
+
+With several workers only one of them watches: the holder of an exclusive ``flock`` on a file next to the store. The
+lock dies with its process, so when that worker exits another one takes over at its next poll. Reconciliation is
+idempotent anyway (an unchanged entry writes nothing, not even an audit event).
+
+Must not import aiohttp; the store is passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corsproxy.config import PolicySafety
+from corsproxy.origin_lines import ParsedLines, parse_entry, parse_lines
+from corsproxy.store import OriginRecord, OriginStore
+
+__all__ = ["OriginsFileWatcher", "SyncResult", "parse_origins_file"]
+
+log = logging.getLogger("corsproxy.origins_file")
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]) -> ParsedLines:
+    """The line format, or for ``*.yaml``/``*.yml`` a list whose items are lines or ``{origin, policy, ...}`` maps."""
+    if path.suffix not in _YAML_SUFFIXES:
+        return parse_lines(text.splitlines(), safety)
+    out = ParsedLines()
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        out.errors.append((mark.line + 1 if mark is not None else 0, f"invalid YAML: {exc}"))
+        return out
+    if isinstance(data, dict) and "origins" in data:
+        data = data["origins"]
+    if data is None:
+        return out
+    if not isinstance(data, list):
+        out.errors.append((1, "must be a list of origins (or a mapping with an 'origins' list)"))
+        return out
+    for number, item in enumerate(data, 1):
+        if isinstance(item, str):
+            one = parse_lines([item], safety)
+            out.errors.extend((number, reason) for _, reason in one.errors)
+            out.warnings.extend((number, warning) for _, warning in one.warnings)
+            out.entries.update(one.entries)
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("origin"), str):
+            out.errors.append((number, "an item is an origin string or a mapping {origin: ..., policy: ..., ...}"))
+            continue
+        unknown = set(item) - {"origin", "policy", "expires", "ttl", "note"}
+        if unknown:
+            out.errors.append((number, f"unknown key(s) {', '.join(sorted(map(str, unknown)))}"))
+            continue
+        try:
+            entry, warnings = parse_entry(
+                item["origin"],
+                safety,
+                policy=item.get("policy"),
+                expires=None if item.get("expires") is None else str(item["expires"]),
+                ttl=None if item.get("ttl") is None else str(item["ttl"]),
+                note=str(item.get("note") or ""),
+            )
+        except ValueError as exc:
+            out.errors.append((number, str(exc)))
+            continue
+        out.warnings.extend((number, w) for w in warnings)
+        out.entries[entry.key] = entry
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    applied: bool
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    errors: tuple[tuple[int, str], ...] = ()
+
+
+class OriginsFileWatcher:
+    """Polls one file and reconciles it into ``store``. ``safety`` is read on every sync, so a reload applies."""
+
+    def __init__(
+        self,
+        path: str,
+        store: OriginStore,
+        safety: Callable[[], Mapping[str, PolicySafety]],
+        poll_interval: float,
+        lock_path: Path,
+        on_sync: Callable[[SyncResult], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.store = store
+        self.safety = safety
+        self.poll_interval = poll_interval
+        self.lock_path = lock_path
+        self.on_sync = on_sync
+        self._identity: tuple[int, int, int, int] | None = None
+        self._digest: str | None = None
+        self._lock_fd: int | None = None
+        self._missing_logged = False
+
+    # -- leadership ---------------------------------------------------------------------------------------------
+
+    def try_lead(self) -> bool:
+        """Become the one watcher of this store, if no live process is; non-blocking."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        log.info("watching %s for origin changes (every %gs)", self.path, self.poll_interval)
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    # -- one poll -----------------------------------------------------------------------------------------------
+
+    def poll(self) -> SyncResult | None:
+        """Check the file once; reconcile when its content changed. ``None`` when there was nothing to do."""
+        try:
+            st = self.path.stat()
+        except OSError as exc:
+            if not self._missing_logged:
+                log.error("origins file %s cannot be read (%s): keeping the last good origin set", self.path, exc)
+                self._missing_logged = True
+            self._identity = None
+            return None
+        self._missing_logged = False
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if identity == self._identity:
+            return None
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            log.error("origins file %s cannot be read (%s): keeping the last good origin set", self.path, exc)
+            return None
+        self._identity = identity
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self._digest:
+            return None
+        return self._apply(raw, digest)
+
+    def _apply(self, raw: bytes, digest: str) -> SyncResult:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            result = SyncResult(False, errors=((0, f"not UTF-8 text: {exc}"),))
+        else:
+            parsed = parse_origins_file(self.path, text, self.safety())
+            for number, warning in parsed.warnings:
+                log.warning("%s:%d: %s", self.path, number, warning)
+            if parsed.errors:
+                result = SyncResult(False, errors=tuple(parsed.errors))
+            else:
+                wanted = {
+                    key: OriginRecord(policy=e.policy, expires=e.expires, source="file", note=e.note)
+                    for key, e in parsed.entries.items()
+                }
+                changed, removed, skipped = self.store.reconcile(wanted, source="file")
+                result = SyncResult(True, tuple(changed), tuple(removed), tuple(skipped))
+        if result.applied:
+            self._digest = digest
+            for key in result.skipped:
+                log.warning(
+                    "%s lists %s, which another source (config, cli or admin) owns: left as it is", self.path, key
+                )
+            log.log(
+                logging.INFO if result.changed or result.removed else logging.DEBUG,
+                "origins file %s applied: %d added or changed, %d removed",
+                self.path,
+                len(result.changed),
+                len(result.removed),
+                extra={"changed": list(result.changed), "removed": list(result.removed)},
+            )
+        else:
+            # Not remembered as seen: the same broken content is reported again only when the file changes.
+            for number, reason in result.errors:
+                log.error("%s:%d: refused: %s", self.path, number, reason)
+            log.error(
+                "origins file %s refused (%d bad line(s)): keeping the last good origin set",
+                self.path,
+                len(result.errors),
+            )
+        if self.on_sync is not None:
+            self.on_sync(result)
+        return result
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Poll forever (until cancelled); file I/O, parsing and the LMDB write run off the event loop."""
+        try:
+            while True:
+                if await asyncio.to_thread(self.try_lead):
+                    try:
+                        await asyncio.to_thread(self.poll)
+                    except Exception:
+                        log.exception("origins file %s: sync failed; retrying at the next poll", self.path)
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            self.release()

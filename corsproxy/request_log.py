@@ -1,0 +1,153 @@
+"""Logs: one structured line per request, and the formatters every corsproxy (and gunicorn) log line goes through.
+
+Owns the log line shape (issue 5): ``time, client, method, path, origin, decision, reason, status, bytes,
+upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while every refusal is
+logged, and the choice between JSON (for log pipelines) and plain text (for a human at a terminal).
+
+Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.proxy.Outcome` values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from corsproxy.config import Logging
+from corsproxy.decision import Kind
+
+if TYPE_CHECKING:
+    from corsproxy.proxy import Outcome
+
+__all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestLog", "TextFormatter", "log_dict_config", "wants_json"]
+
+#: The logger request lines go to; operators can route it apart from the rest (``logging.getLogger`` name).
+REQUEST_LOGGER = "corsproxy.request"
+
+# Attributes every LogRecord has; anything else on a record came in through ``extra=`` and belongs in the JSON line.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _iso_millis(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``pid``, ``message`` and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": _iso_millis(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For a human at a terminal: ``time level [pid] message``; request fields are already in the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{_iso_millis(record.created)} {record.levelname:<7} [{record.process}] {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def wants_json(settings: Logging, stream: Any = None) -> bool:
+    """``format: auto`` means JSON unless stderr is a terminal (a person is watching)."""
+    if settings.format != "auto":
+        return settings.format == "json"
+    stream = sys.stderr if stream is None else stream
+    try:
+        return not os.isatty(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def log_dict_config(settings: Logging) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` document: corsproxy's and gunicorn's loggers, one handler on stderr.
+
+    Handed to gunicorn as ``logconfig_dict`` so that the arbiter's own lines (worker booted, worker died) come out in
+    the same format as the request lines; workers inherit it across the fork.
+    """
+    formatter = JsonFormatter if wants_json(settings) else TextFormatter
+    level = settings.level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"corsproxy": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "corsproxy", "stream": "ext://sys.stderr"},
+        },
+        "root": {"level": "WARNING", "handlers": ["stderr"]},
+        "loggers": {
+            "corsproxy": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
+            "gunicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
+            "aiohttp": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
+        },
+    }
+
+
+class RequestLog:
+    """An observer for :attr:`ProxyState.observers`: writes one line per finished request.
+
+    Allowed requests are sampled with probability ``sample_allowed`` (busy sites log a fraction); refusals and
+    corsproxy's own errors (5xx, upstream failures) are always logged, since those are what an operator looks for.
+    """
+
+    def __init__(self, settings: Logging, logger: logging.Logger | None = None) -> None:
+        self.sample_allowed = settings.sample_allowed
+        self.logger = logger or logging.getLogger(REQUEST_LOGGER)
+        self._random = random.random
+
+    def __call__(self, outcome: Outcome) -> None:
+        decision = outcome.decision
+        refused = decision.kind is not Kind.NON_CORS and not decision.allowed
+        always = refused or outcome.upstream_error is not None or outcome.status >= 500
+        if not always and (self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed):
+            return
+        verdict = "n/a" if decision.kind is Kind.NON_CORS else ("allowed" if decision.allowed else "refused")
+        upstream_ms = None if outcome.upstream_latency is None else round(outcome.upstream_latency * 1000, 3)
+        fields = {
+            "client": outcome.client,
+            "method": outcome.method,
+            "path": outcome.path,
+            "origin": decision.origin,
+            "kind": decision.kind.value,
+            "decision": verdict,
+            "reason": decision.reason.value,
+            "status": outcome.status,
+            "bytes": outcome.bytes_sent,
+            "duration_ms": round(outcome.duration * 1000, 3),
+            "upstream_ms": upstream_ms,
+            "upstream_error": outcome.upstream_error,
+        }
+        level = logging.WARNING if outcome.status >= 500 else logging.INFO
+        self.logger.log(
+            level,
+            '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s',
+            outcome.client or "-",
+            outcome.method,
+            outcome.path,
+            decision.kind.value,
+            decision.origin or "-",
+            verdict,
+            decision.reason.value,
+            outcome.status,
+            outcome.bytes_sent,
+            "-" if upstream_ms is None else f"{upstream_ms}ms",
+            extra=fields,
+        )
