@@ -43,7 +43,7 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 
 from corsproxy.config import Config, ConfigError, load_config
-from corsproxy.proxy import STATE, ProxyState, create_app
+from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
 
 if TYPE_CHECKING:
     from corsproxy.metrics import Metrics
@@ -255,7 +255,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
                 yield
 
         app.cleanup_ctx.append(runtime)  # after the proxy's own: the store is open when it runs
-        return web.AppRunner(app, access_log=None, shutdown_timeout=config.limits.drain_timeout)
+        return ProxyRunner(app, access_log=None, shutdown_timeout=config.limits.drain_timeout)
 
 
 def _child_exit(server: Any, worker: Any) -> None:

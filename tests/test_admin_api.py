@@ -1,0 +1,292 @@
+"""The admin API of a real ``corsproxy serve`` (2 workers): auth, every endpoint's success and error paths."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.test_workers_harness import (
+    OTHER_TOKEN,
+    TOKEN,
+    Server,
+    ThreadedUpstream,
+    free_port,
+    origin_path,
+    served,
+    upstream_thread,
+)
+
+__all__ = ["served", "upstream_thread"]  # fixtures, imported for pytest
+
+APP = "https://app.example.com"  # listed in the config's cors.allow_origins
+
+
+def _error(response: Any, status: int, field: str | None = None) -> dict[str, Any]:
+    assert response.status == status, response.body
+    assert response.headers["Content-Type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in response.body.decode()
+    if field is not None:
+        assert body["field"] == field, body
+        assert body["reason"], body
+    return body
+
+
+# -- authentication -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [pytest.param(None, 401, id="no-token"), pytest.param("wrong-token", 401, id="wrong-token"), (TOKEN, 200)],
+)
+def test_auth_on_every_protected_endpoint(served: Server, token: str | None, status: int) -> None:
+    for path in ("/origins", origin_path(APP), "/audit", f"/explain?origin={APP}", "/metrics"):
+        response = served.admin("GET", path, token=token)
+        assert response.status == status, (path, response.body)
+        if status == 401:
+            assert response.headers["WWW-Authenticate"] == 'Bearer realm="corsproxy-admin"'
+            _error(response, 401)
+
+
+def test_auth_rejects_other_schemes_and_guards_writes(served: Server) -> None:
+    basic = served.admin("GET", "/origins", token=None)
+    assert basic.status == 401
+    from tests.test_workers_harness import request
+
+    response = request(served.admin_port, "GET", "/origins", headers={"Authorization": f"Basic {TOKEN}"})
+    _error(response, 401)
+    _error(served.admin("PUT", origin_path("https://sneaky.example.com"), token=OTHER_TOKEN, body={}), 401)
+    _error(served.admin("POST", "/reload", token=None), 401)
+    assert served.admin("GET", origin_path("https://sneaky.example.com")).status == 404
+
+
+def test_health_endpoints_need_no_token(served: Server) -> None:
+    health = served.admin("GET", "/healthz", token=None)
+    assert health.status == 200 and health.json()["status"] == "ok"
+    ready = served.admin("GET", "/readyz", token=None)
+    assert ready.status == 200, ready.body
+    assert ready.json()["ready"] is True
+
+
+# -- origins ------------------------------------------------------------------------------------------------------
+
+
+def test_list_pages_with_a_cursor_and_filters(served: Server) -> None:
+    listing = served.admin("GET", "/origins").json()
+    keys = [item["origin"] for item in listing["origins"]]
+    assert APP in keys and "https://fleet.example.com" in keys
+    assert keys == sorted(keys)
+    first = served.admin("GET", "/origins?limit=1").json()
+    assert len(first["origins"]) == 1 and first["next"] == keys[0]
+    second = served.admin("GET", f"/origins?limit=1&after={first['next']}").json()
+    assert second["origins"][0]["origin"] == keys[1]
+    filtered = served.admin("GET", "/origins?filter=fleet").json()
+    assert [item["origin"] for item in filtered["origins"]] == ["https://fleet.example.com"]
+    assert filtered["origins"][0]["source"] == "file"
+    assert filtered["next"] is None
+    for bad in ("0", "abc", "100000"):
+        _error(served.admin("GET", f"/origins?limit={bad}"), 400, "limit")
+
+
+def test_get_one_origin(served: Server) -> None:
+    got = served.admin("GET", origin_path(APP))
+    assert got.status == 200
+    assert got.json() | {"added": None} == {
+        "origin": APP,
+        "policy": "default",
+        "expires": None,
+        "source": "config",
+        "added": None,
+        "note": "",
+        "expired": False,
+    }
+    # Non-canonical spellings find the canonical entry (the same canonicalisation as the config).
+    assert served.admin("GET", origin_path("HTTPS://APP.example.com:443")).json()["origin"] == APP
+    _error(served.admin("GET", origin_path("https://nowhere.example.com")), 404, "origin")
+    _error(served.admin("GET", origin_path("https://app.example.com/path")), 400, "origin")
+
+
+def test_put_creates_then_replaces(served: Server) -> None:
+    key = "https://put.example.com"
+    created = served.admin("PUT", origin_path(key), body={"note": "partner", "ttl": "7d"})
+    assert created.status == 201, created.body
+    body = created.json()
+    assert body["origin"] == key and body["created"] is True and body["note"] == "partner"
+    assert body["expires"] is not None and body["source"] == "admin:admin"
+    assert created.headers["Location"] == origin_path(key)
+    replaced = served.admin("PUT", origin_path(key), body={"note": "renewed"})
+    assert replaced.status == 200
+    assert replaced.json()["created"] is False and replaced.json()["expires"] is None
+    # A pattern, written with the CLI's own syntax.
+    pattern = served.admin("PUT", origin_path("https://*.partners.example.com"), body={})
+    assert pattern.status == 201 and pattern.json()["origin"] == "https://*.partners.example.com"
+
+
+@pytest.mark.parametrize(
+    ("origin", "body", "field"),
+    [
+        pytest.param("https://v.example.com", {"policy": "nope"}, "policy", id="unknown-policy"),
+        pytest.param("https://v.example.com", {"ttl": "soon"}, "ttl", id="bad-ttl"),
+        pytest.param("https://v.example.com", {"expires": "2001-01-01T00:00:00Z"}, "expires", id="past-expiry"),
+        pytest.param("https://v.example.com", {"expires": "tomorrow"}, "expires", id="bad-expiry"),
+        pytest.param("https://v.example.com", {"ttl": "1d", "expires": "2099-01-01T00:00:00Z"}, "expires", id="both"),
+        pytest.param("https://v.example.com", {"colour": "red"}, "colour", id="unknown-field"),
+        pytest.param("https://v.example.com", {"note": 5}, "note", id="note-not-string"),
+        pytest.param("https://v.example.com/api", {}, "origin", id="origin-with-path"),
+        pytest.param("null", {}, "origin", id="null-origin"),
+        pytest.param("https://*.co.uk", {}, "origin", id="public-suffix-wildcard"),
+        pytest.param("http://plain.example.com", {}, "origin", id="http-with-credentials"),
+        pytest.param("^https://.*$", {}, "origin", id="regex"),
+    ],
+)
+def test_put_validation_errors(served: Server, origin: str, body: dict[str, Any], field: str) -> None:
+    _error(served.admin("PUT", origin_path(origin), body=body), 400, field)
+    assert served.admin("GET", "/origins?filter=v.example.com").json()["origins"] == []
+
+
+def test_put_body_must_be_a_json_object(served: Server) -> None:
+    _error(served.admin("PUT", origin_path("https://b.example.com"), raw=b"{not json"), 400, "body")
+    _error(served.admin("PUT", origin_path("https://b.example.com"), raw=b"[1, 2]"), 400, "body")
+
+
+def test_declared_origins_conflict(served: Server) -> None:
+    body = _error(served.admin("PUT", origin_path(APP), body={"note": "mine now"}), 409, "origin")
+    assert body["source"] == "config"
+    _error(served.admin("DELETE", origin_path("https://fleet.example.com")), 409, "origin")
+    assert served.admin("GET", origin_path(APP)).json()["note"] == ""
+
+
+def test_delete(served: Server) -> None:
+    key = "https://gone.example.com"
+    assert served.admin("PUT", origin_path(key), body={}).status == 201
+    removed = served.admin("DELETE", origin_path(key))
+    assert removed.status == 200 and removed.json()["removed"] == key
+    _error(served.admin("DELETE", origin_path(key)), 404, "origin")
+    _error(served.admin("DELETE", origin_path("not an origin")), 400, "origin")
+
+
+def test_import_all_or_nothing_with_per_line_errors(served: Server) -> None:
+    text = "# partners\nhttps://imp1.example.com note='first one'\n\nhttps://imp2.example.com/path\nnull\n"
+    refused = _error(served.admin("POST", "/origins/import", raw=text.encode()), 400, "body")
+    assert [item["line"] for item in refused["refused"]] == [4, 5]
+    assert all(item["reason"] for item in refused["refused"])
+    assert served.admin("GET", "/origins?filter=imp1").json()["origins"] == []
+
+    partial = served.admin("POST", "/origins/import?partial=true", raw=text.encode())
+    assert partial.status == 200
+    assert partial.json()["added"] == 1 and len(partial.json()["refused"]) == 2
+    assert served.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
+
+    good = served.admin("POST", "/origins/import", raw=b"https://imp1.example.com\nhttps://imp3.example.com ttl=1d\n")
+    assert good.status == 200
+    assert good.json() == {"added": 1, "replaced": 1, "refused": [], "warnings": []}
+    # An origin the config declares is refused by name, not silently taken over.
+    clash = _error(served.admin("POST", "/origins/import", raw=f"{APP}\n".encode()), 400, "body")
+    assert clash["refused"][0]["origin"] == APP
+
+
+# -- explain, audit -----------------------------------------------------------------------------------------------
+
+
+def test_explain(served: Server) -> None:
+    allowed = served.admin("GET", f"/explain?origin={APP}&method=PUT&headers=content-type&path=/api").json()
+    assert allowed["allowed"] is True and allowed["kind"] == "preflight" and allowed["matched"] == APP
+    refused = served.admin("GET", f"/explain?origin={APP}&method=PATCH").json()
+    assert refused["allowed"] is False and refused["reason"] == "method_not_allowed" and "PATCH" in refused["fix"]
+    stranger = served.admin("GET", "/explain?origin=https://evil.example.net").json()
+    assert stranger["reason"] == "origin_not_allowed" and stranger["kind"] == "actual"
+    _error(served.admin("GET", "/explain"), 400, "origin")
+    _error(served.admin("GET", f"/explain?origin={APP}&path=api"), 400, "path")
+
+
+def test_audit_records_admin_writes_with_the_actor(served: Server) -> None:
+    key = "https://audited.example.com"
+    served.admin("PUT", origin_path(key), body={"note": "v1"})
+    served.admin("PUT", origin_path(key), body={"note": "v2"})
+    served.admin("DELETE", origin_path(key))
+    events = served.admin("GET", f"/audit?origin={key}").json()["events"]
+    assert [(e["action"], e["actor"]) for e in events] == [
+        ("add", "admin:admin"),
+        ("replace", "admin:admin"),
+        ("remove", "admin:admin"),
+    ]
+    assert events[1]["old"]["note"] == "v1" and events[1]["new"]["note"] == "v2" and events[2]["new"] is None
+    everything = served.admin("GET", "/audit?limit=1000").json()["events"]
+    sources = {e["actor"] for e in everything}
+    assert {"config", "file", "admin:admin"} <= sources
+    assert len(served.admin("GET", "/audit?limit=2").json()["events"]) == 2
+    _error(served.admin("GET", "/audit?limit=0"), 400, "limit")
+    _error(served.admin("GET", "/audit?origin=bad%20origin"), 400, "origin")
+    # The CLI shows the same trail, from the same store.
+    cli = run_cli("origins", "history", "--config", str(served.config_path), "--origin", key)
+    assert cli.returncode == 0 and cli.stdout.count("\n") == 3
+
+
+def test_unknown_paths_and_methods_are_json(served: Server) -> None:
+    not_found = _error(served.admin("GET", "/nothing-here"), 404)
+    assert "/nothing-here" in not_found["reason"]
+    not_allowed = served.admin("POST", "/healthz")
+    _error(not_allowed, 405)
+    assert "GET" in not_allowed.headers["Allow"]
+    _error(served.admin("PATCH", origin_path(APP), body={}), 405)
+
+
+def test_admin_is_not_on_the_proxied_port(served: Server) -> None:
+    response = served.proxy("GET", "/origins", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200
+    assert response.json()["raw_path"] == "/origins"  # the upstream's echo: every path there is the upstream's
+
+
+# -- token names, readiness failure, refusals at start ------------------------------------------------------------
+
+
+def test_named_tokens_and_readiness_reason(tmp_path: Path, upstream_thread: ThreadedUpstream) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# name:token\nalice:{TOKEN}\nbob:{OTHER_TOKEN}\n")
+    dead = free_port()
+    server = Server(
+        tmp_path,
+        dead,
+        workers=1,
+        env={"CORSPROXY_ADMIN_TOKEN": ""},
+        admin={"token_file": str(tokens)},
+        upstream={"url": f"http://127.0.0.1:{dead}"},
+    )
+    server.start()
+    try:
+        assert server.admin("PUT", origin_path("https://a.example.com"), token=TOKEN, body={}).status == 201
+        assert server.admin("DELETE", origin_path("https://a.example.com"), token=OTHER_TOKEN).status == 200
+        actors = [e["actor"] for e in server.admin("GET", "/audit?origin=https://a.example.com").json()["events"]]
+        assert actors == ["admin:alice", "admin:bob"]
+        ready = server.admin("GET", "/readyz", token=None)
+        assert ready.status == 503
+        assert f"127.0.0.1:{dead}" in ready.json()["reason"] and ready.json()["ready"] is False
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+def test_refuses_to_start_without_a_usable_token(tmp_path: Path) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("# nobody\n")
+    server = Server(
+        tmp_path, free_port(), workers=1, env={"CORSPROXY_ADMIN_TOKEN": ""}, admin={"token_file": str(empty)}
+    )
+    server.write_config()
+    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
+    assert result.returncode == 2 and "no token" in result.stderr
+
+    server.data["admin"] = {"listen": {"host": "0.0.0.0", "port": server.admin_port}}
+    server.write_config()
+    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
+    assert result.returncode == 2 and "not a loopback address" in result.stderr
+
+    empty.write_text("short\n")
+    server.data["admin"] = {"listen": {"host": "127.0.0.1", "port": server.admin_port}, "token_file": str(empty)}
+    server.write_config()
+    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
+    assert result.returncode == 2 and "shorter than 16" in result.stderr
