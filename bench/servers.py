@@ -1,0 +1,182 @@
+"""The processes the benchmark measures corsproxy against, each runnable on its own::
+
+    python bench/servers.py upstream   --port 9001          # the fast upstream: small JSON, 1 MiB, upload sink
+    python bench/servers.py bare204    --port 9002          # aiohttp Application + router, constant 204
+    python bench/servers.py lowlevel204 --port 9003         # aiohttp's low-level web.Server: no router, no app
+    python bench/servers.py rawproto204 --port 9004         # asyncio.Protocol writing precomputed bytes (the ceiling)
+    python bench/servers.py forwarder  --port 9005 --upstream http://127.0.0.1:9001   # minimal aiohttp forwarder
+
+``--uvloop`` runs any of them on uvloop. These are the floors an aiohttp design starts from; they implement no CORS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+SMALL_JSON = json.dumps({"id": 42, "name": "corsproxy benchmark", "tags": ["a", "b", "c"], "ok": True}).encode()
+ONE_MIB = b"x" * (1 << 20)
+CHUNK = 1 << 16
+
+#: RFC 9110 §7.6.1 hop-by-hop fields: the only headers the minimal forwarder drops.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"}
+)
+
+
+# -- the upstream ---------------------------------------------------------------------------------------------------
+
+
+async def small_json(request: web.Request) -> web.Response:
+    return web.Response(body=SMALL_JSON, content_type="application/json", headers={"X-Request-Id": "bench"})
+
+
+async def one_mib(request: web.Request) -> web.Response:
+    return web.Response(body=ONE_MIB, content_type="application/octet-stream")
+
+
+async def upload_sink(request: web.Request) -> web.Response:
+    """Read the whole body in chunks (never holding it), then say how many bytes arrived."""
+    received = 0
+    while chunk := await request.content.readany():  # whatever arrived, without re-chunking copies
+        received += len(chunk)
+    return web.json_response({"received": received})
+
+
+def upstream_app() -> web.Application:
+    app = web.Application(client_max_size=0)
+    app.router.add_get("/small.json", small_json)
+    app.router.add_get("/1m.bin", one_mib)
+    app.router.add_post("/upload", upload_sink)
+    return app
+
+
+# -- preflight floors -----------------------------------------------------------------------------------------------
+
+
+async def constant_204(request: web.BaseRequest) -> web.Response:
+    return web.Response(status=204)
+
+
+def bare204_app() -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", constant_204)
+    return app
+
+
+_RAW_204 = b"HTTP/1.1 204 No Content\r\nServer: raw\r\nConnection: keep-alive\r\n\r\n"
+
+
+class Raw204(asyncio.Protocol):
+    """Answers every request head with the same precomputed bytes: what Python + asyncio cost with no HTTP framework.
+    Only understands bodiless keep-alive requests — a measuring stick, not a server."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        count = buffer.count(b"\r\n\r\n")
+        if count:
+            assert self.transport is not None
+            self.transport.write(_RAW_204 * count)
+            buffer = buffer[buffer.rindex(b"\r\n\r\n") + 4 :]
+        self.buffer = buffer
+
+
+# -- the minimal forwarder ------------------------------------------------------------------------------------------
+
+_SESSION = web.AppKey("session", aiohttp.ClientSession)
+_BASE = web.AppKey("base", str)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Stream the request to the upstream and the answer back; drop hop-by-hop headers; nothing else."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    async with request.app[_SESSION].request(
+        request.method,
+        request.app[_BASE] + request.raw_path,
+        headers=headers,
+        data=request.content if request.body_exists else None,
+        allow_redirects=False,
+    ) as upstream:
+        response = web.StreamResponse(status=upstream.status)
+        for name, value in upstream.headers.items():
+            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                response.headers.add(name, value)
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+def forwarder_app(upstream: str) -> web.Application:
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        app[_SESSION] = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("User-Agent",))
+        yield
+        await app[_SESSION].close()
+
+    app = web.Application(client_max_size=0)
+    app[_BASE] = upstream.rstrip("/")
+    app.cleanup_ctx.append(session)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+# -- running ----------------------------------------------------------------------------------------------------------
+
+
+async def _serve_forever(kind: str, host: str, port: int, upstream: str) -> None:
+    loop = asyncio.get_running_loop()
+    if kind == "rawproto204":
+        server = await loop.create_server(Raw204, host, port)
+        async with server:
+            await server.serve_forever()
+        return
+    runner: web.BaseRunner
+    if kind == "lowlevel204":
+        runner = web.ServerRunner(web.Server(constant_204), access_log=None)
+    else:
+        apps = {"upstream": upstream_app, "bare204": bare204_app, "forwarder": lambda: forwarder_app(upstream)}
+        runner = web.AppRunner(apps[kind](), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, backlog=1024).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["upstream", "bare204", "lowlevel204", "rawproto204", "forwarder"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", default="http://127.0.0.1:9001", help="forwarder only")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install corsproxy[speed])")
+    args = parser.parse_args()
+    loop_factory = None
+    if args.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve_forever(args.kind, args.host, args.port, args.upstream))
+
+
+if __name__ == "__main__":
+    main()
