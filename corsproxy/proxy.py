@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -172,7 +173,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
         origins,
         headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
         headers.getall("Access-Control-Request-Headers", ()),
-        request.raw_path,
+        request_target(request),
         state.store,
         time.time(),
         private_network=headers.get("Access-Control-Request-Private-Network") == "true",
@@ -238,6 +239,14 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+def request_target(request: web.Request) -> str:
+    """The origin-form target (path and query) as received, byte for byte. An absolute-form target
+    (``GET http://host/path``, RFC 9112 §3.2.2) is reduced to its path and query, so that neither the route a policy
+    is chosen by nor the upstream can be picked by the client: the upstream comes from configuration only."""
+    raw = request.raw_path
+    return raw if raw.startswith("/") else request.rel_url.raw_path_qs
+
+
 def _oversized_head(request: web.Request, limit: int) -> tuple[int, str] | None:
     """The soft head-size limit (431 / 414). aiohttp's parser holds the hard ceiling at twice the limit; past that it
     answers 400 itself, or 431 with :class:`GuardedRequestHandler`."""
@@ -288,9 +297,11 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         return await _forward_websocket(request, state, decision, report_only)
     declared = request.content_length
     if limits.max_body_size and declared is not None and declared > limits.max_body_size:
-        return _error_response(413, f"request body over {limits.max_body_size} bytes", decision)
+        response = _error_response(413, f"request body over {limits.max_body_size} bytes", decision)
+        response.force_close()  # the unread body must not be parsed as the next request
+        return response
 
-    url = URL(state.upstream_base + request.raw_path, encoded=True)  # byte-for-byte path and query
+    url = URL(state.upstream_base + request_target(request), encoded=True)  # byte-for-byte path and query
     headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
     body = _RequestBody(request, limits.max_body_size) if request.body_exists else None
     started = time.monotonic()
@@ -402,7 +413,7 @@ async def _forward_websocket(
     ]
     headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state), True))
     max_size = config.limits.max_body_size
-    url = URL(state.upstream_base + request.raw_path, encoded=True)
+    url = URL(state.upstream_base + request_target(request), encoded=True)
     started = time.monotonic()
     try:
         upstream = await state.session.ws_connect(
@@ -546,7 +557,10 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued:
+            self._fail_body_on_parse_error(self._messages[-1][0])
         if not self._awaiting_head():
             self._disarm_head_timer()
         elif self._head_timer is None:
@@ -561,6 +575,17 @@ class GuardedRequestHandler(web.RequestHandler):
             response.force_close()
             return response
         return super().handle_error(request, status, exc, message)
+
+    def _fail_body_on_parse_error(self, message: Any) -> None:
+        """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
+        stream waiting forever. End that stream with the error, so the forwarder cuts the upstream request at once
+        instead of after ``upstream.read_timeout``."""
+        if isinstance(message, RawRequestMessage) or self._current_request is None:
+            return
+        content = self._current_request.content
+        if not content.is_eof():
+            error = getattr(message, "exc", None)
+            content.set_exception(error if isinstance(error, Exception) else BadHttpMessage("malformed body"))
 
     def _awaiting_head(self) -> bool:
         return not (self._request_in_progress or self._messages or self._upgraded)

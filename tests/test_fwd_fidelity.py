@@ -132,7 +132,7 @@ async def test_head_keeps_content_length_without_body(config_data: Callable[...,
             port, b"HEAD /x HTTP/1.1\r\nHost: p\r\n\r\nHEAD /y HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n"
         )
     assert answer.count(b"HTTP/1.1 200 OK") == 2
-    _, headers, body = split_response(answer.split(b"HTTP/1.1 200 OK")[1])
+    _, headers, _ = split_response(answer.split(b"HTTP/1.1 200 OK")[1])
     assert values(headers, "Content-Length") == ["1234"]
     assert [r.request_line for r in up.received] == ["HEAD /x HTTP/1.1", "HEAD /y HTTP/1.1"]
 
