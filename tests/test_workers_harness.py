@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -191,8 +192,7 @@ class Server:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"corsproxy exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            booted = len({line["pid"] for line in self.logs() if "corsproxy listening" in line.get("message", "")})
-            if booted < self.workers:
+            if len(self.booted_pids()) < self.workers:
                 return False
             try:
                 return self.admin("GET", "/healthz", token=None).status == 200
@@ -230,6 +230,12 @@ class Server:
                 except ValueError:
                     continue  # a line still being written
         return lines
+
+    def booted_pids(self) -> set[int]:
+        """Workers that logged their start (JSON or text format)."""
+        pids = {line["pid"] for line in self.logs() if "corsproxy listening" in line.get("message", "")}
+        pids.update(int(pid) for pid in re.findall(r"\[(\d+)\] corsproxy listening", self.log_text()))
+        return pids
 
     def request_logs(self) -> list[dict[str, Any]]:
         return [line for line in self.logs() if line.get("logger") == "corsproxy.request"]
