@@ -1,0 +1,171 @@
+"""Issue 4, streaming and memory: a large upload and download through a real ``corsproxy serve`` process, with the
+serving worker's RSS read from ``/proc`` during the transfer.
+
+The default size keeps the suite quick; ``CORSPROXY_SLOW=1`` runs the full 1 GiB of the issue. The bound is on
+memory, not on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+SIZE = (1 << 30) if os.environ.get("CORSPROXY_SLOW") == "1" else (256 << 20)
+RSS_GROWTH_BOUND = 64 << 20
+PIECE = bytes(range(256)) * 256  # 64 KiB, the same pattern tests/upstream.py's /download sends
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(child) for child in text]
+    return found
+
+
+class Sampler:
+    """Samples a process's RSS every 50 ms while a transfer runs; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = rss(pid)
+        self.peak = self.baseline
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss(self.pid))
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.peak = max(self.peak, rss(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+@pytest.fixture
+def proxy_process(
+    upstream: TestServer, config_data: Callable[..., dict[str, Any]], tmp_path: Path
+) -> Iterator[tuple[int, int]]:
+    """``python -m corsproxy serve`` with one worker; yields (listen port, worker pid)."""
+    port = free_port()
+    data = config_data(
+        listen={"host": "127.0.0.1", "port": port},
+        upstream={"url": f"http://127.0.0.1:{upstream.port}", "read_timeout": 60},
+        limits={"max_body_size": 0},
+    )
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "corsproxy", "serve", "--config", str(path), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+async def wait_ready(port: int, pid: int) -> int:
+    """Wait until the proxy answers; return the pid of the worker that serves."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/ready") as response:
+                    await response.read()
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("corsproxy serve did not come up")
+    workers = children(pid)
+    return workers[0] if workers else pid
+
+
+async def body(size: int) -> AsyncIterator[bytes]:
+    sent = 0
+    while sent < size:
+        piece = PIECE[: min(len(PIECE), size - sent)]
+        sent += len(piece)
+        yield piece
+
+
+def expected_digest(size: int) -> str:
+    digest = hashlib.sha256()
+    full, rest = divmod(size, len(PIECE))
+    for _ in range(full):
+        digest.update(PIECE)
+    digest.update(PIECE[:rest])
+    return digest.hexdigest()
+
+
+async def test_large_upload_streams_with_bounded_memory(proxy_process: tuple[int, int]) -> None:
+    port, pid = proxy_process
+    worker = await wait_ready(port, pid)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with Sampler(worker) as sampler:
+            async with session.post(f"http://127.0.0.1:{port}/upload", data=body(SIZE)) as response:
+                result = await response.json()
+    assert result == {"sha256": expected_digest(SIZE), "length": SIZE}
+    print(f"upload {SIZE >> 20} MiB: worker RSS {sampler.baseline >> 20} MiB -> peak {sampler.peak >> 20} MiB")
+    assert sampler.growth < RSS_GROWTH_BOUND
+
+
+async def test_large_download_streams_with_bounded_memory(proxy_process: tuple[int, int]) -> None:
+    port, pid = proxy_process
+    worker = await wait_ready(port, pid)
+    timeout = aiohttp.ClientTimeout(total=600)
+    digest = hashlib.sha256()
+    received = 0
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        with Sampler(worker) as sampler:
+            async with session.get(f"http://127.0.0.1:{port}/download?size={SIZE}") as response:
+                assert response.status == 200
+                async for chunk in response.content.iter_any():
+                    digest.update(chunk)
+                    received += len(chunk)
+    assert received == SIZE
+    assert digest.hexdigest() == expected_digest(SIZE)
+    print(f"download {SIZE >> 20} MiB: worker RSS {sampler.baseline >> 20} MiB -> peak {sampler.peak >> 20} MiB")
+    assert sampler.growth < RSS_GROWTH_BOUND
