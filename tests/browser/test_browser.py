@@ -103,6 +103,15 @@ async def test_credentials_include_sends_cookie_and_reads_response(tab: BrowserP
     assert echoed_header(anonymous, "Cookie") is None
 
 
+async def test_credentials_include_from_a_pattern_origin_is_readable(tab: BrowserPage, world: World) -> None:
+    # Cross-site this time (a.app.localhost -> 127.0.0.1): whether Chromium attaches the cookie is its third-party
+    # cookie policy's business (in these headless profiles it does not, see the README); what CORS owes the page is
+    # a readable answer to a credentialed request from an origin the pattern allows.
+    seen = await tab.fetch(world.named("a.app.localhost"), "/credentialed-cross-site", credentials="include")
+    assert seen.status == 200
+    assert echoed_header(seen, "Origin") == world.named("a.app.localhost")
+
+
 async def test_exposed_header_readable_unexposed_not(tab: BrowserPage, world: World) -> None:
     seen = await tab.fetch(world.allowed, "/expose")
     assert seen.status == 200
