@@ -297,9 +297,9 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         return await _forward_websocket(request, state, decision, report_only)
     declared = request.content_length
     if limits.max_body_size and declared is not None and declared > limits.max_body_size:
-        response = _error_response(413, f"request body over {limits.max_body_size} bytes", decision)
-        response.force_close()  # the unread body must not be parsed as the next request
-        return response
+        refusal = _error_response(413, f"request body over {limits.max_body_size} bytes", decision)
+        refusal.force_close()  # the unread body must not be parsed as the next request
+        return refusal
 
     url = URL(state.upstream_base + request_target(request), encoded=True)  # byte-for-byte path and query
     headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
