@@ -41,21 +41,18 @@ def _required() -> bool:
     return os.environ.get("CORSPROXY_REQUIRE_BROWSER", "") not in ("", "0")
 
 
-def unavailable(reason: str) -> NoReturn:
+def unavailable(reason: str, *, whole_module: bool = False) -> NoReturn:
     """Skip (locally) or fail (CI) with one line that says what is missing and how to get it."""
     if _required():
         pytest.fail(f"CORSPROXY_REQUIRE_BROWSER is set but {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=whole_module)
 
 
 def check_module() -> None:
     """Called at import of the browser test module: skip it whole, with one reason, when nothing can run."""
     reason = missing()
-    if reason is None:
-        return
-    if _required():
-        pytest.fail(f"CORSPROXY_REQUIRE_BROWSER is set but {reason}", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+    if reason is not None:
+        unavailable(reason, whole_module=True)
 
 
 def missing() -> str | None:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from corsproxy.decision import Kind, Reason
+from tests.browser.browsing import BrowserPage, Seen, World, fetch_in
 from tests.browser.chromium import check_module
-from tests.browser.conftest import BrowserPage, Seen, World, fetch_in
 from tests.browser.servers import SESSION_COOKIE
 
 check_module()  # no Chromium or no playwright: one skip line locally, a failure under CORSPROXY_REQUIRE_BROWSER=1
