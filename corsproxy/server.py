@@ -356,6 +356,12 @@ async def _worker_runtime(
 def serve(config: Config, workers: int) -> int:
     """Run the arbiter and ``workers`` workers until SIGTERM/SIGINT; the exit status (0 after a clean drain)."""
     check_admin_tokens(config)
+    # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
+    # (LMDB itself is opened only in the workers, after the fork: an environment must not cross a fork.)
+    store_dir = Path(config.store.path)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(store_dir, os.W_OK):
+        raise ConfigError([f"store.path: {store_dir} is not writable by uid {os.getuid()}"], config.source)
     owner = os.getpid()
     runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
     metrics_dir = os.environ.get(MULTIPROC_ENV)
