@@ -100,6 +100,11 @@ STATE = web.AppKey("state", ProxyState)
 DECISION = web.RequestKey("cors_decision", Decision)
 UPSTREAM_LATENCY = web.RequestKey("upstream_latency", float)
 UPSTREAM_ERROR = web.RequestKey("upstream_error", str)
+#: Defaults aiohttp fills in at prepare time that the upstream's response did not have (removed again, see below).
+_UPSTREAM_LACKS = web.RequestKey("upstream_lacks", frozenset)
+#: aiohttp gives every response a ``Content-Type`` (application/octet-stream) and a ``Server`` when none is set; a
+#: proxy must not invent them. ``Date`` stays: RFC 9110 §6.6.1 asks a forwarding recipient to add it.
+_ADDED_BY_AIOHTTP = ("Content-Type", "Server")
 _CONFIG = web.AppKey("config", Config)
 
 
@@ -338,6 +343,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             response.headers["Vary"] = merge_vary(vary_lines, _VARY_ORIGIN)
             for name, value in actual_headers(decision, upstream.headers.keys()):
                 response.headers.add(name, value)
+        request[_UPSTREAM_LACKS] = frozenset(name for name in _ADDED_BY_AIOHTTP if name not in upstream.headers)
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
             while True:
@@ -362,6 +368,12 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             upstream.release()
         else:
             upstream.close()  # the client left or the upstream broke: this connection must not go back to the pool
+
+
+async def _undo_invented_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` runs after aiohttp filled in its defaults and before the head is written."""
+    for name in request.get(_UPSTREAM_LACKS, ()):
+        response.headers.popall(name, None)
 
 
 def _upstream_failure(
@@ -666,5 +678,6 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(handler_args={**kwargs, "handler_cancellation": True})
     app[_CONFIG] = config
     app.cleanup_ctx.append(_lifetime)
+    app.on_response_prepare.append(_undo_invented_headers)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)
     return app

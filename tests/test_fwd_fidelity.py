@@ -107,6 +107,17 @@ async def test_response_head_and_body_come_back_untouched(config_data: Callable[
     assert up.received[0].values("Accept-Encoding") == ["gzip"]
 
 
+async def test_no_headers_are_invented_on_the_way_down(config_data: Callable[..., dict[str, Any]]) -> None:
+    """No Content-Type or Server the upstream did not send; Date is added (RFC 9110 §6.6.1), Vary carries Origin."""
+    upstream_reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with RawUpstream(reply(upstream_reply)) as up, running_proxy(proxy_config(config_data, up.port)) as port:
+        answer = await raw_exchange(port, b"GET /x HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    _, headers, body = split_response(answer)
+    assert sorted(name.lower() for name, _ in headers) == ["connection", "content-length", "date", "vary"]
+    assert values(headers, "Vary") == ["Origin"]
+    assert body == b"ok"
+
+
 @pytest.mark.parametrize("status", [204, 304])
 async def test_bodiless_statuses_stay_bodiless(config_data: Callable[..., dict[str, Any]], status: int) -> None:
     upstream_reply = f'HTTP/1.1 {status} X\r\nETag: "e"\r\n\r\n'.encode()
