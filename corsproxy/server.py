@@ -112,6 +112,14 @@ def check_admin_tokens(config: Config) -> None:
     admin = config.admin
     if admin.port is None:
         return
+    if admin.port == config.listen.port and admin.port != 0:
+        raise ConfigError(
+            [
+                f"admin.listen.port: {admin.port} is also listen.port; the admin API needs its own port (every path "
+                "on the proxied port belongs to the upstream)"
+            ],
+            config.source,
+        )
     try:
         tokens = load_tokens(admin)
     except (OSError, ValueError) as exc:

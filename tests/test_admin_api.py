@@ -270,7 +270,7 @@ def test_named_tokens_and_readiness_reason(tmp_path: Path, upstream_thread: Thre
         assert server.stop(signal.SIGTERM) == 0
 
 
-def test_refuses_to_start_without_a_usable_token(tmp_path: Path) -> None:
+def test_refuses_to_start_with_an_unusable_admin_setup(tmp_path: Path) -> None:
     empty = tmp_path / "tokens"
     empty.write_text("# nobody\n")
     server = Server(
@@ -290,3 +290,8 @@ def test_refuses_to_start_without_a_usable_token(tmp_path: Path) -> None:
     server.write_config()
     result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
     assert result.returncode == 2 and "shorter than 16" in result.stderr
+
+    server.data["admin"] = {"listen": {"host": "127.0.0.1", "port": server.port}}
+    server.write_config()
+    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
+    assert result.returncode == 2 and "needs its own port" in result.stderr
