@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDict
 from yarl import URL
@@ -584,6 +584,13 @@ class GuardedRequestHandler(web.RequestHandler):
         if isinstance(exc, LineTooLong):
             log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
             response = web.Response(status=431, text="request header fields too large\n")
+            response.force_close()
+            return response
+        if isinstance(exc, HttpProcessingError) and status == 400:
+            # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
+            detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+            log.info("malformed request from %s refused with 400: %s", request.remote, detail)
+            response = web.Response(status=400, text="malformed request\n")
             response.force_close()
             return response
         return super().handle_error(request, status, exc, message)
