@@ -86,7 +86,7 @@ def proxy_process(
     data = config_data(
         listen={"host": "127.0.0.1", "port": port},
         upstream={"url": f"http://127.0.0.1:{upstream.port}", "read_timeout": 60},
-        limits={"max_body_size": 0},
+        limits={"max_body_size": 0, "header_read_timeout": 1},
     )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -169,3 +169,14 @@ async def test_large_download_streams_with_bounded_memory(proxy_process: tuple[i
     assert digest.hexdigest() == expected_digest(SIZE)
     print(f"download {SIZE >> 20} MiB: worker RSS {sampler.baseline >> 20} MiB -> peak {sampler.peak >> 20} MiB")
     assert sampler.growth < RSS_GROWTH_BOUND
+
+
+async def test_served_process_cuts_slow_header_clients(proxy_process: tuple[int, int]) -> None:
+    """The header-read timeout is in force in ``corsproxy serve`` itself (server.py serves with ProxyRunner)."""
+    port, pid = proxy_process
+    await wait_ready(port, pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: p\r\n")  # never finishes its head
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 15) == b""  # closed by the proxy after ~1 s
+    writer.close()

@@ -156,6 +156,33 @@ async def test_max_upstream_connections_bounds_the_pool(config_data: Callable[..
     assert up.max_active == 2
 
 
+async def test_full_pool_waits_at_most_connect_timeout_then_504(config_data: Callable[..., dict[str, Any]]) -> None:
+    release = asyncio.Event()
+
+    async def held(connection: RawConnection) -> None:
+        while await connection.read_request() is not None:
+            await release.wait()
+            await connection.send(OK)
+
+    async with RawUpstream(held) as up:
+        data = config(config_data, up.port, connect_timeout=0.3)
+        data["limits"] = {"max_upstream_connections": 1}
+        async with running_proxy(data) as port, aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/x"
+            first = asyncio.create_task(session.get(url))
+            for _ in range(100):
+                if up.received:
+                    break
+                await asyncio.sleep(0.02)
+            async with session.get(url) as second:
+                assert second.status == 504  # no free pooled connection within connect_timeout
+            release.set()
+            response = await first
+            assert response.status == 200
+            response.release()
+    assert up.max_active == 1
+
+
 async def test_first_byte_reaches_client_before_upstream_finishes(
     config_data: Callable[..., dict[str, Any]],
 ) -> None:
