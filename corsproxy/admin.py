@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
@@ -36,6 +37,7 @@ from corsproxy.config import Admin, Config, ConfigError, load_config, parse_dura
 from corsproxy.explain import explain
 from corsproxy.origin import EntryError, parse_origin_entry
 from corsproxy.origin_lines import parse_entry, parse_lines
+from corsproxy.origins_file import applied as origins_file_applied
 from corsproxy.proxy import STATE, ProxyState
 from corsproxy.store import OriginRecord
 
@@ -394,6 +396,10 @@ async def readyz(request: web.Request) -> web.Response:
         entries = len(state.store)
     except Exception as exc:
         return web.json_response({"ready": False, "reason": f"origin store unreadable: {exc}"}, status=503)
+    watched = state.config.origins_file.path
+    if watched and not await asyncio.to_thread(origins_file_applied, watched, Path(state.config.store.path)):
+        reason = f"the origins file {watched} has not been applied yet (missing, or refused: see the log)"
+        return web.json_response({"ready": False, "reason": reason}, status=503)
     upstream = state.config.upstream
     timeout = min(upstream.connect_timeout, 2.0)
     try:

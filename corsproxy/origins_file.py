@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from corsproxy.config import PolicySafety
 from corsproxy.origin_lines import ParsedLines, parse_entry, parse_lines
 from corsproxy.store import OriginRecord, OriginStore
 
-__all__ = ["OriginsFileWatcher", "SyncResult", "parse_origins_file"]
+__all__ = ["OriginsFileWatcher", "SyncResult", "applied", "parse_origins_file"]
 
 log = logging.getLogger("corsproxy.origins_file")
 
@@ -86,6 +88,19 @@ def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]
         out.warnings.extend((number, w) for w in warnings)
         out.entries[entry.key] = entry
     return out
+
+
+def applied(path: str, store_dir: Path) -> bool:
+    """Whether some worker has put this origins file into the store at least once (readiness in fleet mode).
+
+    Until then a replica would answer with an origin set that is missing the fleet's list, so ``/readyz`` says no;
+    a file broken from the very first start therefore keeps a new replica out of the load balancer.
+    """
+    try:
+        record = json.loads((store_dir / "origins-file.applied").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("path") == str(Path(path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +203,7 @@ class OriginsFileWatcher:
                 result = SyncResult(True, tuple(changed), tuple(removed), tuple(skipped))
         if result.applied:
             self._digest = digest
+            self._write_marker(digest)
             for key in result.skipped:
                 log.warning(
                     "%s lists %s, which another source (config, cli or admin) owns: left as it is", self.path, key
@@ -212,6 +228,22 @@ class OriginsFileWatcher:
         if self.on_sync is not None:
             self.on_sync(result)
         return result
+
+    # -- the "applied" marker ------------------------------------------------------------------------------------
+
+    @property
+    def marker_path(self) -> Path:
+        return self.lock_path.with_name("origins-file.applied")
+
+    def _write_marker(self, digest: str) -> None:
+        """Record that this file's content is in the store, for every worker's ``/readyz`` (see :func:`applied`)."""
+        record = json.dumps({"path": str(self.path), "sha256": digest, "time": time.time()})
+        aside = self.marker_path.with_suffix(".tmp")
+        try:
+            aside.write_text(record)
+            os.replace(aside, self.marker_path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.marker_path, exc)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 

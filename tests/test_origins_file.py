@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.origins_file import OriginsFileWatcher, parse_origins_file
+from corsproxy.origins_file import OriginsFileWatcher, applied, parse_origins_file
 from corsproxy.store import OriginRecord, OriginStore
 from tests.conftest import BASE_CONFIG
-from tests.test_workers_harness import Server, origin_path, served, upstream_thread, wait_until
+from tests.test_workers_harness import (
+    Server,
+    ThreadedUpstream,
+    origin_path,
+    served,
+    upstream_thread,
+    wait_until,
+)
 
 __all__ = ["served", "upstream_thread"]
 
@@ -80,7 +87,9 @@ def test_watcher_reconciles_changes(tmp_path: Path, store: OriginStore) -> None:
     path.write_text("https://a.example.com\nhttps://b.example.com note=partner\n")
     store.put("https://cli.example.com", OriginRecord(source="cli"), "cli:ops")
     watcher = _watcher(path, store, tmp_path)
+    assert not applied(str(path), tmp_path)
     first = watcher.poll()
+    assert applied(str(path), tmp_path) and not applied(str(tmp_path / "other.txt"), tmp_path)
     assert (
         first is not None
         and first.applied
@@ -175,3 +184,17 @@ def test_served_file_changes_reach_every_worker(served: Server) -> None:
     # One watcher across the two workers: each change was applied once.
     applied = [line for line in served.logs() if "applied:" in line.get("message", "") and line["level"] == "info"]
     assert len({line["pid"] for line in applied}) == 1
+
+
+def test_not_ready_until_the_file_is_applied(tmp_path: Path, upstream_thread: ThreadedUpstream) -> None:
+    path = tmp_path / "origins.txt"
+    path.write_text("https://ok.example.com\nhttps://typo.example.com/\n")
+    server = Server(tmp_path, upstream_thread.port, workers=1, origins_file={"path": str(path), "poll_interval": 0.2})
+    server.start()
+    try:
+        ready = server.admin("GET", "/readyz", token=None)
+        assert ready.status == 503 and "has not been applied" in ready.json()["reason"]
+        _touch_new(path, "https://ok.example.com\n")
+        wait_until(lambda: server.admin("GET", "/readyz", token=None).status == 200, timeout=10, what="readiness")
+    finally:
+        assert server.stop() == 0
