@@ -1,13 +1,14 @@
 """Where a preflight's CPU time goes: a sampling profile of the live proxy under load, and micro-timings of its parts.
 
     python bench/profile_preflight.py              # 10 s of W1 under py-spy, plus micro-timings (10 and 100k origins)
-    python bench/profile_preflight.py --seconds 3 --size 10000
+    python bench/profile_preflight.py --seconds 3 --size 10000 --no-forward
 
 1. Starts ``python -m corsproxy serve`` (pinned to CPU 1) and the bare aiohttp 204 handler, drives each with wrk (CPU 0)
    and samples it with py-spy (``pip install py-spy``), then attributes every sample to a layer — aiohttp's protocol
    and parser, its router/app, Response construction and writing, corsproxy's shell, decision core, the LMDB lookup, the
    event loop — both *self* (innermost frame) and *inclusive* (a key function anywhere on the stack). Shares are turned
    into microseconds per preflight with the process's own CPU-seconds per request from the same run.
+   With ``--forward`` (the default) the same for a forwarded small GET (W3), against the minimal aiohttp forwarder.
 2. Times the request-path pieces in-process with ``timeit`` (no sockets): ``CorsEngine.decide`` (allowed / refused),
    ``OriginStore.find``, origin parsing, ``preflight_headers``, building the ``web.Response``.
 
@@ -36,9 +37,11 @@ from run import (
     REFUSED,
     Services,
     corsproxy_config,
+    extract_ref,
     free_port,
     import_origins,
     preflight,
+    serve_flags,
     store_origin,
 )
 
@@ -50,6 +53,8 @@ LAYERS = [
     ("corsproxy shell (proxy.py glue, header copying)", ("corsproxy/",)),
     ("aiohttp Response construction + header write", ("aiohttp/web_response.py", "aiohttp/http_writer.py",
                                                       "aiohttp/helpers.py", "multidict/")),
+    ("aiohttp client (upstream request + response)", ("aiohttp/client", "aiohttp/connector.py")),
+    ("yarl URL objects", ("yarl/",)),
     ("aiohttp app/router/middleware", ("aiohttp/web_app.py", "aiohttp/web_urldispatcher.py",
                                        "aiohttp/web_middlewares.py")),
     ("aiohttp protocol, parser, request object", ("aiohttp/web_protocol.py", "aiohttp/web_request.py",
@@ -106,14 +111,26 @@ def attribute(stacks: list[tuple[list[tuple[str, str]], int]]) -> tuple[Counter[
     return self_time, inclusive, total
 
 
+PREFLIGHT = Request("OPTIONS", "/api/items", preflight(ALLOWED), 0, 204)
+FORWARDED_GET = Request("GET", "/small.json", {"Origin": ALLOWED})
+
+
 def profile_live(
-    name: str, services: Services, argv: list[str], port: int, seconds: float, out: Path, wrk: str, scripts: Path
+    name: str,
+    services: Services,
+    argv: list[str],
+    port: int,
+    seconds: float,
+    out: Path,
+    wrk: str,
+    scripts: Path,
+    request: Request = PREFLIGHT,
 ) -> str:
+    what = "preflight" if request is PREFLIGHT else "forwarded GET"
     service = services.start(name, argv, port, 1, ready_timeout=300)
-    request = Request("OPTIONS", "/api/items", preflight(ALLOWED), 0, 204)
     run_wrk(wrk, f"http://127.0.0.1:{port}", request, duration=1, connections=32, script_dir=scripts,
             pin=services.taskset(0))  # warm-up  # fmt: skip
-    raw = out / f"pyspy-{name}.txt"
+    raw = out / f"pyspy-{name}-{what.replace(' ', '-')}.txt"
     # --subprocesses: a pre-fork ``corsproxy serve`` answers in its worker, not in the arbiter started here
     record = ["record", "-p", str(service.pid), "--subprocesses", "-d", str(int(seconds)), "-r", "200"]
     options = ["--nonblocking", "--full-filenames", "-f", "raw", "-o", str(raw)]
@@ -127,17 +144,17 @@ def profile_live(
     spy.wait(timeout=seconds + 60)
     us_per_request = cpu / load.requests * 1e6
     lines = [
-        f"#### {name}: {load.requests / load.duration:,.0f} preflights/s under py-spy (sampling at 200 Hz, "
-        f"non-blocking), {us_per_request:.1f} µs of proxy CPU per preflight",
+        f"#### {name}, {what}: {load.requests / load.duration:,.0f}/s under py-spy (200 Hz, non-blocking), "
+        f"{us_per_request:.1f} µs of its CPU per {what}",
     ]
     if not raw.exists():
         lines.append(f"(py-spy wrote nothing: {spy.stderr.read().decode()[-500:] if spy.stderr else ''})")
         return "\n".join(lines)
     self_time, inclusive, total = attribute(parse_raw(raw))
-    lines += ["", "| layer (self time, innermost frame) | share | µs per preflight |", "|---|---|---|"]
+    lines += ["", "| layer (self time, innermost frame) | share | µs per request |", "|---|---|---|"]
     for layer, count in self_time.most_common():
         lines.append(f"| {layer} | {count / total:.0%} | {us_per_request * count / total:.1f} |")
-    lines += ["", "| function on the stack (inclusive) | share | µs per preflight |", "|---|---|---|"]
+    lines += ["", "| function on the stack (inclusive) | share | µs per request |", "|---|---|---|"]
     for label, _func, _file in INCLUSIVE:
         count = inclusive.get(label, 0)
         if count:
@@ -213,6 +230,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load under py-spy per target")
     parser.add_argument("--size", type=int, default=100_000, help="store size for the second set of micro-timings")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out")
+    parser.add_argument(
+        "--forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also profile the forwarded GET (W3) against the minimal aiohttp forwarder",
+    )
+    parser.add_argument("--ref", help="profile this git commit of corsproxy instead of the working tree")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     wrk = ensure_wrk()
@@ -221,18 +245,30 @@ def main() -> int:
         work = Path(tmp)
         (work / "logs").mkdir()
         (work / "lua").mkdir()
-        services = Services(work / "logs", pin=len(os.sched_getaffinity(0)) >= 2)
+        lua = work / "lua"
+        env = extract_ref(args.ref, work) if args.ref else None
+        services = Services(work / "logs", pin=len(os.sched_getaffinity(0)) >= 2, env=env)
+        servers = [PYTHON, str(BENCH_DIR / "servers.py")]
         try:
+            upstream = free_port()
+            services.start("upstream", [*servers, "upstream", "--port", str(upstream)], upstream, 0)
             config = work / "corsproxy.yaml"
             port = free_port()
-            corsproxy_config(config, port, 9, work / "store.lmdb")  # preflights never reach the upstream
-            sections.append(profile_live("corsproxy", services, [PYTHON, "-m", "corsproxy", "serve", "--config",
-                                                                  str(config)], port, args.seconds, args.out, wrk,
-                                         work / "lua"))  # fmt: skip
-            port = free_port()
-            sections.append(profile_live("bare204", services, [PYTHON, str(BENCH_DIR / "servers.py"), "bare204",
-                                                                "--port", str(port)], port, args.seconds, args.out,
-                                         wrk, work / "lua"))  # fmt: skip
+            corsproxy_config(config, port, upstream, work / "store.lmdb")
+            cors = [PYTHON, "-m", "corsproxy", "serve", "--config", str(config), *serve_flags(services.env)]
+            runs = [
+                ("corsproxy", cors, port, PREFLIGHT),
+                ("bare204", [*servers, "bare204"], 0, PREFLIGHT),
+                ("corsproxy", cors, port, FORWARDED_GET),
+                ("forwarder", [*servers, "forwarder", "--upstream", f"http://127.0.0.1:{upstream}"], 0, FORWARDED_GET),
+            ]
+            for name, command, fixed_port, request in runs:
+                if request is FORWARDED_GET and not args.forward:
+                    continue
+                port = fixed_port or free_port()
+                argv = command if fixed_port else [*command, "--port", str(port)]
+                sections.append(profile_live(name, services, argv, port, args.seconds, args.out, wrk, lua, request))
+                services.stop(name)
         finally:
             services.stop_all()
         sections.append("\n".join(micro(config, "10 configured origins")))

@@ -104,6 +104,18 @@ class Service:
         return best
 
 
+def answered(port: int) -> None:
+    """One HTTP exchange (any status): a pre-fork server's arbiter accepts connections before its workers answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        conn.request("OPTIONS", "/")
+        conn.getresponse().read()
+    except http.client.HTTPException as exc:
+        raise OSError(str(exc)) from exc
+    finally:
+        conn.close()
+
+
 class Services:
     def __init__(self, log_dir: Path, pin: bool, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
@@ -128,14 +140,24 @@ class Services:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{name} exited with {popen.returncode} before listening:\n{tail}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
+                answered(port)
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} did not listen on port {port} within {ready_timeout:.0f} s") from None
                 time.sleep(0.05)
         service.ready_after = time.monotonic() - began
         return service
+
+    def stop(self, name: str) -> None:
+        for service in self.started:
+            if service.name == name and service.popen.poll() is None:
+                service.popen.send_signal(signal.SIGTERM)
+                try:
+                    service.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    service.popen.kill()
+                    service.popen.wait(timeout=5)
 
     def stop_all(self) -> None:
         for service in reversed(self.started):
