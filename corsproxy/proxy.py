@@ -2,7 +2,10 @@
 
 Owns the request handler, the forwarder and the lifetime of the resources a running proxy holds (the LMDB store and
 one pooled ``ClientSession``, via ``cleanup_ctx``). All CORS judgement is delegated to :mod:`corsproxy.decision`;
-this module turns requests into its arguments and decisions into headers.
+this module turns requests into its arguments and decisions into headers. What a message loses or gains on the way
+through is decided by the pure :mod:`corsproxy.forwarding`; this module applies it, streams bodies both ways under
+``limits``, relays WebSockets, maps upstream failures to 502/504, and adds the connection guards aiohttp lacks
+(:class:`GuardedRequestHandler`, served by :class:`ProxyRunner`).
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
         origins,
         headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
         headers.getall("Access-Control-Request-Headers", ()),
-        request_target(request),
+        _request_target(request),
         state.store,
         time.time(),
         private_network=headers.get("Access-Control-Request-Private-Network") == "true",
@@ -228,7 +231,7 @@ class _RequestBody:
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """Raised inside the upstream request's body iterator to cut it; answered as 413."""
 
 
 def _expects_continue(request: web.Request) -> bool:
@@ -244,7 +247,7 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def request_target(request: web.Request) -> str:
+def _request_target(request: web.Request) -> str:
     """The origin-form target (path and query) as received, byte for byte. An absolute-form target
     (``GET http://host/path``, RFC 9112 §3.2.2) is reduced to its path and query, so that neither the route a policy
     is chosen by nor the upstream can be picked by the client: the upstream comes from configuration only."""
@@ -306,7 +309,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         refusal.force_close()  # the unread body must not be parsed as the next request
         return refusal
 
-    url = URL(state.upstream_base + request_target(request), encoded=True)  # byte-for-byte path and query
+    url = URL(state.upstream_base + _request_target(request), encoded=True)  # byte-for-byte path and query
     headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
     body = _RequestBody(request, limits.max_body_size) if request.body_exists else None
     started = time.monotonic()
@@ -425,7 +428,7 @@ async def _forward_websocket(
     ]
     headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state), True))
     max_size = config.limits.max_body_size
-    url = URL(state.upstream_base + request_target(request), encoded=True)
+    url = URL(state.upstream_base + _request_target(request), encoded=True)
     started = time.monotonic()
     try:
         upstream = await state.session.ws_connect(
