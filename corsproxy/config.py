@@ -742,6 +742,11 @@ def parse_config(
     forwarding = _forwarding(data, p)
     limits = _limits(data, p)
     admin = _admin(data, p, env)
+    if admin.port is not None and admin.port == listen.port != 0:
+        p.error(
+            "admin.listen.port",
+            f"{admin.port} is also the proxied port; every path there belongs to the upstream — pick another port",
+        )
     logging_ = _logging(data, p)
     origins_file = _origins_file(data, p, base_dir)
 

@@ -108,6 +108,11 @@ REFUSED: dict[str, tuple[dict[str, Any], str, str]] = {
         "admin.listen.host",
         "CORSPROXY_ADMIN_TOKEN",
     ),
+    "admin on the proxied port": (
+        merge(BASE_CONFIG, {"listen": {"port": 8080}, "admin": {"listen": {"port": 8080}}}),
+        "admin.listen.port",
+        "also the proxied port",
+    ),
     "expiry without timezone": (
         _with_origins({"origin": "https://a.example.com", "expires": "2026-12-31T00:00:00"}),
         "cors.allow_origins[0].expires",
