@@ -28,6 +28,7 @@ from corsproxy.config import Config, Limits
 from corsproxy.decision import (
     CorsEngine,
     Decision,
+    DecisionCache,
     Kind,
     Mode,
     Reason,
@@ -43,7 +44,7 @@ from corsproxy.forwarding import (
     request_headers,
     response_headers,
 )
-from corsproxy.store import OriginRecord, OriginStore
+from corsproxy.store import OriginStore, reconcile_config
 
 __all__ = [
     "DECISION",
@@ -93,6 +94,14 @@ class ProxyState:
     session: aiohttp.ClientSession
     upstream_base: str  # scheme://host:port/base-path, no trailing slash
     observers: list[Observer] = field(default_factory=list)
+    _decisions: DecisionCache | None = None
+
+    def decider(self) -> DecisionCache:
+        """The decision cache of the current engine (a new, empty one after ``config`` was swapped)."""
+        cache = self._decisions
+        if cache is None or cache.engine is not self.config.engine:
+            cache = self._decisions = DecisionCache(self.config.engine)
+        return cache
 
     def observe(self, outcome: Outcome) -> None:
         for observer in self.observers:
@@ -101,6 +110,8 @@ class ProxyState:
 
 STATE = web.AppKey("state", ProxyState)
 DECISION = web.RequestKey("cors_decision", Decision)
+#: The decision's CORS headers when they do not depend on the response (from the decision cache).
+_CORS_HEADERS = web.RequestKey("cors_headers", tuple)
 UPSTREAM_LATENCY = web.RequestKey("upstream_latency", float)
 UPSTREAM_ERROR = web.RequestKey("upstream_error", str)
 #: Defaults aiohttp fills in at prepare time that the upstream's response did not have (removed again, see below).
@@ -113,11 +124,7 @@ _CONFIG = web.AppKey("config", Config)
 
 def reconcile_config_origins(store: OriginStore, config: Config) -> tuple[list[str], list[str], list[str]]:
     """Make the store's ``config``-owned entries exactly ``cors.allow_origins`` (issue 2: declarative part)."""
-    wanted = {
-        key: OriginRecord(policy=entry.policy, expires=entry.expires, source="config", note=entry.note)
-        for key, entry in config.origins.items()
-    }
-    return store.reconcile(wanted, source="config")
+    return reconcile_config(store, config.origins)
 
 
 def _text_response(status: int, text: str, headers: Iterable[tuple[str, str]]) -> web.Response:
@@ -132,8 +139,11 @@ def _error_response(status: int, text: str, decision: Decision) -> web.Response:
     return _text_response(status, text, [("Vary", "Origin"), *actual_headers(decision)])
 
 
-def preflight_response(engine: CorsEngine, decision: Decision) -> web.Response:
-    headers = preflight_headers(engine, decision)
+def preflight_response(
+    engine: CorsEngine, decision: Decision, headers: Iterable[tuple[str, str]] | None = None
+) -> web.Response:
+    if headers is None:
+        headers = preflight_headers(engine, decision)
     if decision.allowed:
         assert decision.policy is not None
         response = web.Response(status=decision.policy.preflight_status)
@@ -162,12 +172,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     client=request.remote or "",
                     decision=decision,
                     status=response.status if response is not None else 499,
-                    bytes_sent=response.body_length if response is not None else 0,
+                    bytes_sent=_bytes_sent(response),
                     duration=time.monotonic() - start,
                     upstream_latency=request.get(UPSTREAM_LATENCY),
                     upstream_error=request.get(UPSTREAM_ERROR),
                 )
             )
+
+
+def _bytes_sent(response: web.StreamResponse | None) -> int:
+    if response is None:
+        return 0
+    if isinstance(response, web.Response) and isinstance(response.body, bytes | bytearray):
+        return len(response.body)  # written after the handler returns, so body_length is still 0 here
+    return response.body_length
 
 
 async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -176,7 +194,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     method = request.method
     headers = request.headers
     origins = headers.getall("Origin", ())
-    decision = engine.decide(
+    decision, cors_headers = state.decider().decide(
         method,
         origins,
         headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
@@ -187,12 +205,15 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
         private_network=headers.get("Access-Control-Request-Private-Network") == "true",
     )
     request[DECISION] = decision
+    if cors_headers is not None:
+        request[_CORS_HEADERS] = cors_headers
     oversized = _oversized_head(request, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
     if decision.kind is Kind.PREFLIGHT and not report_only:
-        return preflight_response(engine, decision)  # never forwarded, even if the upstream would redirect
+        # never forwarded, even if the upstream would redirect
+        return preflight_response(engine, decision, cors_headers)
     if engine.blocks(decision, method) and not report_only:
         return _error_response(403, f"request refused: {decision.reason.value}", decision)
     return await forward(request, state, decision, report_only)
@@ -344,7 +365,10 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             _report(request, decision, upstream)
         else:
             response.headers["Vary"] = merge_vary(vary_lines, _VARY_ORIGIN)
-            for name, value in actual_headers(decision, upstream.headers.keys()):
+            cors_headers = request.get(_CORS_HEADERS)
+            if cors_headers is None:
+                cors_headers = actual_headers(decision, upstream.headers.keys())
+            for name, value in cors_headers:
                 response.headers.add(name, value)
         request[_UPSTREAM_LACKS] = frozenset(name for name in _ADDED_BY_AIOHTTP if name not in upstream.headers)
         await response.prepare(request)
@@ -520,8 +544,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
             timeout=_timeout(config),
         )
         upstream = config.upstream
-        host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
-        base = f"{upstream.scheme}://{host}:{upstream.port}{upstream.base_path}"
+        base = f"{upstream.scheme}://{upstream.host}:{upstream.port}{upstream.base_path}"  # IPv6 host is bracketed
         app[STATE] = ProxyState(config, store, session, base)
         scheme = "https" if config.listen.tls_cert else "http"
         log.info(

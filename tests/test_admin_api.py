@@ -294,4 +294,4 @@ def test_refuses_to_start_with_an_unusable_admin_setup(tmp_path: Path) -> None:
     server.data["admin"] = {"listen": {"host": "127.0.0.1", "port": server.port}}
     server.write_config()
     result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
-    assert result.returncode == 2 and "needs its own port" in result.stderr
+    assert result.returncode == 2 and "also the proxied port" in result.stderr

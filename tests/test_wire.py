@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -244,3 +245,26 @@ async def test_report_only_route(make_proxy: ProxyFactory, upstream: TestServer)
     assert legacy.status == 200  # forwarded to the upstream's echo
     assert enforced.status == 403
     assert len(upstream.app[RECEIVED]) == 1
+
+
+async def test_ipv6_upstream(config_data: Any, aiohttp_client: Any) -> None:
+    from aiohttp.test_utils import TestServer as Server
+
+    from corsproxy.config import parse_config
+    from corsproxy.proxy import create_app
+    from tests.upstream import make_upstream_app
+
+    server = Server(make_upstream_app(), host="::1")
+    try:
+        await server.start_server()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    try:
+        config = parse_config(config_data(upstream={"url": f"http://[::1]:{server.port}"}), env={})
+        client = await aiohttp_client(create_app(config))
+        response = await client.get("/v6", headers={"Origin": ALLOWED})
+        assert response.status == 200
+        body = await response.json()
+        assert ["Host", f"[::1]:{server.port}"] in body["headers"]
+    finally:
+        await server.close()
