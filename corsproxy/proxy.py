@@ -110,6 +110,8 @@ class ProxyState:
 
 STATE = web.AppKey("state", ProxyState)
 DECISION = web.RequestKey("cors_decision", Decision)
+#: Response body bytes relayed from the upstream (what the request log reports).
+_BODY_BYTES = web.RequestKey("body_bytes", int)
 #: The decision's CORS headers when they do not depend on the response (from the decision cache).
 _CORS_HEADERS = web.RequestKey("cors_headers", tuple)
 UPSTREAM_LATENCY = web.RequestKey("upstream_latency", float)
@@ -172,7 +174,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     client=request.remote or "",
                     decision=decision,
                     status=response.status if response is not None else 499,
-                    bytes_sent=_bytes_sent(response),
+                    bytes_sent=_bytes_sent(request, response),
                     duration=time.monotonic() - start,
                     upstream_latency=request.get(UPSTREAM_LATENCY),
                     upstream_error=request.get(UPSTREAM_ERROR),
@@ -180,12 +182,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             )
 
 
-def _bytes_sent(response: web.StreamResponse | None) -> int:
-    if response is None:
-        return 0
+def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> int:
+    """Body bytes of the answer (headers not counted), like nginx's ``$body_bytes_sent``."""
     if isinstance(response, web.Response) and isinstance(response.body, bytes | bytearray):
-        return len(response.body)  # written after the handler returns, so body_length is still 0 here
-    return response.body_length
+        return len(response.body)  # corsproxy's own answer, written after the handler returns
+    return int(request.get(_BODY_BYTES, 0))
 
 
 async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamResponse:
@@ -387,6 +388,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
                 if not chunk:
                     break
                 await response.write(chunk)  # waits for the client to drain: memory stays bounded
+                request[_BODY_BYTES] = request.get(_BODY_BYTES, 0) + len(chunk)
         await response.write_eof()
         completed = True
         return response

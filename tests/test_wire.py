@@ -268,3 +268,19 @@ async def test_ipv6_upstream(config_data: Any, aiohttp_client: Any) -> None:
         assert ["Host", f"[::1]:{server.port}"] in body["headers"]
     finally:
         await server.close()
+
+
+async def test_observers_see_every_request_with_its_true_size(make_proxy: ProxyFactory) -> None:
+    client = await make_proxy()
+    seen: list[Any] = []
+    client.server.app[STATE].observers.append(seen.append)
+    refused = await client.options("/x", headers=_preflight(REFUSED))
+    body = await refused.read()
+    await (await client.get("/cookies", headers={"Origin": ALLOWED})).read()
+    assert [(o.decision.kind.value, o.decision.reason.value, o.status) for o in seen] == [
+        ("preflight", "origin_not_allowed", 403),
+        ("actual", "allowed", 200),
+    ]
+    assert seen[0].bytes_sent == len(body) > 0
+    assert seen[1].bytes_sent == len(b"cookies")
+    assert seen[1].upstream_latency is not None and seen[0].upstream_latency is None
