@@ -427,7 +427,7 @@ async def run_demo(config: Config) -> None:
     port = upstream_runner.addresses[0][1]
     upstream = replace(config.upstream, url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, base_path="")
     config = replace(config, upstream=upstream)
-    proxy_runner = web.AppRunner(create_app(config), access_log=None)
+    proxy_runner = ProxyRunner(create_app(config), access_log=None)  # same limits as `serve`
     await proxy_runner.setup()
     await web.TCPSite(proxy_runner, config.listen.host, config.listen.port).start()
     base = f"http://{config.listen.host}:{config.listen.port}"
