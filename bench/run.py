@@ -16,6 +16,7 @@ that process — the number that means something on a shared machine. Raw result
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -191,7 +192,7 @@ def preflight(origin: str) -> dict[str, str]:
 
 def workloads(sizes: Sequence[int], nginx: bool, extras: bool, upload: int = UPLOAD_SIZE) -> list[Workload]:
     ng = ("nginx",) if nginx else ()
-    floors = ("bare204", *ng, *(("lowlevel204", "rawproto204", "bare204-uvloop") if extras else ()))
+    floors = ("bare204", *ng, *(("lowlevel204", "bare204-uvloop", "fastpreflight", "rawproto204") if extras else ()))
     forwarders = ("forwarder", *ng, "upstream")
     out = [
         Workload(
@@ -222,7 +223,7 @@ def workloads(sizes: Sequence[int], nginx: bool, extras: bool, upload: int = UPL
             "refused preflight",
             Request("OPTIONS", "/api/items", preflight(REFUSED), 0, 403),
             32,
-            ("corsproxy", "bare204", *ng),
+            ("corsproxy", "bare204", *ng, *(("fastpreflight",) if extras else ())),
             expect={"bare204": 204},
         ),
         Workload(
@@ -254,7 +255,7 @@ def check(port: int, workload: Workload, target: str) -> str:
         conn.close()
     if response.status != expected:
         return f"status {response.status}, expected {expected}"
-    if target.startswith(("corsproxy", "nginx")):
+    if target.startswith(("corsproxy", "nginx", "fastpreflight")):
         allow_origin = response.getheader("Access-Control-Allow-Origin")
         if expected < 400 and allow_origin != request.headers["Origin"]:
             return f"Access-Control-Allow-Origin {allow_origin!r}"
@@ -556,7 +557,7 @@ def target_table(items: list[Target], markdown: bool) -> str:
 # -- setup ----------------------------------------------------------------------------------------------------------
 
 
-def corsproxy_config(path: Path, port: int, upstream_port: int, store: Path) -> None:
+def corsproxy_config(path: Path, port: int, upstream_port: int, store: Path, log_level: str = "warning") -> None:
     """The generated config, as JSON (a YAML subset, so ``yaml.safe_load`` reads it without a YAML writer here)."""
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -570,7 +571,8 @@ def corsproxy_config(path: Path, port: int, upstream_port: int, store: Path) -> 
             "allow_credentials": True,
             "max_age": 600,
         },
-        "logging": {"level": "warning"},
+        # "warning" keeps the per-request log out of the measurement; --log-level info measures it too
+        "logging": {"level": log_level},
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -618,12 +620,10 @@ def versions(nginx: bool, ref: str | None) -> dict[str, str]:
     }
     if nginx:
         out["nginx"] = first_line([nginx_conf.NGINX, "-v"])
-    try:
-        import uvloop
+    from importlib.metadata import PackageNotFoundError, version
 
-        out["uvloop"] = uvloop.__version__
-    except ImportError:
-        pass
+    with contextlib.suppress(PackageNotFoundError):
+        out["uvloop"] = version("uvloop")
     return out
 
 
@@ -682,6 +682,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra W1 floors: aiohttp low-level server, raw asyncio protocol, uvloop (default: full)",
     )
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="raw results directory")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="corsproxy's logging.level (info: every request is logged; default: %(default)s)",
+    )
     parser.add_argument("--ref", help="benchmark this git commit/branch of corsproxy instead of the working tree")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, stores, logs)")
     return parser.parse_args(argv)
@@ -720,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": versions(have_nginx, args.ref),
         "upstream": "nginx (static files; /upload proxied to the aiohttp sink)" if nginx_upstream else "aiohttp",
         "pinning": "proxy/baseline on CPU 1; wrk + upstream on CPU 0" if pin else "none",
+        "corsproxy logging.level": args.log_level,
         "repeats": repeats,
         "duration_s": duration,
         "imports": {},
@@ -740,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts.mkdir()
         services = Services(logs, pin, extract_ref(args.ref, work) if args.ref else None)
         try:
-            svc = start_services(services, work, sizes, needed, nginx_upstream, have_nginx, extra)
+            svc = start_services(services, work, sizes, needed, nginx_upstream, have_nginx, extra, args.log_level)
             memory_before = {
                 name: asdict(procstat.memory(svc[name].main_pid())) for name in svc if name.startswith("cors")
             }
@@ -811,6 +818,7 @@ def start_services(
     nginx_upstream: bool,
     have_nginx: bool,
     extra: dict[str, Any],
+    log_level: str,
 ) -> dict[str, Service]:
     svc: dict[str, Service] = {}
     servers = [PYTHON, str(BENCH_DIR / "servers.py")]
@@ -844,7 +852,7 @@ def start_services(
             continue
         config = work / f"{name}.yaml"
         port = free_port()
-        corsproxy_config(config, port, upstream_port, work / f"{name}.lmdb")
+        corsproxy_config(config, port, upstream_port, work / f"{name}.lmdb", log_level)
         if n:
             print(f"importing {n:,} origins with `corsproxy origins import`", flush=True)
             seconds = import_origins(config, n, work, services.env)
@@ -861,6 +869,7 @@ def start_services(
         "lowlevel204": ["lowlevel204"],
         "rawproto204": ["rawproto204"],
         "bare204-uvloop": ["bare204", "--uvloop"],
+        "fastpreflight": ["fastpreflight", "--origins", ",".join(CONFIG_ORIGINS)],
         "forwarder": ["forwarder", "--upstream", f"http://127.0.0.1:{upstream_port}"],
     }
     for name, args in simple.items():
@@ -908,12 +917,14 @@ def report(
     markdown: bool,
 ) -> str:
     h = "### " if markdown else ""
+    li = "- " if markdown else ""
     parts = [
         f"{h}Run",
-        f"date: {extra['date']}; command: `{extra['command']}`; "
+        f"{li}date: {extra['date']}; command: `{extra['command']}`; "
         f"{extra['repeats']} repeat(s) x {extra['duration_s']:g} s; "
-        f"medians over repeats; upstream: {extra['upstream']}; pinning: {extra['pinning']}",
-        "versions: " + ", ".join(f"{k} {v}" for k, v in extra["versions"].items()),
+        f"medians over repeats; upstream: {extra['upstream']}; pinning: {extra['pinning']}; "
+        f"corsproxy logging.level: {extra['corsproxy logging.level']}",
+        f"{li}versions: " + ", ".join(f"{k} {v}" for k, v in extra["versions"].items()),
         "",
         f"{h}Results (medians; errors summed over repeats; RSS growth = peak during a run minus RSS before it, "
         "largest over repeats)",

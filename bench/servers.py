@@ -4,6 +4,8 @@
     python bench/servers.py bare204    --port 9002          # aiohttp Application + router, constant 204
     python bench/servers.py lowlevel204 --port 9003         # aiohttp's low-level web.Server: no router, no app
     python bench/servers.py rawproto204 --port 9004         # asyncio.Protocol writing precomputed bytes (the ceiling)
+    python bench/servers.py fastpreflight --port 9006 --origins https://a.example,https://b.example
+                                                            # aiohttp's C parser + cached response bytes (a prototype)
     python bench/servers.py forwarder  --port 9005 --upstream http://127.0.0.1:9001   # minimal aiohttp forwarder
 
 ``--uvloop`` runs any of them on uvloop. These are the floors an aiohttp design starts from; they implement no CORS.
@@ -14,11 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.utils
 import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 
 SMALL_JSON = json.dumps({"id": 42, "name": "corsproxy benchmark", "tags": ["a", "b", "c"], "ok": True}).encode()
 ONE_MIB = b"x" * (1 << 20)
@@ -95,6 +101,70 @@ class Raw204(asyncio.Protocol):
         self.buffer = buffer
 
 
+class FastPreflight(BaseProtocol):
+    """A prototype of answering preflights below aiohttp's request machinery: aiohttp's C parser, then one dict lookup
+    of the complete response bytes per (origin, request-method, request-headers), written straight to the transport.
+
+    It measures what corsproxy could cost per preflight with that design (RESULTS.md, recommendation 1); it is not a
+    CORS implementation — exact origins only, no validation of the method token or header names, no routes.
+    """
+
+    allowed: frozenset[str] = frozenset()
+    methods = "DELETE, GET, POST, PUT"
+    _answers: dict[tuple[str | None, ...], bytes] = {}  # noqa: RUF012 - one cache per process, cleared every second
+    _date = b""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.parser = HttpRequestParser(self, loop, 1 << 16, max_line_size=8190, max_field_size=8190)
+
+    @classmethod
+    def tick(cls, loop: asyncio.AbstractEventLoop) -> None:
+        """Responses carry a Date (RFC 9110 §6.6.1): cached answers live for one second, like aiohttp's date cache."""
+        cls._date = email.utils.formatdate(usegmt=True).encode()
+        cls._answers = {}
+        loop.call_later(1.0, cls.tick, loop)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages, _upgraded, _tail = self.parser.feed_data(data)
+        except HttpProcessingError:
+            assert self.transport is not None
+            self.transport.close()
+            return
+        if messages:
+            assert self.transport is not None
+            self.transport.write(b"".join(self.answer(message) for message, _payload in messages))
+
+    def answer(self, message: RawRequestMessage) -> bytes:
+        headers = message.headers
+        key = (
+            message.method,
+            headers.get("Origin"),
+            headers.get("Access-Control-Request-Method"),
+            headers.get("Access-Control-Request-Headers"),
+        )
+        found = self._answers.get(key)
+        if found is None:
+            found = self._answers[key] = self.build(*key)
+        return found
+
+    def build(self, method: str | None, origin: str | None, request_method: str | None, names: str | None) -> bytes:
+        lines = [b"Vary: Origin, Access-Control-Request-Method, Access-Control-Request-Headers"]
+        if method == "OPTIONS" and origin in self.allowed and request_method:
+            head = b"HTTP/1.1 204 No Content"
+            lines += [f"Access-Control-Allow-Origin: {origin}".encode(), b"Access-Control-Allow-Credentials: true",
+                      f"Access-Control-Allow-Methods: {self.methods}".encode()]  # fmt: skip
+            if names:
+                lines.append(f"Access-Control-Allow-Headers: {names.lower()}".encode())
+            lines.append(b"Access-Control-Max-Age: 600")  # and no Content-Length: a 204 has none (RFC 9110 §8.6)
+            body = b""
+        else:
+            head, body = b"HTTP/1.1 403 Forbidden", b"CORS preflight refused\n"
+            lines += [b"Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}".encode()]
+        return b"\r\n".join([head, b"Date: " + self._date, b"Server: fastpreflight", *lines, b"", body])
+
+
 # -- the minimal forwarder ------------------------------------------------------------------------------------------
 
 _SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -140,10 +210,14 @@ def forwarder_app(upstream: str) -> web.Application:
 # -- running ----------------------------------------------------------------------------------------------------------
 
 
-async def _serve_forever(kind: str, host: str, port: int, upstream: str) -> None:
+async def _serve_forever(kind: str, host: str, port: int, upstream: str, origins: list[str]) -> None:
     loop = asyncio.get_running_loop()
-    if kind == "rawproto204":
-        server = await loop.create_server(Raw204, host, port)
+    if kind in ("rawproto204", "fastpreflight"):
+        if kind == "fastpreflight":
+            FastPreflight.allowed = frozenset(origins)
+            FastPreflight.tick(loop)
+        factory = Raw204 if kind == "rawproto204" else lambda: FastPreflight(loop)
+        server = await loop.create_server(factory, host, port)
         async with server:
             await server.serve_forever()
         return
@@ -151,8 +225,10 @@ async def _serve_forever(kind: str, host: str, port: int, upstream: str) -> None
     if kind == "lowlevel204":
         runner = web.ServerRunner(web.Server(constant_204), access_log=None)
     else:
-        apps = {"upstream": upstream_app, "bare204": bare204_app, "forwarder": lambda: forwarder_app(upstream)}
-        runner = web.AppRunner(apps[kind](), access_log=None)
+        app = (
+            forwarder_app(upstream) if kind == "forwarder" else upstream_app() if kind == "upstream" else bare204_app()
+        )
+        runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=1024).start()
     try:
@@ -163,10 +239,12 @@ async def _serve_forever(kind: str, host: str, port: int, upstream: str) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["upstream", "bare204", "lowlevel204", "rawproto204", "forwarder"])
+    kinds = ["upstream", "bare204", "lowlevel204", "rawproto204", "fastpreflight", "forwarder"]
+    parser.add_argument("kind", choices=kinds)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", default="http://127.0.0.1:9001", help="forwarder only")
+    parser.add_argument("--origins", default="", help="fastpreflight only: allowed origins, comma-separated")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (pip install corsproxy[speed])")
     args = parser.parse_args()
     loop_factory = None
@@ -175,7 +253,7 @@ def main() -> None:
 
         loop_factory = uvloop.new_event_loop
     with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_serve_forever(args.kind, args.host, args.port, args.upstream))
+        runner.run(_serve_forever(args.kind, args.host, args.port, args.upstream, args.origins.split(",")))
 
 
 if __name__ == "__main__":
