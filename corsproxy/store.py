@@ -9,13 +9,16 @@ Record value layout, chosen so the request path never parses JSON::
 
     version (1 byte, =1) | expires (float64 LE, 0 = never) | policy length (1 byte) | policy (ASCII) | JSON metadata
 
-The audit database is keyed by a big-endian nanosecond timestamp, so iteration order is time order.
+The audit database is keyed by a big-endian nanosecond timestamp, so iteration order is time order. A third
+database indexes entries by owner (``source NUL origin``), so reconciling the config's or the origins file's entries
+touches only those, not every record of a million-entry store.
 
 Imports lmdb; must not import aiohttp.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -33,6 +36,7 @@ from corsproxy.decision import Found
 __all__ = ["AuditEvent", "OriginRecord", "OriginStore", "StoreError", "reconcile_config"]
 
 _VERSION = 1
+_json_str = json.encoder.encode_basestring_ascii
 _HEAD = struct.Struct("<BdB")
 _AUDIT_KEY = struct.Struct(">Q")
 _DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as needed
@@ -52,8 +56,9 @@ class OriginRecord:
 
     def encode(self) -> bytes:
         policy = self.policy.encode("ascii")
-        meta = json.dumps({"source": self.source, "added": self.added, "note": self.note}, separators=(",", ":"))
-        return _HEAD.pack(_VERSION, self.expires or 0.0, len(policy)) + policy + meta.encode("utf-8")
+        # Hand-assembled JSON (the C string escaper, no dict): this runs once per entry of a million-line import.
+        meta = f'{{"source":{_json_str(self.source)},"added":{self.added!r},"note":{_json_str(self.note)}}}'
+        return _HEAD.pack(_VERSION, self.expires or 0.0, len(policy)) + policy + meta.encode("ascii")
 
     @classmethod
     def decode(cls, value: bytes | memoryview) -> OriginRecord:
@@ -70,18 +75,34 @@ class OriginRecord:
         """Same effect on requests (metadata such as when it was added aside)."""
         return (self.policy, self.expires, self.note) == (other.policy, other.expires, other.note)
 
-    def as_json(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
+        """The record as stored in the audit trail (times as Unix floats; :func:`_readable` formats them)."""
         return {
             "policy": self.policy,
-            "expires": _iso(self.expires) if self.expires else None,
+            "expires": self.expires,
             "source": self.source,
-            "added": _iso(self.added),
+            "added": self.added,
             "note": self.note,
         }
+
+    def as_json(self) -> dict[str, Any]:
+        out = _readable(self.fields())
+        assert out is not None
+        return out
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _readable(fields: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fields is None:
+        return None
+    out = dict(fields)
+    for name in ("expires", "added"):
+        if isinstance(out.get(name), int | float):
+            out[name] = _iso(out[name])
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +120,8 @@ class AuditEvent:
             "action": self.action,
             "origin": self.origin,
             "actor": self.actor,
-            "old": self.old,
-            "new": self.new,
+            "old": _readable(self.old),
+            "new": _readable(self.new),
         }
 
 
@@ -125,12 +146,26 @@ class OriginStore:
                 max_dbs=4,
                 readonly=readonly,
                 readahead=False,  # random B-tree reads: read-ahead only evicts useful pages
+                writemap=not readonly,
                 max_readers=1024,
             )
             self._origins = self._env.open_db(b"origins", create=not readonly)
             self._audit = self._env.open_db(b"audit", create=not readonly)
+            self._owners = self._env.open_db(b"by_source", create=not readonly)
+            if not readonly:
+                self._index_owners()
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open the origin store at {self.path}: {exc}") from exc
+
+    def _index_owners(self) -> None:
+        """Build the owner index of a store written before it existed (once; a no-op afterwards)."""
+        with self._env.begin() as txn:
+            if txn.stat(self._owners)["entries"] or not txn.stat(self._origins)["entries"]:
+                return
+        with self._env.begin(write=True) as txn:
+            for raw_key, value in txn.cursor(db=self._origins):
+                source = OriginRecord.decode(value).source
+                txn.put(_owner_key(source, bytes(raw_key)), b"", db=self._owners)
 
     def close(self) -> None:
         self._env.close()
@@ -217,16 +252,15 @@ class OriginStore:
     def put(self, key: str, record: OriginRecord, actor: str) -> bool:
         """Add or replace one entry; ``True`` when it was new."""
         with self._env.begin(write=True) as txn:
-            return self._put(txn, key, record, actor, time.time_ns())
+            return self._put(txn, key, record, actor, self._stamps(txn))
 
     def put_many(self, items: Iterable[tuple[str, OriginRecord]], actor: str) -> tuple[int, int]:
         """Add or replace many entries in one transaction: all or nothing. Returns (added, replaced)."""
         added = replaced = 0
         with self._env.begin(write=True) as txn:
-            stamp = time.time_ns()
+            stamps = self._stamps(txn)
             for key, record in items:
-                stamp += 1
-                if self._put(txn, key, record, actor, stamp):
+                if self._put(txn, key, record, actor, stamps):
                     added += 1
                 else:
                     replaced += 1
@@ -234,7 +268,7 @@ class OriginStore:
 
     def remove(self, key: str, actor: str, action: str = "remove") -> OriginRecord | None:
         with self._env.begin(write=True) as txn:
-            return self._remove(txn, key, actor, time.time_ns(), action)
+            return self._remove(txn, key, actor, self._stamps(txn), action)
 
     def prune_expired(self, now: float, actor: str) -> list[str]:
         """Remove expired entries (their lookups already fail); each removal is audited as ``expire``."""
@@ -242,9 +276,9 @@ class OriginStore:
             stale = [
                 bytes(k).decode() for k, v in txn.cursor(db=self._origins) if OriginRecord.decode(v).is_expired(now)
             ]
-            stamp = time.time_ns()
-            for offset, key in enumerate(stale):
-                self._remove(txn, key, actor, stamp + offset, "expire")
+            stamps = self._stamps(txn)
+            for key in stale:
+                self._remove(txn, key, actor, stamps, "expire")
         return stale
 
     def reconcile(
@@ -254,21 +288,26 @@ class OriginStore:
 
         Entries owned by another source are left alone (a CLI addition survives a config change); a wanted key that
         another source already owns is skipped and reported in the third list. Returns (added/changed, removed,
-        skipped).
+        skipped). Only ``source``'s own entries are read (the owner index), whatever the size of the store.
         """
         changed: list[str] = []
         removed: list[str] = []
         skipped: list[str] = []
         actor = actor or source
         with self._env.begin(write=True) as txn:
-            stamp = time.time_ns()
-            for raw_key, value in txn.cursor(db=self._origins):
-                key = bytes(raw_key).decode()
-                if key not in wanted and OriginRecord.decode(value).source == source:
-                    removed.append(key)
+            stamps = self._stamps(txn)
+            prefix = _owner_key(source, b"")
+            cursor = txn.cursor(db=self._owners)
+            if cursor.set_range(prefix):
+                for raw_owner_key in cursor.iternext(values=False):
+                    owner_key = bytes(raw_owner_key)
+                    if not owner_key.startswith(prefix):
+                        break
+                    key = owner_key[len(prefix) :].decode()
+                    if key not in wanted:
+                        removed.append(key)
             for key in removed:
-                stamp += 1
-                self._remove(txn, key, actor, stamp, "remove")
+                self._remove(txn, key, actor, stamps, "remove")
             for key, record in wanted.items():
                 stored = txn.get(key.encode(), db=self._origins)
                 current = None if stored is None else OriginRecord.decode(stored)
@@ -277,36 +316,51 @@ class OriginStore:
                     continue
                 if current is not None and current.same_rule(record):
                     continue
-                stamp += 1
-                self._put(txn, key, replace(record, source=source), actor, stamp)
+                owned = record if record.source == source else replace(record, source=source)
+                self._put(txn, key, owned, actor, stamps)
                 changed.append(key)
         return changed, removed, skipped
 
-    def _put(self, txn: lmdb.Transaction, key: str, record: OriginRecord, actor: str, stamp: int) -> bool:
+    def _stamps(self, txn: lmdb.Transaction) -> Iterator[int]:
+        """Audit keys for one write transaction: nanosecond times, strictly increasing and unique across processes
+        (LMDB serialises writers, so reading the newest key once per transaction is enough)."""
+        cursor = txn.cursor(db=self._audit)
+        newest = _AUDIT_KEY.unpack(bytes(cursor.key()))[0] if cursor.last() else 0
+        return itertools.count(max(time.time_ns(), newest + 1))
+
+    def _put(self, txn: lmdb.Transaction, key: str, record: OriginRecord, actor: str, stamps: Iterator[int]) -> bool:
         raw = key.encode()
+        stamp = next(stamps)
         old = txn.get(raw, db=self._origins)
         old_record = None if old is None else OriginRecord.decode(old)
         if record.added == 0.0:
-            record = replace(record, added=old_record.added if old_record else stamp / 1e9)
+            added = old_record.added if old_record else stamp / 1e9
+            record = OriginRecord(record.policy, record.expires, record.source, added, record.note)
         txn.put(raw, record.encode(), db=self._origins)
+        if old_record is not None and old_record.source != record.source:
+            txn.delete(_owner_key(old_record.source, raw), db=self._owners)
+        txn.put(_owner_key(record.source, raw), b"", db=self._owners)
         self._audit_event(
             txn,
             stamp,
             "add" if old_record is None else "replace",
             key,
             actor,
-            old_record.as_json() if old_record else None,
-            record.as_json(),
+            old_record.fields() if old_record else None,
+            record.fields(),
         )
         return old_record is None
 
-    def _remove(self, txn: lmdb.Transaction, key: str, actor: str, stamp: int, action: str) -> OriginRecord | None:
+    def _remove(
+        self, txn: lmdb.Transaction, key: str, actor: str, stamps: Iterator[int], action: str
+    ) -> OriginRecord | None:
         raw = key.encode()
         old = txn.pop(raw, db=self._origins)
         if old is None:
             return None
         record = OriginRecord.decode(old)
-        self._audit_event(txn, stamp, action, key, actor, record.as_json(), None)
+        txn.delete(_owner_key(record.source, raw), db=self._owners)
+        self._audit_event(txn, next(stamps), action, key, actor, record.fields(), None)
         return record
 
     def _audit_event(
@@ -319,13 +373,12 @@ class OriginStore:
         old: dict[str, Any] | None,
         new: dict[str, Any] | None,
     ) -> None:
-        # Keys must be unique even when two processes write in the same nanosecond: step past the newest key.
-        cursor = txn.cursor(db=self._audit)
-        if cursor.last():
-            (newest,) = _AUDIT_KEY.unpack(bytes(cursor.key()))
-            stamp = max(stamp, newest + 1)
         event = {"time": stamp / 1e9, "action": action, "origin": key, "actor": actor, "old": old, "new": new}
         txn.put(_AUDIT_KEY.pack(stamp), json.dumps(event, separators=(",", ":")).encode(), db=self._audit)
+
+
+def _owner_key(source: str, raw_key: bytes) -> bytes:
+    return source.encode() + b"\0" + raw_key
 
 
 def reconcile_config(

@@ -145,3 +145,27 @@ def test_killed_writer_loses_nothing_committed(tmp_path: Path) -> None:
         assert len(keys) == 1000
         assert all(k.startswith("https://keep") for k in keys)
         assert s.get("https://keep999.example.com") is not None
+
+
+def test_owner_index_follows_ownership_and_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with OriginStore(path) as s:
+        s.put("https://a.example.com", OriginRecord(source="cli"), "cli")
+        # the config takes over nothing another source owns; a source change by put moves the index entry
+        s.put("https://b.example.com", OriginRecord(source="file"), "file")
+        s.put("https://b.example.com", OriginRecord(source="config"), "config")
+        assert s.reconcile({}, source="file") == ([], [], [])
+        assert s.reconcile({}, source="config") == ([], ["https://b.example.com"], [])
+        # a store written before the index existed: drop the index, reopen, it is rebuilt
+        with s._env.begin(write=True) as txn:
+            txn.drop(s._owners, delete=False)
+    with OriginStore(path) as s:
+        assert s.reconcile({}, source="cli") == ([], ["https://a.example.com"], [])
+        assert len(s) == 0
+
+
+def test_audit_times_are_readable(store: OriginStore) -> None:
+    store.put("https://a.example.com", OriginRecord(expires=1_900_000_000.0), "t")
+    event = store.history()[0].as_json()
+    assert event["new"]["expires"] == "2030-03-17T17:46:40Z"
+    assert event["time"].endswith("Z")
