@@ -861,7 +861,7 @@ def start_services(
         argv = [PYTHON, "-m", "corsproxy", "serve", "--config", str(config), *flags]
         svc[name] = services.start(name, argv, port, 1, ready_timeout=300)
         extra["startup_s"][name] = svc[name].ready_after
-        print(f"  {name} listening after {svc[name].ready_after:.1f} s", flush=True)
+        print(f"  {name} answering after {svc[name].ready_after:.1f} s", flush=True)
 
     # Baselines, on CPU 1 like corsproxy.
     simple = {
@@ -941,7 +941,7 @@ def report(
     for n, seconds in extra["imports"].items():
         parts.append(f"- import of {int(n):,} origins (`corsproxy origins import`): {seconds:.1f} s")
     for name, seconds in extra["startup_s"].items():
-        parts.append(f"- {name}: listening {seconds:.1f} s after start")
+        parts.append(f"- {name}: answering its first request {seconds:.1f} s after start")
     memory = extra.get("memory", {})
     for name, m in memory.get("after_load", {}).items():
         parts.append(
