@@ -16,7 +16,7 @@ from aiohttp import web
 
 from corsproxy.config import parse_config
 from corsproxy.decision import Decision, Kind
-from corsproxy.proxy import STATE, Outcome, create_app
+from corsproxy.proxy import STATE, Outcome, ProxyRunner, create_app
 from tests.upstream import RECEIVED, echo, status, upstream_cors
 
 #: The cookie the upstream sets through the proxy. HttpOnly: the page's script can only learn it was *sent* from the
@@ -100,8 +100,9 @@ class Servers:
 
     runners: list[web.AppRunner] = field(default_factory=list)
 
-    async def serve(self, app: web.Application, *socks: socket.socket) -> web.AppRunner:
-        runner = web.AppRunner(app, handle_signals=False)
+    async def serve(self, app: web.Application, *socks: socket.socket, proxy: bool = False) -> web.AppRunner:
+        # The proxy is served as `corsproxy serve` serves it: ProxyRunner, so preflights take the fast path.
+        runner = ProxyRunner(app, handle_signals=False) if proxy else web.AppRunner(app, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
         for sock in socks:
@@ -135,7 +136,7 @@ async def start_proxy(servers: Servers, data: dict[str, Any], store: Path) -> tu
     config = parse_config({**data, "store": {"path": str(store)}}, env={})  # env={}: ignore the developer's CORSPROXY_*
     app = create_app(config)
     sock = bound_socket()
-    await servers.serve(app, sock)
+    await servers.serve(app, sock, proxy=True)
     log = ProxyLog()
     app[STATE].observers.append(log)
     return port_of(sock), log

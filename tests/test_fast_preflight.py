@@ -1,0 +1,136 @@
+"""The preflight fast path (PreflightResponder) must answer exactly like the ordinary handler: same status, same
+headers (aiohttp's own ``Server`` and the ``Date`` value aside), same body — for every case of the decision table —
+and keep HTTP/1.1 semantics: pipelined requests answered in order, keep-alive kept, observers told."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from corsproxy.config import parse_config
+from corsproxy.proxy import STATE, Outcome, ProxyRunner, create_app
+from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
+
+Runner = Callable[..., Any]
+
+
+@pytest.fixture
+async def proxies(tmp_path: Path) -> AsyncIterator[tuple[int, int, list[Outcome]]]:
+    """The same config served twice: with the fast path (as `serve` does) and without it."""
+    runners: list[web.AppRunner] = []
+    ports: list[int] = []
+    seen: list[Outcome] = []
+    for fast in (True, False):
+        data = {**CONFIG, "store": {"path": str(tmp_path / f"db-{fast}")}, "debug_reason_header": True}
+        app = create_app(parse_config(data, env={}))
+        runner = ProxyRunner(app, fast_preflights=fast, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(runner.addresses[0][1])
+        if fast:
+            app[STATE].observers.append(seen.append)
+    try:
+        yield ports[0], ports[1], seen
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _exchange(port: int, payload: bytes, responses: int = 1) -> list[tuple[bytes, dict[str, str], bytes]]:
+    """Send raw bytes on one connection; read ``responses`` complete responses (status line, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        out = []
+        for _ in range(responses):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            status, *lines = head.decode("latin-1").split("\r\n")[:-2]
+            headers: dict[str, str] = {}
+            for line in lines:
+                name, _, value = line.partition(": ")
+                assert name.lower() not in {k.lower() for k in headers}, f"{name} twice"
+                headers[name] = value
+            length = int(headers.get("Content-Length", "0"))
+            body = await asyncio.wait_for(reader.readexactly(length), 5) if length else b""
+            out.append((status.encode(), headers, body))
+        return out
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _request(case: Preflight) -> bytes:
+    lines = [f"OPTIONS {case.path} HTTP/1.1", "Host: api.example.com"]
+    lines += [f"Origin: {o}" for o in case.origin]
+    lines += [f"Access-Control-Request-Method: {m}" for m in case.method]
+    lines += [f"Access-Control-Request-Headers: {h}" for h in case.headers]
+    if case.private_network:
+        lines.append("Access-Control-Request-Private-Network: true")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _comparable(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k not in ("Date", "Server")}
+
+
+@pytest.mark.parametrize("case", [c for c, _, _ in PREFLIGHTS.values()], ids=PREFLIGHTS.keys())
+async def test_fast_path_answers_like_the_handler(proxies: tuple[int, int, list[Outcome]], case: Preflight) -> None:
+    fast_port, plain_port, seen = proxies
+    ((fast_status, fast_headers, fast_body),) = await _exchange(fast_port, _request(case))
+    ((plain_status, plain_headers, plain_body),) = await _exchange(plain_port, _request(case))
+    assert fast_status == plain_status
+    assert _comparable(fast_headers) == _comparable(plain_headers)
+    assert fast_body == plain_body
+    assert "Date" in fast_headers
+    assert "Server" not in fast_headers and "Server" in plain_headers  # the fast path answered, not aiohttp
+    assert len(seen) == 1 and seen[0].status == int(fast_status.split()[1])  # observers see fast answers too
+
+
+async def test_pipelined_requests_are_answered_in_order(proxies: tuple[int, int, list[Outcome]]) -> None:
+    fast_port, _, seen = proxies
+    preflight = _request(Preflight(["https://app.example.com"], ["PUT"]))
+    refused = _request(Preflight(["https://evil.example.net"], ["PUT"]))
+    plain_get = b"GET /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\n\r\n"  # upstream is down: 502
+    answers = await _exchange(fast_port, preflight + plain_get + refused + preflight, responses=4)
+    assert [status.split()[1] for status, _, _ in answers] == [b"204", b"502", b"403", b"204"]
+    assert answers[1][1]["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+async def test_keep_alive_survives_fast_answers(tmp_path: Path) -> None:
+    """The header-read timer must not treat an answered, idle keep-alive connection as a slow head."""
+    data = {**CONFIG, "store": {"path": str(tmp_path / "db")}, "limits": {"header_read_timeout": 0.3}}
+    runner = ProxyRunner(create_app(parse_config(data, env={})), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        request = _request(Preflight(["https://app.example.com"], ["PUT"]))
+        for _ in range(3):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 204")
+            await asyncio.sleep(0.5)  # longer than header_read_timeout, shorter than idle_timeout
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await runner.cleanup()
+
+
+async def test_unusual_preflights_take_the_ordinary_path(proxies: tuple[int, int, list[Outcome]]) -> None:
+    fast_port, _, _ = proxies
+    http10 = b"OPTIONS /x HTTP/1.0\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\n\r\n"
+    ((status, headers, _),) = await _exchange(fast_port, http10)
+    assert status.startswith(b"HTTP/1.0 204") and "Server" in headers  # aiohttp answered it
+    close = _request(Preflight(["https://app.example.com"], ["PUT"])).replace(
+        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"
+    )
+    ((status, headers, _),) = await _exchange(fast_port, close)
+    assert status.startswith(b"HTTP/1.1 204") and headers.get("Connection") == "close"
