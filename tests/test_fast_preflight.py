@@ -95,7 +95,7 @@ async def test_fast_path_answers_like_the_handler(proxies: tuple[int, int, list[
 
 
 async def test_pipelined_requests_are_answered_in_order(proxies: tuple[int, int, list[Outcome]]) -> None:
-    fast_port, _, seen = proxies
+    fast_port, _, _ = proxies
     preflight = _request(Preflight(["https://app.example.com"], ["PUT"]))
     refused = _request(Preflight(["https://evil.example.net"], ["PUT"]))
     plain_get = b"GET /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example.com\r\n\r\n"  # upstream is down: 502
