@@ -11,6 +11,7 @@ through is decided by the pure :mod:`corsproxy.forwarding`; this module applies 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,7 +27,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict
 from yarl import URL
 
-from corsproxy.config import Config, Limits
+from corsproxy.config import Config, Limits, Upstream
 from corsproxy.decision import (
     CorsEngine,
     Decision,
@@ -308,14 +309,15 @@ def _received_headers(request: web.Request) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers]
 
 
-def _timeout(config: Config) -> aiohttp.ClientTimeout:
+@functools.lru_cache(maxsize=4)
+def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
     # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
     # turns into a 504 after connect_timeout instead of an unbounded queue.
     return aiohttp.ClientTimeout(
         total=None,
-        connect=config.upstream.connect_timeout,
-        sock_connect=config.upstream.connect_timeout,
-        sock_read=config.upstream.read_timeout,
+        connect=upstream.connect_timeout,
+        sock_connect=upstream.connect_timeout,
+        sock_read=upstream.read_timeout,
     )
 
 
@@ -345,7 +347,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             headers=headers,
             data=body.chunks() if body is not None else None,
             allow_redirects=False,
-            timeout=_timeout(config),
+            timeout=_timeout(config.upstream),
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
         return _upstream_failure(request, decision, exc, body)
@@ -377,6 +379,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         request[_UPSTREAM_LACKS] = frozenset(name for name in _ADDED_BY_AIOHTTP if name not in upstream.headers)
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
+            relayed = 0
             while True:
                 try:
                     chunk = await upstream.content.readany()
@@ -384,6 +387,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
                     # Headers are already sent: the only honest signal left is to cut the connection, so that the
                     # client sees an aborted response instead of a silently truncated "complete" one.
                     request[UPSTREAM_ERROR] = "disconnect"
+                    request[_BODY_BYTES] = relayed
                     log.warning("upstream failed mid-response: %s %s: %r", request.method, request.raw_path, exc)
                     if request.transport is not None:
                         request.transport.abort()
@@ -391,7 +395,8 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
                 if not chunk:
                     break
                 await response.write(chunk)  # waits for the client to drain: memory stays bounded
-                request[_BODY_BYTES] = request.get(_BODY_BYTES, 0) + len(chunk)
+                relayed += len(chunk)
+            request[_BODY_BYTES] = relayed
         await response.write_eof()
         completed = True
         return response
@@ -546,7 +551,9 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
             auto_decompress=False,  # bytes through untouched; Content-Length stays true
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one user's cookies for the next
-            timeout=_timeout(config),
+            timeout=_timeout(config.upstream),
+            # Bigger reads per resumption for bulk bodies (W4); memory stays bounded by the drain per write.
+            read_bufsize=1 << 18,
         )
         upstream = config.upstream
         base = f"{upstream.scheme}://{upstream.host}:{upstream.port}{upstream.base_path}"  # IPv6 host is bracketed
