@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import nginx_conf
 import procstat
@@ -75,7 +75,7 @@ class Service:
     name: str
     port: int
     popen: subprocess.Popen[bytes]
-    ready_after: float = 0.0  # seconds from start to accepting connections
+    ready_after: float = 0.0  # seconds from start to its first HTTP answer
 
     @property
     def pid(self) -> int:
@@ -118,17 +118,21 @@ def answered(port: int) -> None:
 
 
 class Services:
+    """The processes of one benchmark run: started pinned, with their output in ``log_dir``, stopped together."""
+
     def __init__(self, log_dir: Path, pin: bool, env: dict[str, str] | None = None) -> None:
         self.log_dir = log_dir
         self.pin = pin
         self.env = env  # PYTHONPATH for --ref
         self.started: list[Service] = []
+        self.logs: list[BinaryIO] = []
 
     def taskset(self, cpu: int) -> list[str]:
         return ["taskset", "-c", str(cpu)] if self.pin else []
 
     def start(self, name: str, argv: Sequence[str], port: int, cpu: int, *, ready_timeout: float = 60.0) -> Service:
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        self.logs.append(log)
         began = time.monotonic()
         popen = subprocess.Popen(
             [*self.taskset(cpu), *argv], stdout=log, stderr=subprocess.STDOUT, cwd=self.log_dir, env=self.env
@@ -170,6 +174,8 @@ class Services:
             except subprocess.TimeoutExpired:
                 service.popen.kill()
                 service.popen.wait(timeout=5)
+        for log in self.logs:
+            log.close()
 
 
 # -- workloads ------------------------------------------------------------------------------------------------------
