@@ -604,7 +604,7 @@ def import_origins(config: Path, n: int, work: Path, env: dict[str, str] | None 
     return seconds
 
 
-def versions(nginx: bool, ref: str | None) -> dict[str, str]:
+def versions(nginx: bool, ref: str | None, env: dict[str, str] | None) -> dict[str, str]:
     def first_line(argv: list[str]) -> str:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
@@ -622,7 +622,7 @@ def versions(nginx: bool, ref: str | None) -> dict[str, str]:
         "wrk": first_line(["wrk", "-v"]),
         "kernel": os.uname().release,
         "cpus": str(os.cpu_count()),
-        "corsproxy": corsproxy_version(ref),
+        "corsproxy": corsproxy_version(ref, env),
     }
     if nginx:
         out["nginx"] = first_line([nginx_conf.NGINX, "-v"])
@@ -633,13 +633,21 @@ def versions(nginx: bool, ref: str | None) -> dict[str, str]:
     return out
 
 
-def corsproxy_version(ref: str | None) -> str:
+def corsproxy_version(ref: str | None, env: dict[str, str] | None) -> str:
+    """Which corsproxy is measured: the commit, and the directory the subprocesses really import it from."""
+    where = subprocess.run(
+        [PYTHON, "-c", "import corsproxy, os; print(os.path.dirname(os.path.dirname(corsproxy.__file__)))"],
+        capture_output=True, text=True, cwd="/", env=env, check=False,
+    ).stdout.strip()  # fmt: skip
     git = ["git", "-C", str(REPO)]
     sha = subprocess.run([*git, "rev-parse", "--short", ref or "HEAD"], capture_output=True, text=True, check=False)
+    if sha.returncode != 0:
+        return f"imported from {where} (not a git checkout)"
     if ref:
         return f"{ref} ({sha.stdout.strip()}, extracted with git archive)"
     dirty = subprocess.run([*git, "status", "--porcelain", "corsproxy"], capture_output=True, text=True, check=False)
-    return f"working tree at {sha.stdout.strip()}" + (" + uncommitted changes" if dirty.stdout.strip() else "")
+    changes = " + uncommitted changes" if dirty.stdout.strip() else ""
+    return f"working tree at {sha.stdout.strip()}{changes}, imported from {where}"
 
 
 def extract_ref(ref: str, work: Path) -> dict[str, str]:
@@ -729,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "versions": versions(have_nginx, args.ref),
+        "versions": {},  # filled in once the corsproxy to measure is in place
         "upstream": "nginx (static files; /upload proxied to the aiohttp sink)" if nginx_upstream else "aiohttp",
         "pinning": "proxy/baseline on CPU 1; wrk + upstream on CPU 0" if pin else "none",
         "corsproxy logging.level": args.log_level,
@@ -752,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts = work / "lua"
         scripts.mkdir()
         services = Services(logs, pin, extract_ref(args.ref, work) if args.ref else None)
+        extra["versions"] = versions(have_nginx, args.ref, services.env)
         try:
             svc = start_services(services, work, sizes, needed, nginx_upstream, have_nginx, extra, args.log_level)
             memory_before = {
