@@ -114,9 +114,14 @@ class RequestLog:
         self._random = random.random
 
     def __call__(self, outcome: Outcome) -> None:
+        # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
+        # an observer that formats nothing costs a request a dict lookup, not a dozen fields (issue 6).
+        level = logging.WARNING if outcome.status >= 500 else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
         decision = outcome.decision
         refused = decision.kind is not Kind.NON_CORS and not decision.allowed
-        always = refused or outcome.upstream_error is not None or outcome.status >= 500
+        always = refused or outcome.upstream_error is not None or level > logging.INFO
         if not always and (self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed):
             return
         verdict = "n/a" if decision.kind is Kind.NON_CORS else ("allowed" if decision.allowed else "refused")
@@ -135,7 +140,6 @@ class RequestLog:
             "upstream_ms": upstream_ms,
             "upstream_error": outcome.upstream_error,
         }
-        level = logging.WARNING if outcome.status >= 500 else logging.INFO
         self.logger.log(
             level,
             '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s',
