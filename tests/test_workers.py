@@ -173,3 +173,27 @@ def test_tls_listener(tmp_path: Path, upstream_thread: ThreadedUpstream) -> None
             request(server.port, "GET", "/", timeout=3)
     finally:
         assert server.stop() == 0
+
+
+def _maps_uvloop(pid: int) -> bool:
+    return "/uvloop/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize("setting", ["", "0"], ids=["uvloop-when-installed", "CORSPROXY_UVLOOP=0"])
+def test_event_loop_choice_is_logged_and_applied(
+    setting: str, tmp_path: Path, upstream_thread: ThreadedUpstream
+) -> None:
+    """uvloop (the ``speed`` extra) serves when installed, unless ``CORSPROXY_UVLOOP=0``; the arbiter says which at
+    start, and only a worker that runs it has loaded it."""
+    pytest.importorskip("uvloop")
+    server = Server(tmp_path, upstream_thread.port, workers=1, env={"CORSPROXY_UVLOOP": setting}).start()
+    try:
+        assert server.proxy("GET", "/api", headers={"Origin": "https://app.example.com"}).status == 200
+        messages = [str(line.get("message", "")) for line in server.logs()]
+        expected = "event loop: asyncio (CORSPROXY_UVLOOP=0)" if setting else "event loop: uvloop "
+        assert any(message.startswith(expected) for message in messages), messages
+        (worker,) = _worker_pids(server)
+        assert _maps_uvloop(worker) is (not setting)
+        assert server.proc is not None and not _maps_uvloop(server.proc.pid)  # the arbiter never loads it
+    finally:
+        assert server.stop() == 0
