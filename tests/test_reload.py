@@ -59,6 +59,17 @@ def test_sighup_applies_a_good_config_without_dropping_in_flight_requests(server
         assert _preflight(server, "PATCH").status == 204
     metrics = server.admin("GET", "/metrics").body.decode()
     assert 'corsproxy_reloads_total{result="applied"} 1.0' in metrics
+    # The slow GET finished on an old worker while it drained, just before it exited: a worker flushes its counts
+    # into the shared metric files when it stops (they are batched, issue 6), so the new workers' scrape has it.
+    wait_until(
+        lambda: (
+            'corsproxy_requests_total{kind="actual",reason="allowed"} 1.0'
+            in server.admin("GET", "/metrics").body.decode()
+        ),
+        timeout=10,
+        interval=0.2,
+        what="the drained worker's request in /metrics",
+    )
 
 
 def test_sighup_keeps_the_running_config_when_the_new_one_is_bad(server: Server) -> None:
