@@ -60,17 +60,29 @@ def _open_store(config: Config) -> OriginStore:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     if Path(config.store.path, "data.mdb").exists():
-        # Entries added through the CLI or admin API name policies by name: a config that dropped one refuses them.
+        # Entries added through the CLI, the admin API or the origins file were checked against the policies of
+        # their day; the engine re-checks every match against today's, and this lists the ones it now refuses.
+        from corsproxy.config import check_origin_entry
+        from corsproxy.origin import EntryError, parse_origin_entry
+
+        refused: list[str] = []
         with OriginStore(config.store.path, readonly=True) as store:
-            orphans = [
-                k for k, r in store.iter_all() if r.source != "config" and r.policy not in config.engine.policies
-            ]
-        for key in orphans[:20]:
-            print(
-                f"warning: store entry {key} names a policy this config does not define; it is refused", file=sys.stderr
-            )
-        if len(orphans) > 20:
-            print(f"warning: ... and {len(orphans) - 20} more such entries", file=sys.stderr)
+            for key, record in store.iter_all():
+                if record.source == "config":
+                    continue
+                flags = config.safety.get(record.policy)
+                if flags is None:
+                    refused.append(f"{key} names policy {record.policy!r}, which this config does not define")
+                    continue
+                try:
+                    errors, _ = check_origin_entry(parse_origin_entry(key), flags)
+                except EntryError as exc:
+                    errors = [str(exc)]
+                refused.extend(f"{key} (source {record.source}): {error}" for error in errors)
+        for line in refused[:20]:
+            print(f"warning: store entry refused at request time: {line}", file=sys.stderr)
+        if len(refused) > 20:
+            print(f"warning: ... and {len(refused) - 20} more such entries", file=sys.stderr)
     print(
         f"{config.source}: OK — {len(config.origins)} configured origin(s), "
         f"{len(config.engine.policies)} polic{'y' if len(config.engine.policies) == 1 else 'ies'}, "

@@ -16,9 +16,9 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -390,7 +390,14 @@ def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[s
         )
     if entry.subdomains:
         psl = _public_suffixes()
-        if psl.privatesuffix(entry.host) is None and not entry.is_loopback:
+        hosting = _code_hosting_domain(entry.host)
+        if hosting is not None:
+            gate(
+                "dangerously_allow_public_suffix_wildcards",
+                f"{entry.key!r} covers every page anyone publishes on {hosting} (a code-hosting site) — list the "
+                "exact origins you need",
+            )
+        elif psl.privatesuffix(entry.host) is None and not entry.is_loopback:
             gate(
                 "dangerously_allow_public_suffix_wildcards",
                 f"{entry.key!r} covers every site under the public suffix {entry.host!r} (anyone can register "
@@ -410,6 +417,24 @@ def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[s
 
 
 _CODE_HOSTING = frozenset(CODE_HOSTING_DOMAINS)
+
+
+def _entry_checker(safety: Mapping[str, PolicySafety]) -> Callable[[str, str], bool]:
+    """The engine's request-time re-check of a matched store entry against the policies as configured now."""
+
+    @lru_cache(maxsize=16384)
+    def entry_is_safe(key: str, policy: str) -> bool:
+        flags = safety.get(policy)
+        if flags is None:
+            return True  # an unknown policy is refused on its own (policy_unknown)
+        try:
+            entry = parse_origin_entry(key)
+        except EntryError:
+            return False
+        errors, _warnings = check_origin_entry(entry, flags)
+        return not errors
+
+    return entry_is_safe
 
 
 def _code_hosting_domain(host: str) -> str | None:
@@ -772,6 +797,7 @@ def parse_config(
         public_origins=frozenset(public),
         private_network=any(policy.allow_private_network for policy in policies.values()),
         debug_reason_header=debug,
+        entry_is_safe=_entry_checker(safety),
     )
     if p.errors:
         raise ConfigError(p.errors, source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import unquote
@@ -60,6 +60,7 @@ class Reason(enum.StrEnum):
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     ORIGIN_EXPIRED = "origin_expired"
     POLICY_UNKNOWN = "policy_unknown"
+    ORIGIN_UNSAFE_FOR_POLICY = "origin_unsafe_for_policy"
     METHOD_MALFORMED = "method_malformed"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HEADERS_MALFORMED = "headers_malformed"
@@ -217,6 +218,10 @@ class CorsEngine:
     public_origins: frozenset[str] = frozenset()
     private_network: bool = False  # any policy enables PNA: preflights then also vary on its request header
     debug_reason_header: bool = False
+    #: ``(entry key, policy name) -> is it safe``: the write-time checks (CORS-RULES 15-16) again, for entries written
+    #: under an earlier configuration — an entry "*" added while the policy had no credentials must not turn into
+    #: "reflect every origin with credentials" when the policy later gains them. Only consulted on a match.
+    entry_is_safe: Callable[[str, str], bool] | None = field(default=None, compare=False)
     preflight_vary: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -276,6 +281,10 @@ class CorsEngine:
         policy = self.policies.get(found.policy)
         if policy is None:
             return Decision(kind, Reason.POLICY_UNKNOWN, origin_value, found.key, route=route, detail=found.policy)
+        if self.entry_is_safe is not None and not self.entry_is_safe(found.key, found.policy):
+            return Decision(
+                kind, Reason.ORIGIN_UNSAFE_FOR_POLICY, origin_value, found.key, route=route, detail=found.policy
+            )
         if kind is Kind.ACTUAL:
             return Decision(kind, Reason.ALLOWED, origin_value, found.key, policy, route)
         return _decide_preflight(
@@ -372,9 +381,13 @@ class DecisionCache:
 
 
 def normalize_path(raw_path: str) -> str:
-    """The path a route is matched on: query dropped, percent-decoded, dot segments and repeated slashes resolved, so
-    that ``/public/..%2Fadmin/`` or ``//admin`` cannot pick the policy of another route than the upstream serves."""
-    path = unquote(raw_path.split("?", 1)[0])
+    """The path a route is matched on: query dropped, percent-decoded, ``;`` path parameters and backslashes treated
+    as the servlet containers and IIS-style servers behind many APIs treat them, dot segments and repeated slashes
+    resolved — so ``/public/..%2Fadmin``, ``/public/..;/admin``, ``/admin;x/y`` or ``/public\\..\\admin`` are judged
+    by the route the upstream will actually serve."""
+    path = unquote(raw_path.split("?", 1)[0]).replace("\\", "/")
+    if ";" in path:
+        path = "/".join(segment.split(";", 1)[0] for segment in path.split("/"))
     if "/." not in path and "//" not in path:
         return path
     normal = posixpath.normpath("/" + path.lstrip("/"))

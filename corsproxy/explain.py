@@ -128,6 +128,13 @@ def _reasoning(config: Config, d: Decision, origin: str) -> tuple[str, str]:
             f"{d.matched!r} names policy {d.detail!r}, which the configuration no longer defines",
             f"define policies.{d.detail} again, or re-add the origin with an existing --policy",
         )
+    if reason is Reason.ORIGIN_UNSAFE_FOR_POLICY:
+        return (
+            f"{d.matched!r} was accepted under an earlier configuration, but policy {d.detail!r} as configured now "
+            "would refuse it (e.g. '*' or an http: origin on a policy that has since gained credentials)",
+            f"remove it (corsproxy origins remove {d.matched}), move it to another --policy, or see "
+            "`corsproxy check` for the exact reason",
+        )
     assert policy is not None
     path = _policy_path(policy.name)
     if reason is Reason.METHOD_MALFORMED:

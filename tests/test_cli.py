@@ -242,6 +242,21 @@ def test_check_warns_about_entries_whose_policy_was_removed(write_config: Callab
     without = str(write_config("without.yaml"))
     result = run_cli("check", "-c", without)
     assert result.returncode == 0
-    assert "store entry https://x.partner.net names a policy this config does not define" in result.stderr
+    assert "store entry refused at request time: https://x.partner.net names policy 'partners'" in result.stderr
     explained = run_cli("explain", "--origin", "https://x.partner.net", "-c", without)
     assert "policy_unknown" in explained.stdout
+
+
+async def test_entry_that_became_unsafe_is_refused_and_reported(
+    write_config: Callable[..., Path], upstream: TestServer
+) -> None:
+    """'*' added while the policy had no credentials must not become 'reflect every origin with credentials'."""
+    without = str(write_config(cors={"allow_credentials": False}))
+    assert run_cli("origins", "add", "*", "-c", without).returncode == 0
+    with_credentials = str(write_config("creds.yaml"))
+    check = run_cli("check", "-c", with_credentials)
+    assert "store entry refused at request time: * (source cli)" in check.stderr
+    explained = run_cli("explain", "--origin", "https://evil.example.net", "-c", with_credentials)
+    assert explained.returncode == 1 and "origin_unsafe_for_policy" in explained.stdout
+    public = run_cli("explain", "--origin", "https://evil.example.net", "-c", without)
+    assert public.returncode == 0 and "Access-Control-Allow-Origin: *" in public.stdout

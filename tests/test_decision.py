@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from corsproxy.config import Config, parse_config
+from corsproxy.config import Config, ConfigError, parse_config
 from corsproxy.decision import Kind, Reason, StaticOriginSet, actual_headers, merge_vary, preflight_headers
 from tests.conftest import BASE_CONFIG, merge
 
@@ -190,6 +190,16 @@ PREFLIGHTS: dict[str, tuple[Preflight, Reason, dict[str, str]]] = {
         Reason.METHOD_NOT_ALLOWED,
         REFUSED,
     ),
+    "path parameter cannot skip the route": (
+        Preflight(["https://anyone.example.net"], ["GET"], path="/public/..;/admin"),
+        Reason.ORIGIN_NOT_ALLOWED,
+        REFUSED,
+    ),
+    "backslashes are separators": (
+        Preflight(["https://anyone.example.net"], ["GET"], path="/public\\..\\admin"),
+        Reason.ORIGIN_NOT_ALLOWED,
+        REFUSED,
+    ),
     "dot segments cannot reach another route": (
         Preflight(["https://anyone.example.net"], ["GET"], path="/public/..%2Fadmin"),
         Reason.ORIGIN_NOT_ALLOWED,
@@ -281,3 +291,66 @@ def test_expose_all_with_credentials_lists_response_headers_but_never_set_cookie
 )
 def test_merge_vary(existing: list[str], expected: str) -> None:
     assert merge_vary(existing, ("Origin",)) == expected
+
+
+def _decide_one(data: dict[str, Any], origin: str, method: str = "GET") -> tuple[Reason, dict[str, str]]:
+    config = parse_config(data, env={})
+    store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
+    decision = config.engine.decide("OPTIONS", [origin], [method], [], "/", store, 0.0)
+    return decision.reason, dict(preflight_headers(config.engine, decision))
+
+
+def test_star_with_credentials_opt_in_reflects_the_origin_never_star() -> None:
+    data = merge(BASE_CONFIG, {"cors": {"allow_origins": ["*"], "dangerously_allow_any_origin_with_credentials": True}})
+    reason, headers = _decide_one(data, "https://anyone.example.net")
+    assert reason is Reason.ALLOWED
+    assert headers["Access-Control-Allow-Origin"] == "https://anyone.example.net"
+    assert headers["Access-Control-Allow-Credentials"] == "true"
+
+
+def test_null_opt_in_allows_and_answers_null() -> None:
+    data = merge(
+        BASE_CONFIG,
+        {"cors": {"allow_origins": ["null"], "allow_credentials": False, "dangerously_allow_null_origin": True}},
+    )
+    reason, headers = _decide_one(data, "null")
+    assert reason is Reason.ALLOWED
+    assert headers["Access-Control-Allow-Origin"] == "null"
+
+
+def test_max_age_null_omits_the_header() -> None:
+    data = merge(BASE_CONFIG, {})
+    data["cors"]["max_age"] = None  # YAML `max_age: null` (merge() would delete the key)
+    reason, headers = _decide_one(data, "https://app.example.com")
+    assert reason is Reason.ALLOWED
+    assert "Access-Control-Max-Age" not in headers
+
+
+def test_store_entry_unsafe_under_todays_policy_is_refused() -> None:
+    """An entry accepted when the policy had no credentials is refused once it has them (CORS-RULES 15)."""
+    config = parse_config(BASE_CONFIG, env={})  # the default policy allows credentials
+    for key in ("*", "null", "http://app.example.com", "https://*.github.io"):
+        decision = config.engine.decide(
+            "GET",
+            [
+                "http://app.example.com"
+                if key.startswith("http:")
+                else "null"
+                if key == "null"
+                else "https://x.github.io"
+                if "github" in key
+                else "https://evil.example.net"
+            ],
+            [],
+            [],
+            "/",
+            StaticOriginSet({key: "default"}),
+            0.0,
+        )
+        assert decision.reason is Reason.ORIGIN_UNSAFE_FOR_POLICY, key
+        assert actual_headers(decision) == []
+
+
+def test_code_hosting_wildcards_need_the_opt_in() -> None:
+    with pytest.raises(ConfigError, match=r"cors\.allow_origins\[0\].*code-hosting"):
+        parse_config(merge(BASE_CONFIG, {"cors": {"allow_origins": ["https://*.codepen.io"]}}), env={})

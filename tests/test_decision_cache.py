@@ -71,3 +71,19 @@ def test_two_origin_lines_are_never_cached(config: Config, store: OriginStore) -
     assert decision.reason is Reason.ORIGIN_MALFORMED
     assert headers == ()
     assert cache._entries == {}
+
+
+def test_cache_key_covers_method_headers_and_private_network(config: Config, store: OriginStore) -> None:
+    cache = DecisionCache(config.engine)
+    origin = ["https://app.example.com"]
+    shapes = [
+        (["PUT"], [], False, Reason.ALLOWED),
+        (["PATCH"], [], False, Reason.METHOD_NOT_ALLOWED),
+        (["PUT"], ["content-type"], False, Reason.ALLOWED),
+        (["PUT"], ["x-other"], False, Reason.HEADER_NOT_ALLOWED),
+        (["PUT"], [], True, Reason.PRIVATE_NETWORK_NOT_ALLOWED),
+    ]
+    for _ in range(2):
+        for methods, headers, pna, reason in shapes:
+            decision, _ = cache.decide("OPTIONS", origin, methods, headers, "/", store, 0.0, pna)
+            assert decision.reason is reason, (methods, headers, pna)
