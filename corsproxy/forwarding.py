@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from urllib.parse import unquote
 
 __all__ = [
     "FORWARDING_FIELDS",
@@ -18,6 +19,7 @@ __all__ = [
     "WEBSOCKET_HANDSHAKE_FIELDS",
     "ForwardContext",
     "TrustedProxies",
+    "climbs_above_root",
     "hop_by_hop_names",
     "host_header",
     "is_websocket_upgrade",
@@ -171,3 +173,20 @@ def is_websocket_upgrade(method: str, connection_lines: Iterable[str], upgrade_l
     connection = {token.strip().lower() for line in connection_lines for token in line.split(",")}
     upgrade = {token.strip().lower() for line in upgrade_lines for token in line.split(",")}
     return "upgrade" in connection and "websocket" in upgrade
+
+
+def climbs_above_root(target: str) -> bool:
+    """Whether a request target's path uses ``..`` segments (plain, ``%2e``-encoded, with ``;`` parameters or
+    backslashes) to climb above ``/``. Appended to ``upstream.url``'s base path, such a path would reach the upstream
+    as ``/api/../secret``, which most servers resolve outside the prefix corsproxy is configured to expose."""
+    path = unquote(target.split("?", 1)[0]).replace("\\", "/")
+    depth = 0
+    for raw_segment in path.split("/"):
+        segment = raw_segment.split(";", 1)[0]
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif segment not in ("", "."):
+            depth += 1
+    return False

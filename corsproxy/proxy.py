@@ -42,6 +42,7 @@ from corsproxy.decision import (
 from corsproxy.forwarding import (
     ForwardContext,
     TrustedProxies,
+    climbs_above_root,
     host_header,
     is_websocket_upgrade,
     request_headers,
@@ -66,6 +67,8 @@ __all__ = [
 log = logging.getLogger("corsproxy")
 
 _VARY_ORIGIN = ("Origin",)
+#: corsproxy's answers to messages it could not parse: no CORS headers (nothing was judged), but they still vary.
+_VARY_ONLY = {"Vary": "Origin"}
 #: RFC 6455 §7.4.1: codes that report a closure and must never be sent in a Close frame.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 _STREAM_CHUNK = 1 << 16
@@ -215,6 +218,8 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     oversized = _oversized_head(request, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
+    if config.upstream.base_path and climbs_above_root(_request_target(request)):
+        return _error_response(400, "the request path climbs above the upstream's base path", decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
     if decision.kind is Kind.PREFLIGHT and not report_only:
         # never forwarded, even if the upstream would redirect
@@ -269,7 +274,7 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     answered later, by :class:`_RequestBody`, once the CORS checks passed and the upstream is ready for the body."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return _text_response(417, f"unsupported expectation {expect!r}", ())
+        return _text_response(417, f"unsupported expectation {expect!r}", [("Vary", "Origin")])
     return None
 
 
@@ -587,6 +592,8 @@ _ACRH = "Access-Control-Request-Headers"
 _ACRPN = "Access-Control-Request-Private-Network"
 _REFUSED_BODY = b"CORS preflight refused\n"
 _REASONS = {200: b"OK", 204: b"No Content", 403: b"Forbidden"}
+#: Bytes a connection's transport may hold before the fast path stops writing and lets aiohttp apply backpressure.
+_FAST_WRITE_HIGH_WATER = 1 << 16
 
 #: Answers a complete request message on an idle connection with the bytes of a whole response, or ``None``.
 FastAnswer = Callable[[RawRequestMessage, web.RequestHandler], "bytes | None"]
@@ -612,9 +619,16 @@ class PreflightResponder:
         self._date = b""
 
     def __call__(self, message: RawRequestMessage, protocol: web.RequestHandler) -> bytes | None:
-        if message.method != "OPTIONS" or message.should_close or message.version != aiohttp.HttpVersion11:
+        if (
+            message.method != "OPTIONS"
+            or message.should_close
+            or message.upgrade
+            or message.version != aiohttp.HttpVersion11
+        ):
             return None
         headers = message.headers
+        if "Expect" in headers:
+            return None  # the ordinary path answers expectations (417 for unknown ones)
         request_methods = headers.getall(_ACRM, ())
         origins = headers.getall("Origin", ())
         path = message.path
@@ -751,9 +765,18 @@ class GuardedRequestHandler(web.RequestHandler):
         answered = False
         while messages:
             message, payload = messages[0]
-            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage):
+            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage) or self._upgraded:
                 break
-            answer = fast(message, self)
+            transport = self.transport
+            if transport is None or transport.get_write_buffer_size() > _FAST_WRITE_HIGH_WATER:
+                # A client that pipelines and does not read: leave the rest to aiohttp's loop, which waits for the
+                # transport to drain and stops reading when its queue is full — memory stays bounded.
+                break
+            try:
+                answer = fast(message, self)
+            except Exception:
+                log.exception("preflight fast path failed; answering through the ordinary handler")
+                answer = None
             if answer is None:
                 break
             messages.popleft()
@@ -783,14 +806,14 @@ class GuardedRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
             log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
-            response = web.Response(status=431, text="request header fields too large\n")
+            response = web.Response(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
             response.force_close()
             return response
         if isinstance(exc, HttpProcessingError) and status == 400:
             # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
             detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
             log.info("malformed request from %s refused with 400: %s", request.remote, detail)
-            response = web.Response(status=400, text="malformed request\n")
+            response = web.Response(status=400, text="malformed request\n", headers=_VARY_ONLY)
             response.force_close()
             return response
         return super().handle_error(request, status, exc, message)

@@ -134,3 +134,36 @@ async def test_unusual_preflights_take_the_ordinary_path(proxies: tuple[int, int
     )
     ((status, headers, _),) = await _exchange(fast_port, close)
     assert status.startswith(b"HTTP/1.1 204") and headers.get("Connection") == "close"
+
+
+async def test_preflight_with_upgrade_or_expect_takes_the_ordinary_path(
+    proxies: tuple[int, int, list[Outcome]],
+) -> None:
+    fast_port, _, _ = proxies
+    preflight = _request(Preflight(["https://app.example.com"], ["PUT"]))
+    upgrade = preflight.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    answers = await _exchange(fast_port, upgrade + preflight, responses=2)
+    assert [status.split()[1] for status, _, _ in answers] == [b"204", b"204"]  # the second is not wedged
+    expect = preflight.replace(b"\r\n\r\n", b"\r\nExpect: teapot\r\n\r\n")
+    ((status, headers, _),) = await _exchange(fast_port, expect)
+    assert status.split()[1] == b"417" and headers["Vary"] == "Origin"
+
+
+async def test_fast_path_respects_write_backpressure(proxies: tuple[int, int, list[Outcome]]) -> None:
+    """A client that pipelines preflights and never reads must not make the server buffer without bound."""
+    fast_port, _, _ = proxies
+    preflight = _request(Preflight(["https://app.example.com"], ["PUT"]))
+    _reader, writer = await asyncio.open_connection("127.0.0.1", fast_port)
+    writer.transport.set_write_buffer_limits(high=1 << 20)
+    sent = 0
+    try:
+        for _ in range(400):  # bounded: at most ~20 MB offered
+            writer.write(preflight * 500)
+            sent += len(preflight) * 500
+            try:
+                await asyncio.wait_for(writer.drain(), 0.2)
+            except TimeoutError:
+                break  # the server stopped reading: backpressure reached the client
+        assert sent < 16 << 20, "the server kept reading while its answers piled up unread"
+    finally:
+        writer.transport.abort()

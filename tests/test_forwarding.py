@@ -24,6 +24,7 @@ def test_public_api() -> None:
             "WEBSOCKET_HANDSHAKE_FIELDS",
             "ForwardContext",
             "TrustedProxies",
+            "climbs_above_root",
             "hop_by_hop_names",
             "host_header",
             "is_websocket_upgrade",
@@ -174,3 +175,22 @@ def test_response_headers_keep_repeats_and_drop_hops() -> None:
 )
 def test_is_websocket_upgrade(method: str, connection: list[str], upgrade: list[str], expected: bool) -> None:
     assert is_websocket_upgrade(method, connection, upgrade) is expected
+
+
+@pytest.mark.parametrize(
+    ("target", "climbs"),
+    [
+        ("/", False),
+        ("/a/../b", False),
+        ("/a/./b/..", False),
+        ("/..", True),
+        ("/../x", True),
+        ("/%2e%2e/x", True),
+        ("/%2E%2E/x", True),
+        ("/a/..;/../x", True),
+        ("/a\\..\\..\\x", True),
+        ("/x?path=/../../etc", False),
+    ],
+)
+def test_climbs_above_root(target: str, climbs: bool) -> None:
+    assert forwarding.climbs_above_root(target) is climbs

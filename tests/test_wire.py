@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Any
@@ -284,3 +285,26 @@ async def test_observers_see_every_request_with_its_true_size(make_proxy: ProxyF
     assert seen[0].bytes_sent == len(body) > 0
     assert seen[1].bytes_sent == len(b"cookies")
     assert seen[1].upstream_latency is not None and seen[0].upstream_latency is None
+
+
+@pytest.mark.parametrize(
+    ("target", "status"),
+    [("/../secret", 400), ("/%2e%2e/secret", 400), ("/a/..;/../secret", 400), ("/a/../b", 200), ("/a/b", 200)],
+)
+async def test_path_cannot_climb_above_the_upstream_base_path(
+    make_proxy: ProxyFactory, upstream: TestServer, target: str, status: int
+) -> None:
+    client = await make_proxy(upstream={"url": f"http://127.0.0.1:{upstream.port}/api"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nOrigin: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answer.startswith(f"HTTP/1.1 {status}".encode())
+    if status == 400:
+        assert b"Access-Control-Allow-Origin: " + ALLOWED.encode() in answer  # own errors stay readable
+        assert upstream.app[RECEIVED] == []
+    else:
+        assert upstream.app[RECEIVED][0].raw_path == "/api" + target
