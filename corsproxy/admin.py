@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
@@ -156,9 +157,35 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return web.json_response({"error": "internal error", "reason": "see the corsproxy log"}, status=500)
 
 
+def _loopback_host(host: str) -> bool:
+    """Whether a ``Host`` header names this machine's loopback (``localhost``, ``*.localhost``, 127.0.0.0/8, ::1)."""
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return False
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = request.app[ADMIN]
+    # The admin API serves operators' tools, never browsers. A page on any site can make a browser send a simple
+    # cross-site POST to 127.0.0.1:9090 (CSRF), or rebind its own name to it (DNS rebinding): refuse every request a
+    # browser marks as coming from a page, and — without a token — any Host that is not a loopback name.
+    fetch_site = request.headers.get("Sec-Fetch-Site", "none")
+    if "Origin" in request.headers or fetch_site not in ("none", "same-origin"):
+        raise AdminError(
+            403, "forbidden", "the admin API does not answer requests made by web pages; use curl or the CLI"
+        )
+    if not ctx.tokens and not _loopback_host(request.host):
+        raise AdminError(
+            403, "forbidden", f"Host {request.host!r} is not a loopback name; without a token only loopback is served"
+        )
     if request.path in _PUBLIC_PATHS or not ctx.tokens:
         request[_ACTOR] = "admin:anonymous"
         return await handler(request)

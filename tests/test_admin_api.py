@@ -295,3 +295,25 @@ def test_refuses_to_start_with_an_unusable_admin_setup(tmp_path: Path) -> None:
     server.write_config()
     result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
     assert result.returncode == 2 and "also the proxied port" in result.stderr
+
+
+def test_browsers_cannot_drive_the_admin_api(tmp_path: Path, upstream_thread: ThreadedUpstream) -> None:
+    """CSRF and DNS rebinding: a web page can make a browser send a simple POST to 127.0.0.1:9090, or rebind its own
+    name to it. Requests marked as coming from a page are refused, and without a token only loopback Hosts are
+    served (the README's token-less loopback set-up stays usable from curl)."""
+    from tests.test_workers_harness import request
+
+    server = Server(tmp_path, upstream_thread.port, workers=1, env={"CORSPROXY_ADMIN_TOKEN": ""}).start()
+    try:
+        port = server.admin_port
+        body = "https://evil.example.net\n"
+        csrf = request(port, "POST", "/origins/import", headers={"Origin": "https://evil.example.net"}, body=body)
+        _error(csrf, 403)
+        fetch = request(port, "POST", "/origins/import", headers={"Sec-Fetch-Site": "cross-site"}, body=body)
+        _error(fetch, 403)
+        rebound = request(port, "POST", "/origins/import", headers={"Host": f"evil.example.net:{port}"}, body=body)
+        _error(rebound, 403)
+        assert request(port, "GET", origin_path("https://evil.example.net")).status == 404  # nothing was written
+        assert request(port, "GET", "/origins").status == 200  # curl on loopback, no token: served
+    finally:
+        assert server.stop() == 0
