@@ -57,6 +57,9 @@ def parse_entry(
             when = parse_expiry(expires)
         except ValueError as exc:
             problems.append(str(exc))
+        else:
+            if when <= (time.time() if now is None else now):
+                problems.append(f"{expires!r} is already past: the entry would never be allowed")
     elif ttl is not None:
         try:
             when = (time.time() if now is None else now) + parse_duration(ttl)

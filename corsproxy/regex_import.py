@@ -93,7 +93,7 @@ class _Parser:
             self.pos += 1
             if escaped == "d":
                 return [_DIGITS]
-            if escaped in "wWsSbBD":
+            if escaped.isalnum():  # \w, \s, \b, \x61, \n, \u0041...: classes and codes, not literal letters
                 raise self.error(f"\\{escaped} is not converted")
             return [escaped]
         if char == "[":

@@ -70,6 +70,7 @@ REFUSED_ADDS = {
     "not a label": (["https://*example.com"], "whole label"),
     "unknown policy": (["https://a.example.com", "--policy", "nope"], "unknown policy 'nope'"),
     "bad ttl": (["https://a.example.com", "--ttl", "soon"], "not a duration"),
+    "expiry in the past": (["https://a.example.com", "--expires", "2020-01-01T00:00:00Z"], "already past"),
 }
 
 

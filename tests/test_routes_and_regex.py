@@ -122,7 +122,8 @@ def test_convert_regex(regex: str, entries: list[str], notes: list[str]) -> None
 
 
 @pytest.mark.parametrize(
-    "regex", [r"^https://(?=x)y$", r"^https://ex(a+)mple\.com$", r"^https://\w+\.com$", r"^(https://a"]
+    "regex",
+    [r"^https://(?=x)y$", r"^https://ex(a+)mple\.com$", r"^https://\w+\.com$", r"^(https://a", r"^https://\x61\.com$"],
 )
 def test_unsupported_regex_is_refused(regex: str) -> None:
     with pytest.raises(RegexImportError):
