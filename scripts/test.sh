@@ -15,6 +15,6 @@ fi
 VENV="${CORSPROXY_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+"$VENV/bin/python" -m pip install -q -e '.[test,speed]'  # speed: uvloop, which serve uses when present
 
 exec "$VENV/bin/python" -m pytest "$@"
