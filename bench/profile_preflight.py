@@ -177,13 +177,13 @@ def micro(config_path: Path, label: str) -> list[str]:
     from corsproxy.config import load_config
     from corsproxy.decision import preflight_headers
     from corsproxy.origin import lookup_keys, parse_request_origin
-    from corsproxy.proxy import preflight_response, reconcile_config_origins
-    from corsproxy.store import OriginStore
+    from corsproxy.proxy import preflight_response
+    from corsproxy.store import OriginStore, reconcile_config
 
     config = load_config(config_path)
     engine = config.engine
     store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
-    reconcile_config_origins(store, config)
+    reconcile_config(store, config.origins)
     n = len(store)
     origin = store_origin(n - 12) if n > 20 else ALLOWED  # near the end of the import order
     acrm, acrh = ["POST"], ["content-type"]

@@ -61,7 +61,6 @@ __all__ = [
     "ProxyState",
     "create_app",
     "handler_args",
-    "reconcile_config_origins",
 ]
 
 log = logging.getLogger("corsproxy")
@@ -129,11 +128,6 @@ _UPSTREAM_LACKS = web.RequestKey("upstream_lacks", frozenset)
 #: proxy must not invent them. ``Date`` stays: RFC 9110 §6.6.1 asks a forwarding recipient to add it.
 _ADDED_BY_AIOHTTP = ("Content-Type", "Server")
 _CONFIG = web.AppKey("config", Config)
-
-
-def reconcile_config_origins(store: OriginStore, config: Config) -> tuple[list[str], list[str], list[str]]:
-    """Make the store's ``config``-owned entries exactly ``cors.allow_origins`` (issue 2: declarative part)."""
-    return reconcile_config(store, config.origins)
 
 
 def _text_response(status: int, text: str, headers: Iterable[tuple[str, str]]) -> web.Response:
@@ -215,7 +209,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     request[DECISION] = decision
     if cors_headers is not None:
         request[_CORS_HEADERS] = cors_headers
-    oversized = _oversized_head(request, config.limits.max_header_size)
+    oversized = _oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
     if config.upstream.base_path and climbs_above_root(_request_target(request)):
@@ -286,12 +280,14 @@ def _request_target(request: web.Request) -> str:
     return raw if raw.startswith("/") else request.rel_url.raw_path_qs
 
 
-def _oversized_head(request: web.Request, limit: int) -> tuple[int, str] | None:
-    """The soft head-size limit (431 / 414). aiohttp's parser holds the hard ceiling at twice the limit; past that it
-    answers 400 itself, or 431 with :class:`GuardedRequestHandler`."""
-    if len(request.method) + len(request.raw_path) + 10 > limit:
+def _oversized_head(
+    method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]], limit: int
+) -> tuple[int, str] | None:
+    """The soft head-size limit (431 / 414), for the handler and the preflight fast path alike. aiohttp's parser holds
+    the hard ceiling at twice the limit; past that it answers 400 itself, or 431 with :class:`GuardedRequestHandler`."""
+    if len(method) + len(target) + 10 > limit:
         return 414, "request line too long"
-    for name, value in request.raw_headers:
+    for name, value in raw_headers:
         if len(name) + len(value) + 2 > limit:
             return 431, f"request header {name[:64].decode('latin-1')!r} too large"
     return None
@@ -541,7 +537,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config = app[_CONFIG]
     store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
     try:
-        changed, removed, skipped = reconcile_config_origins(store, config)
+        changed, removed, skipped = reconcile_config(store, config.origins)
         for key in skipped:
             log.warning("config lists %s, which the CLI already added: the CLI entry stays in charge", key)
         if changed or removed:
@@ -641,8 +637,7 @@ class PreflightResponder:
         engine = config.engine
         if engine.mode is Mode.REPORT_ONLY:
             return None
-        limit = config.limits.max_header_size
-        if len(path) + 18 > limit or any(len(n) + len(v) + 2 > limit for n, v in message.raw_headers):
+        if _oversized_head("OPTIONS", path, message.raw_headers, config.limits.max_header_size) is not None:
             return None  # the ordinary path answers 414/431
         started = time.monotonic()
         decision, cors_headers = state.decider().decide(

@@ -167,3 +167,14 @@ async def test_fast_path_respects_write_backpressure(proxies: tuple[int, int, li
         assert sent < 16 << 20, "the server kept reading while its answers piled up unread"
     finally:
         writer.transport.abort()
+
+
+async def test_oversized_preflight_head_gets_431_on_both_paths(proxies: tuple[int, int, list[Outcome]]) -> None:
+    fast_port, plain_port, _ = proxies
+    big = _request(Preflight(["https://app.example.com"], ["PUT"])).replace(
+        b"\r\n\r\n", b"\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+    )
+    for port in (fast_port, plain_port):
+        ((status, headers, _),) = await _exchange(port, big)
+        assert status.split()[1] == b"431"
+        assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
