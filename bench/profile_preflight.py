@@ -177,8 +177,9 @@ def micro(config_path: Path, label: str) -> list[str]:
     from corsproxy.config import load_config
     from corsproxy.decision import preflight_headers
     from corsproxy.origin import lookup_keys, parse_request_origin
+    from corsproxy.origin_writes import reconcile_config
     from corsproxy.proxy import preflight_response
-    from corsproxy.store import OriginStore, reconcile_config
+    from corsproxy.store import OriginStore
 
     config = load_config(config_path)
     engine = config.engine

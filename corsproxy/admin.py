@@ -2,8 +2,8 @@
 the upstream).
 
 Owns the admin endpoints, their bearer-token authentication and their JSON error shape. It shares the running proxy's
-state (the config snapshot and the open LMDB store) and reuses the one validation path every write goes through
-(:func:`corsproxy.origin_lines.parse_entry`/``parse_lines``) and the explain engine. Endpoints::
+state (the config snapshot and the open LMDB store); every write goes through the one write service
+(:mod:`corsproxy.origin_writes`: ownership and validation), and explain uses the explain engine. Endpoints::
 
     GET    /origins?limit=&after=&filter=     page through the store (``next`` is the cursor for ``after``)
     GET    /origins/{origin}                  one entry (origin URL-encoded)
@@ -37,7 +37,8 @@ from aiohttp import web
 from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry
 from corsproxy.explain import explain
 from corsproxy.origin import EntryError, parse_origin_entry
-from corsproxy.origin_lines import parse_entry, parse_lines
+from corsproxy.origin_lines import NEVER, EntryEdit, parse_edits, parse_expires_field
+from corsproxy.origin_writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
 from corsproxy.origins_file import applied as origins_file_applied
 from corsproxy.proxy import STATE, ProxyState
 from corsproxy.store import OriginRecord
@@ -46,8 +47,6 @@ __all__ = ["ADMIN", "AdminContext", "AdminError", "create_admin_app", "load_toke
 
 log = logging.getLogger("corsproxy.admin")
 
-#: Sources whose entries are declared elsewhere: an admin write to them would be undone or fight the declaration.
-_DECLARED_SOURCES = {"config": "cors.allow_origins in the config file", "file": "the origins file"}
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_PAGE = 1000
 _PUT_FIELDS = frozenset({"policy", "note", "expires", "ttl"})
@@ -235,16 +234,8 @@ def _record_json(key: str, record: OriginRecord, now: float) -> dict[str, Any]:
     return {"origin": key, **record.as_json(), "expired": record.is_expired(now)}
 
 
-def _conflict(key: str, record: OriginRecord | None, verb: str) -> None:
-    if record is not None and record.source in _DECLARED_SOURCES:
-        raise AdminError(
-            409,
-            "conflict",
-            f"{key} is declared in {_DECLARED_SOURCES[record.source]} (source {record.source!r}); {verb} it there, "
-            "or the next reconciliation would fight this change",
-            field="origin",
-            source=record.source,
-        )
+def _conflict(exc: DeclaredElsewhere) -> AdminError:
+    return AdminError(409, "conflict", str(exc), field="origin", source=exc.source, declared_in=exc.where)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -303,14 +294,15 @@ def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
             400, "invalid policy", f"unknown policy {policy!r}; defined: {', '.join(sorted(config.safety))}", "policy"
         )
     for name, parse in (("expires", parse_expiry), ("ttl", parse_duration)):
-        if body.get(name) is not None:
+        if body.get(name) is not None and not (name == "expires" and body[name].strip().lower() == NEVER):
             try:
                 when = parse(body[name])
             except ValueError as exc:
                 raise AdminError(400, f"invalid {name}", str(exc), field=name) from None
             if name == "expires" and when <= time.time():
                 raise AdminError(400, "invalid expires", f"{body[name]} is in the past", field=name)
-    return {name: body.get(name) for name in ("policy", "expires", "ttl")} | {"note": body.get("note") or ""}
+    # A field left out (or null) keeps the stored value: a PUT that only renews the note keeps policy and expiry.
+    return {name: body.get(name) for name in ("policy", "note", "expires", "ttl")}
 
 
 async def put_origin(request: web.Request) -> web.Response:
@@ -319,16 +311,27 @@ async def put_origin(request: web.Request) -> web.Response:
     config = state.config
     key = _origin_from_path(request)
     options = _validate_put(await _json_body(request), config)
-    try:
-        entry, warnings = parse_entry(key, config.safety, **options)
-    except ValueError as exc:
-        raise AdminError(400, "invalid origin entry", str(exc), field="origin") from None
-    _conflict(entry.key, state.store.get(entry.key), "change")
+    expires, _ = parse_expires_field(options["expires"], options["ttl"], time.time(), allow_past=False)
+    edit = EntryEdit(parse_origin_entry(key), options["policy"], expires, options["note"])
     actor = request[_ACTOR]
-    record = OriginRecord(entry.policy, entry.expires, actor, 0.0, entry.note)
-    created = await asyncio.to_thread(state.store.put, entry.key, record, actor)
-    stored = state.store.get(entry.key) or record
-    body = {**_record_json(entry.key, stored, time.time()), "created": created, "warnings": warnings}
+    report = await asyncio.to_thread(
+        write_entries,
+        state.store,
+        [edit],
+        safety=config.safety,
+        declarations=Declarations.of(config),
+        actor=actor,
+        owner=actor,
+    )
+    if report.conflicts:
+        raise _conflict(report.conflicts[0])
+    if report.refused:
+        raise AdminError(400, "invalid origin entry", report.refused[0][1], field="origin")
+    stored = state.store.get(key)
+    assert stored is not None
+    created = bool(report.added)
+    warnings = [warning for _, warning in report.warnings]
+    body = {**_record_json(key, stored, time.time()), "created": created, "warnings": warnings}
     headers = {"Location": f"/origins/{request.raw_path.split('?', 1)[0][len('/origins/') :]}"} if created else None
     return web.json_response(body, status=201 if created else 200, headers=headers)
 
@@ -336,8 +339,12 @@ async def put_origin(request: web.Request) -> web.Response:
 async def delete_origin(request: web.Request) -> web.Response:
     state = request.app[ADMIN].state
     key = _origin_from_path(request)
-    _conflict(key, state.store.get(key), "remove")
-    old = await asyncio.to_thread(state.store.remove, key, request[_ACTOR])
+    try:
+        old = await asyncio.to_thread(
+            remove_entry, state.store, key, declarations=Declarations.of(state.config), actor=request[_ACTOR]
+        )
+    except DeclaredElsewhere as exc:
+        raise _conflict(exc) from None
     if old is None:
         raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
     return web.json_response({"removed": key, "old": old.as_json()})
@@ -351,16 +358,27 @@ async def import_origins(request: web.Request) -> web.Response:
         text = await request.text()
     except UnicodeDecodeError as exc:
         raise AdminError(400, "invalid body", f"not UTF-8 text: {exc}", field="body") from None
-    lines = text.splitlines()
-    parsed = await asyncio.to_thread(parse_lines, lines, config.safety)
+    # Lines end at "\n" only: str.splitlines() would also break at U+2028, U+0085 and other separators a note may hold.
+    parsed = await asyncio.to_thread(parse_edits, text.split("\n"))
     refused: list[dict[str, Any]] = [{"line": n, "reason": reason} for n, reason in parsed.errors]
-    for key in list(parsed.entries):
-        current = state.store.get(key)
-        if current is not None and current.source in _DECLARED_SOURCES:
-            del parsed.entries[key]
-            refused.append({"line": None, "origin": key, "reason": f"declared in {_DECLARED_SOURCES[current.source]}"})
     warnings = [{"line": n, "warning": w} for n, w in parsed.warnings]
-    if refused and not partial:
+    actor = request[_ACTOR]
+    report = await asyncio.to_thread(
+        write_entries,
+        state.store,
+        parsed.edits,
+        safety=config.safety,
+        declarations=Declarations.of(config),
+        actor=actor,
+        owner=actor,
+        batch=True,
+        all_or_nothing=not partial,
+        commit=partial or not refused,  # a bad line refuses the whole import; its other problems are reported too
+    )
+    refused.extend({"line": edit.line, "origin": edit.key, "reason": why} for edit, why in report.refused)
+    refused.sort(key=lambda item: item["line"] or 0)
+    warnings.extend({"line": edit.line, "warning": w} for edit, w in report.warnings)
+    if not report.written:
         raise AdminError(
             400,
             "import refused",
@@ -369,13 +387,16 @@ async def import_origins(request: web.Request) -> web.Response:
             refused=refused,
             warnings=warnings,
         )
-    actor = request[_ACTOR]
-    added, replaced = await asyncio.to_thread(
-        state.store.put_many,
-        [(key, OriginRecord(e.policy, e.expires, actor, 0.0, e.note)) for key, e in parsed.entries.items()],
-        actor,
+    return web.json_response(
+        {
+            "added": len(report.added),
+            "replaced": len(report.updated),
+            "unchanged": len(report.unchanged),
+            "declared": report.declared,
+            "refused": refused,
+            "warnings": warnings,
+        }
     )
-    return web.json_response({"added": added, "replaced": replaced, "refused": refused, "warnings": warnings})
 
 
 # -- explain, audit -----------------------------------------------------------------------------------------------

@@ -21,8 +21,17 @@ from pathlib import Path
 from typing import TextIO
 
 from corsproxy.config import Config, ConfigError, load_config
-from corsproxy.origin_lines import format_line, parse_entry, parse_lines
-from corsproxy.store import OriginRecord, OriginStore, StoreError, reconcile_config
+from corsproxy.origin_lines import KEEP, EntryEdit, format_line, parse_edits, parse_entry, parse_expires_field
+from corsproxy.origin_writes import (
+    Declarations,
+    DeclaredElsewhere,
+    WriteReport,
+    prune_expired,
+    reconcile_config,
+    remove_entry,
+    write_entries,
+)
+from corsproxy.store import OriginRecord, OriginStore, StoreError
 
 __all__ = ["main"]
 
@@ -137,21 +146,44 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if result.allowed else 1
 
 
+def _describe(record: OriginRecord | None) -> str:
+    if record is None:
+        return ""
+    out = f" (policy {record.policy})"
+    if record.expires is not None:
+        out += time.strftime(" expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
+    if record.note:
+        out += f" note {json.dumps(record.note, ensure_ascii=False)}"
+    return out
+
+
+def _write(config: Config, store: OriginStore, edits: list[EntryEdit], **options: bool) -> WriteReport:
+    """Every CLI write goes through the one write service (ownership and validation rules)."""
+    return write_entries(
+        store, edits, safety=config.safety, declarations=Declarations.of(config), actor=_actor(), owner="cli", **options
+    )
+
+
 def cmd_origins_add(args: argparse.Namespace) -> int:
+    from corsproxy.origin import EntryError, parse_origin_entry
+
     config = _load(args)
     try:
-        entry, warnings = parse_entry(
-            args.origin, config.safety, policy=args.policy, expires=args.expires, ttl=args.ttl, note=args.note or ""
-        )
-    except ValueError as exc:
+        entry = parse_origin_entry(args.origin)
+        expires, _ = parse_expires_field(args.expires, args.ttl, time.time(), allow_past=False)
+    except (EntryError, ValueError) as exc:
         print(f"error: {args.origin!r} refused: {exc}", file=sys.stderr)
         return 2
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
     with _open_store(config) as store:
-        record = OriginRecord(entry.policy, entry.expires, "cli", 0.0, entry.note)
-        created = store.put(entry.key, record, _actor())
-    print(f"{'added' if created else 'replaced'} {entry.key} (policy {entry.policy})")
+        report = _write(config, store, [EntryEdit(entry, args.policy, expires, args.note)])
+        stored = store.get(entry.key)
+    for _, warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.refused:
+        print(f"error: {args.origin!r} refused: {report.refused[0][1]}", file=sys.stderr)
+        return 2
+    verb = "added" if report.added else "updated" if report.updated else "unchanged"
+    print(f"{verb} {entry.key}{_describe(stored)}")
     return 0
 
 
@@ -165,12 +197,14 @@ def cmd_origins_remove(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with _open_store(config) as store:
-        old = store.remove(key, _actor())
+        try:
+            old = remove_entry(store, key, declarations=Declarations.of(config), actor=_actor())
+        except DeclaredElsewhere as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if old is None:
         print(f"error: {key} is not in the store (see `corsproxy origins list`)", file=sys.stderr)
         return 1
-    if old.source == "config":
-        print(f"warning: {key} is listed in {config.source}; it comes back on the next start", file=sys.stderr)
     print(f"removed {key}")
     return 0
 
@@ -193,18 +227,27 @@ def cmd_origins_import(args: argparse.Namespace) -> int:
     config = _load(args)
     stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
     with stream:
-        parsed = parse_lines(stream, config.safety)
-    for number, reason in parsed.errors:
-        print(f"{args.file}:{number}: refused: {reason}", file=sys.stderr)
-    for number, warning in parsed.warnings:
-        print(f"{args.file}:{number}: warning: {warning}", file=sys.stderr)
+        parsed = parse_edits(stream)
     with _open_store(config) as store:
-        added, replaced = store.put_many(
-            ((key, OriginRecord(e.policy, e.expires, "cli", 0.0, e.note)) for key, e in parsed.entries.items()),
-            _actor(),
+        report = _write(config, store, parsed.edits, batch=True)
+    refused = sorted([*parsed.errors, *((edit.line or 0, why) for edit, why in report.refused)])
+    warnings = sorted([*parsed.warnings, *((edit.line or 0, why) for edit, why in report.warnings)])
+    for number, reason in refused:
+        print(f"{args.file}:{number}: refused: {reason}", file=sys.stderr)
+    for number, warning in warnings:
+        print(f"{args.file}:{number}: warning: {warning}", file=sys.stderr)
+    if report.declared:
+        print(
+            f"{len(report.declared)} line(s) match entries declared in the config or the origins file: left to them",
+            file=sys.stderr,
         )
-    print(f"imported {added + replaced} origin(s) ({added} new, {replaced} replaced), refused {len(parsed.errors)}")
-    return 1 if parsed.errors else 0
+    done = len(report.added) + len(report.updated) + len(report.unchanged)
+    unchanged = f", {len(report.unchanged)} unchanged" if report.unchanged else ""
+    print(
+        f"imported {done} origin(s) ({len(report.added)} new, {len(report.updated)} replaced{unchanged}), "
+        f"refused {len(refused)}"
+    )
+    return 1 if refused else 0
 
 
 def cmd_origins_export(args: argparse.Namespace) -> int:
@@ -227,7 +270,7 @@ def cmd_origins_history(args: argparse.Namespace) -> int:
 def cmd_origins_prune(args: argparse.Namespace) -> int:
     config = _load(args)
     with _open_store(config) as store:
-        removed = store.prune_expired(time.time(), _actor())
+        removed = prune_expired(store, _actor())
     for key in removed:
         print(f"removed expired {key}")
     print(f"pruned {len(removed)} expired origin(s)")
@@ -271,15 +314,15 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         for origin in only_entries:
             print(f"  entries only: {origin}", file=sys.stderr)
     if args.apply and accepted:
+        from corsproxy.origin import parse_origin_entry
+
+        note = f"from regex {args.regex}"
+        edits = [EntryEdit(parse_origin_entry(key), args.policy, KEEP, note) for key in accepted]
         with _open_store(config) as store:
-            added, replaced = store.put_many(
-                (
-                    (key, OriginRecord(args.policy or "default", None, "cli", 0.0, f"from regex {args.regex}"))
-                    for key in accepted
-                ),
-                _actor(),
-            )
-        print(f"applied: {added} new, {replaced} replaced", file=sys.stderr)
+            report = _write(config, store, edits, batch=True)
+        for _, reason in report.refused:
+            print(f"refused: {reason}", file=sys.stderr)
+        print(f"applied: {len(report.added)} new, {len(report.updated)} replaced", file=sys.stderr)
     return 1 if conversion.unconverted or len(accepted) < len(conversion.entries) else 0
 
 
@@ -330,8 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--policy", help="named policy (default: the cors block)")
     when = add.add_mutually_exclusive_group()
     when.add_argument("--ttl", help="expire after this long, e.g. 7d, 12h")
-    when.add_argument("--expires", help="expire at this time, e.g. 2026-12-31T00:00:00Z")
-    add.add_argument("--note", help="free text kept with the entry")
+    when.add_argument("--expires", help="expire at this time, e.g. 2026-12-31T00:00:00Z ('never' clears it)")
+    add.add_argument("--note", help="free text kept with the entry ('' clears it)")
     add.set_defaults(func=cmd_origins_add)
 
     remove = with_config(origins.add_parser("remove", help="stop allowing an origin or pattern"))

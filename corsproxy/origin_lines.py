@@ -1,18 +1,37 @@
 """The origin line format shared by ``origins import``/``export``, the admin import endpoint and the origins file.
 
 One entry per line: the origin or pattern, then optional ``policy=NAME``, ``expires=2026-12-31T00:00:00Z``,
-``ttl=7d`` and ``note="free text"``. Blank lines and ``#`` comments are ignored. Every entry passes the same checks as
-``cors.allow_origins`` (:func:`corsproxy.config.check_origin_entry`).
+``ttl=7d`` (not in the origins file) and ``note="free text"``. Blank lines and ``#`` comments are ignored.
+
+A value is a bare word, a double-quoted string with JSON escapes (``"line one\\nline two"``, ``\\"``, ``\\\\``,
+``\\uXXXX``) or a single-quoted literal (``'free text'``, no escapes); quoted parts may be joined within a word
+(``'note=it'"'"'s'``, what shell quoting produces). An unquoted ``#`` at the start of a word starts a comment.
+:func:`format_line` writes every note as one double-quoted JSON string with every line break and other
+non-printable character escaped, so an exported line is always one line and reads back to the same entry: a note
+can never smuggle an entry into an import (a note holding ``"\\nhttps://evil.example.com"`` stays a note).
+
+Two readings of a line:
+
+* :func:`parse_lines` — a *declaration* (the origins file): every field not given takes its default. ``ttl=`` is
+  refused, since replicas starting at different times would each count it from their own start; an ``expires``
+  already past skips the line with a warning.
+* :func:`parse_edits` — an *edit* (``origins import``, admin import): the fields a line gives, the others kept from
+  the stored entry (see :mod:`corsproxy.origin_writes`, which also checks each entry against its final policy).
 
 Must not import aiohttp or lmdb.
 """
 
 from __future__ import annotations
 
-import shlex
+import datetime as dt
+import enum
+import json
+import math
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from corsproxy.config import (
     DEFAULT_POLICY,
@@ -22,9 +41,31 @@ from corsproxy.config import (
     parse_duration,
     parse_expiry,
 )
-from corsproxy.origin import EntryError, parse_origin_entry
+from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry
 
-__all__ = ["ParsedLines", "format_line", "parse_entry", "parse_lines"]
+__all__ = [
+    "KEEP",
+    "EntryEdit",
+    "ParsedEdits",
+    "ParsedLines",
+    "format_line",
+    "parse_edits",
+    "parse_entry",
+    "parse_expires_field",
+    "parse_lines",
+    "split_words",
+]
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: "Not given": an edit leaves the stored value as it is (a new entry gets the default).
+KEEP: Final = _Keep.KEEP
+
+#: ``expires=never`` (or ``--expires never``) clears an expiry in an edit.
+NEVER = "never"
 
 
 @dataclass
@@ -32,6 +73,109 @@ class ParsedLines:
     entries: dict[str, ConfiguredOrigin] = field(default_factory=dict)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
     warnings: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryEdit:
+    """An operator's write to one entry. ``None`` policy or note and ``KEEP`` expiry keep what is stored (a new entry
+    gets the default policy, no note, no expiry); ``expires=None`` means "never expires"."""
+
+    entry: OriginEntry
+    policy: str | None = None
+    expires: float | _Keep | None = KEEP
+    note: str | None = None
+    line: int | None = None  # where it came from, for error reports
+
+    @property
+    def key(self) -> str:
+        return self.entry.key
+
+
+@dataclass
+class ParsedEdits:
+    edits: list[EntryEdit] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[tuple[int, str]] = field(default_factory=list)
+
+
+# -- words --------------------------------------------------------------------------------------------------------
+
+_SEPARATORS = " \t\r\n\f\v"
+_PLAIN_RUN = re.compile(r"[^ \t\r\n\f\v\"'\\]+")
+_NEEDS_SPLIT = re.compile(r"[ \t\r\n\f\v\"'\\#]")
+
+
+def split_words(line: str) -> list[str]:
+    """The words of one line (see the module docstring); ``ValueError`` says what is wrong with the quoting."""
+    words: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i] in _SEPARATORS:
+            i += 1
+            continue
+        if line[i] == "#":
+            break  # a comment runs to the end of the line
+        parts: list[str] = []
+        while i < n and line[i] not in _SEPARATORS:
+            c = line[i]
+            if c == '"':
+                j = i + 1
+                while j < n and line[j] != '"':
+                    j += 2 if line[j] == "\\" else 1
+                if j >= n:
+                    raise ValueError(f"no closing double quote for the one at column {i + 1}")
+                try:
+                    parts.append(json.loads(line[i : j + 1], strict=False))
+                except ValueError:
+                    raise ValueError(
+                        f'bad escape in the quoted text at column {i + 1}: inside "..." write \\" \\\\ \\n \\t '
+                        "or \\uXXXX (JSON escapes), or use '...' for text taken literally"
+                    ) from None
+                i = j + 1
+            elif c == "'":
+                j = line.find("'", i + 1)
+                if j < 0:
+                    raise ValueError(f"no closing single quote for the one at column {i + 1}")
+                parts.append(line[i + 1 : j])
+                i = j + 1
+            elif c == "\\":
+                raise ValueError(f"a backslash outside quotes at column {i + 1}: put the value in quotes")
+            else:
+                match = _PLAIN_RUN.match(line, i)
+                assert match is not None
+                parts.append(match.group())
+                i = match.end()
+        words.append("".join(parts))
+    return words
+
+
+_FIELDS = {"policy", "expires", "ttl", "note"}
+
+
+def _read_line(raw: str) -> tuple[str, dict[str, str]] | None:
+    """The origin and its ``name=value`` fields, ``None`` for a blank or comment line; ``ValueError`` if malformed."""
+    line = raw.strip()
+    if not line or line.startswith("#"):
+        return None
+    words = split_words(line) if _NEEDS_SPLIT.search(line) else [line]  # the common, fast case of a big import
+    if not words:
+        return None
+    options: dict[str, str] = {}
+    for word in words[1:]:
+        name, eq, value = word.partition("=")
+        if not eq or name not in _FIELDS:
+            raise ValueError(f"{word!r} is not one of policy=NAME, expires=TIME, ttl=DURATION, note=TEXT")
+        if name in options:
+            raise ValueError(f"{name}= is given twice; keep one")
+        options[name] = value
+    return words[0], options
+
+
+def _lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    return enumerate(lines, 1)
+
+
+# -- declarations (the origins file) ------------------------------------------------------------------------------
 
 
 def parse_entry(
@@ -44,7 +188,7 @@ def parse_entry(
     note: str = "",
     now: float | None = None,
 ) -> tuple[ConfiguredOrigin, list[str]]:
-    """Validate one entry for a write path; raise ``ValueError`` with every reason, else return it and its warnings."""
+    """Validate one declared entry; raise ``ValueError`` with every reason, else return it and its warnings."""
     policy = policy or DEFAULT_POLICY
     problems: list[str] = []
     if policy not in safety:
@@ -78,37 +222,48 @@ def parse_entry(
     return ConfiguredOrigin(entry.key, policy, when, note), warnings
 
 
-_FIELDS = {"policy", "expires", "ttl", "note"}
+#: Why the origins file takes no ``ttl``: said wherever it is refused.
+TTL_IN_FILE = (
+    "a ttl is not accepted in the origins file: each replica would count it from its own start (and again after "
+    "every restart), so replicas would disagree on when the entry expires; write the moment instead, "
+    "expires=2026-12-31T00:00:00Z (e.g. `date -u -d '+30 days' +%Y-%m-%dT%H:%M:%SZ`)"
+)
+
+
+def expired_warning(origin: str, expires: str) -> str:
+    return f"{origin}: expires={expires} has passed; line skipped (the origin is not allowed): renew or delete it"
 
 
 def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: float | None = None) -> ParsedLines:
-    """Parse the line format; each bad line is reported with its number and reason, the good ones are kept."""
+    """Read the origins file's line format: each bad line is reported with its number and reason, the good ones kept.
+
+    An expired line is not an error: it is skipped with a warning, so one stale line never blocks the rest of the file
+    (revocations included). ``ttl=`` is an error (:data:`TTL_IN_FILE`).
+    """
+    now = time.time() if now is None else now
     out = ParsedLines()
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if " " in line or "\t" in line:
-            try:
-                words = shlex.split(line, comments=True)
-            except ValueError as exc:
-                out.errors.append((number, f"cannot split the line into words: {exc}"))
-                continue
-        else:
-            words = [line]  # the common case, and the fast one for a million-line import
-        options: dict[str, str] = {}
-        bad = ""
-        for word in words[1:]:
-            name, eq, value = word.partition("=")
-            if not eq or name not in _FIELDS:
-                bad = f"{word!r} is not one of policy=NAME, expires=TIME, ttl=DURATION, note=TEXT"
-                break
-            options[name] = value
-        if bad:
-            out.errors.append((number, bad))
-            continue
+    for number, raw in _lines(lines):
         try:
-            entry, warnings = parse_entry(words[0], safety, now=now, **options)
+            read = _read_line(raw)
+        except ValueError as exc:
+            out.errors.append((number, str(exc)))
+            continue
+        if read is None:
+            continue
+        origin, options = read
+        if "ttl" in options:
+            out.errors.append((number, TTL_IN_FILE))
+            continue
+        expires = options.get("expires")
+        if expires is not None:
+            try:
+                if parse_expiry(expires) <= now:
+                    out.warnings.append((number, expired_warning(origin, expires)))
+                    continue
+            except ValueError:
+                pass  # parse_entry reports it
+        try:
+            entry, warnings = parse_entry(origin, safety, now=now, **options)
         except ValueError as exc:
             out.errors.append((number, str(exc)))
             continue
@@ -119,13 +274,90 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
     return out
 
 
+# -- edits (imports) ----------------------------------------------------------------------------------------------
+
+
+def parse_expires_field(
+    expires: str | None, ttl: str | None, now: float, *, allow_past: bool
+) -> tuple[float | _Keep | None, str | None]:
+    """The expiry an edit sets (``KEEP`` when neither is given, ``None`` for ``never``) and a warning, if any.
+
+    Expiries are whole seconds (a ttl rounds up), so that an export writes them exactly and reads back the same.
+    ``ValueError`` says what is wrong.
+    """
+    if expires is not None and ttl is not None:
+        raise ValueError("give either an expiry time or a ttl, not both")
+    if ttl is not None:
+        return float(math.ceil(now + parse_duration(ttl))), None
+    if expires is None:
+        return KEEP, None
+    if expires.strip().lower() == NEVER:
+        return None, None
+    when = parse_expiry(expires)
+    if when <= now:
+        if not allow_past:
+            raise ValueError(f"{expires!r} is already past: the entry would never be allowed")
+        return when, f"expires={expires} has passed: kept as an expired entry (refused until renewed)"
+    return when, None
+
+
+def parse_edits(lines: Iterable[str], now: float | None = None) -> ParsedEdits:
+    """Read the line format as edits (``origins import``): syntax, origins and times here; policies and ownership are
+    checked where the write happens (:func:`corsproxy.origin_writes.write_entries`), against the entry's final
+    policy. An expired entry is kept as such (an export of expired entries reads back the same) with a warning."""
+    now = time.time() if now is None else now
+    out = ParsedEdits()
+    for number, raw in _lines(lines):
+        try:
+            read = _read_line(raw)
+            if read is None:
+                continue
+            origin, options = read
+            entry = parse_origin_entry(origin)
+            expires, warning = parse_expires_field(options.get("expires"), options.get("ttl"), now, allow_past=True)
+        except (ValueError, EntryError) as exc:
+            out.errors.append((number, str(exc)))
+            continue
+        if warning is not None:
+            out.warnings.append((number, f"{entry.key}: {warning}"))
+        out.edits.append(EntryEdit(entry, options.get("policy"), expires, options.get("note"), number))
+    return out
+
+
+# -- export -------------------------------------------------------------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    """``text`` as one double-quoted JSON string holding only printable characters (and spaces)."""
+    quoted = json.dumps(text, ensure_ascii=False)
+    if quoted.isprintable():
+        return quoted
+    out: list[str] = []
+    for c in quoted:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) > 0xFFFF:  # JSON spells astral characters as a surrogate pair
+            high, low = divmod(ord(c) - 0x10000, 0x400)
+            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
+        else:
+            out.append(f"\\u{ord(c):04x}")
+    return "".join(out)
+
+
+def _iso(expires: float) -> str:
+    moment = dt.datetime.fromtimestamp(expires, dt.UTC)
+    if expires == int(expires):
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # a store written before expiries were whole seconds
+
+
 def format_line(key: str, policy: str, expires: float | None, note: str) -> str:
-    """One export line; :func:`parse_lines` reads it back to the same entry."""
+    """One export line, always a single line; :func:`parse_edits` reads it back to the same entry."""
     words = [key]
     if policy != DEFAULT_POLICY:
         words.append(f"policy={policy}")
     if expires is not None:
-        words.append("expires=" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
+        words.append("expires=" + _iso(expires))
     if note:
-        words.append(shlex.quote(f"note={note}"))
+        words.append("note=" + _quote(note))
     return " ".join(words)

@@ -4,8 +4,12 @@ The file is the fleet's source of truth (a Kubernetes ConfigMap, a mounted secre
 management); each host's LMDB store is its local, read-optimised copy. The watcher polls the file's identity (inode,
 size, mtime) every ``poll_interval`` seconds and, when it changed, hashes the content; a new hash is parsed with the
 shared line format (:func:`corsproxy.origin_lines.parse_lines`, or a YAML list) and reconciled with
-``source="file"`` in one LMDB transaction. A file with any bad line is refused whole: the errors are logged and the
-last good state stays, because applying only the good lines would silently drop the origins the bad lines meant.
+``source="file"`` in one LMDB transaction (:func:`corsproxy.origin_writes.reconcile_file`: the file takes over
+entries the CLI or admin API added, and leaves ``cors.allow_origins``' own). A file with any bad line is refused
+whole: the errors are logged and the last good state stays, because applying only the good lines would silently drop
+the origins the bad lines meant. A line whose ``expires`` has passed is not bad — it is skipped with a warning, so one
+stale line never holds back the rest (revocations included). ``ttl`` is refused: every replica would count it from
+its own start, so replicas would disagree; the file says ``expires``.
 
 With several workers only one of them watches: the holder of an exclusive ``flock`` on a file next to the store. The
 lock dies with its process, so when that worker exits another one takes over at its next poll. Reconciliation is
@@ -17,6 +21,7 @@ Must not import aiohttp; the store is passed in.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import fcntl
 import hashlib
 import json
@@ -30,9 +35,10 @@ from typing import Any
 
 import yaml
 
-from corsproxy.config import PolicySafety
-from corsproxy.origin_lines import ParsedLines, parse_entry, parse_lines
-from corsproxy.store import OriginRecord, OriginStore
+from corsproxy.config import PolicySafety, parse_expiry
+from corsproxy.origin_lines import TTL_IN_FILE, ParsedLines, expired_warning, parse_entry, parse_lines
+from corsproxy.origin_writes import reconcile_file
+from corsproxy.store import OriginStore
 
 __all__ = ["OriginsFileWatcher", "SyncResult", "applied", "parse_origins_file"]
 
@@ -41,10 +47,14 @@ log = logging.getLogger("corsproxy.origins_file")
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]) -> ParsedLines:
+def parse_origins_file(
+    path: Path, text: str, safety: Mapping[str, PolicySafety], now: float | None = None
+) -> ParsedLines:
     """The line format, or for ``*.yaml``/``*.yml`` a list whose items are lines or ``{origin, policy, ...}`` maps."""
+    now = time.time() if now is None else now
     if path.suffix not in _YAML_SUFFIXES:
-        return parse_lines(text.splitlines(), safety)
+        # Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other separators.
+        return parse_lines(text.split("\n"), safety, now)
     out = ParsedLines()
     try:
         data: Any = yaml.safe_load(text)
@@ -61,7 +71,7 @@ def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]
         return out
     for number, item in enumerate(data, 1):
         if isinstance(item, str):
-            one = parse_lines([item], safety)
+            one = parse_lines([item], safety, now)
             out.errors.extend((number, reason) for _, reason in one.errors)
             out.warnings.extend((number, warning) for _, warning in one.warnings)
             out.entries.update(one.entries)
@@ -69,18 +79,26 @@ def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]
         if not isinstance(item, dict) or not isinstance(item.get("origin"), str):
             out.errors.append((number, "an item is an origin string or a mapping {origin: ..., policy: ..., ...}"))
             continue
-        unknown = set(item) - {"origin", "policy", "expires", "ttl", "note"}
+        unknown = set(item) - {"origin", "policy", "expires", "note"}
         if unknown:
-            out.errors.append((number, f"unknown key(s) {', '.join(sorted(map(str, unknown)))}"))
+            reason = TTL_IN_FILE if "ttl" in unknown else f"unknown key(s) {', '.join(sorted(map(str, unknown)))}"
+            out.errors.append((number, reason))
             continue
+        expires = item.get("expires")
+        try:
+            if expires is not None and parse_expiry(expires) <= now:
+                out.warnings.append((number, expired_warning(item["origin"], str(expires))))
+                continue
+        except ValueError:
+            pass  # parse_entry reports it
         try:
             entry, warnings = parse_entry(
                 item["origin"],
                 safety,
                 policy=item.get("policy"),
-                expires=None if item.get("expires") is None else str(item["expires"]),
-                ttl=None if item.get("ttl") is None else str(item["ttl"]),
+                expires=None if expires is None else _yaml_time(expires),
                 note=str(item.get("note") or ""),
+                now=now,
             )
         except ValueError as exc:
             out.errors.append((number, str(exc)))
@@ -88,6 +106,14 @@ def parse_origins_file(path: Path, text: str, safety: Mapping[str, PolicySafety]
         out.warnings.extend((number, w) for w in warnings)
         out.entries[entry.key] = entry
     return out
+
+
+def _yaml_time(value: Any) -> str:
+    """YAML turns an unquoted ``2026-12-31T00:00:00Z`` into a datetime; give parse_entry the ISO text back."""
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        return moment.isoformat()
+    return str(value)
 
 
 def applied(path: str, store_dir: Path) -> bool:
@@ -195,19 +221,11 @@ class OriginsFileWatcher:
             if parsed.errors:
                 result = SyncResult(False, errors=tuple(parsed.errors))
             else:
-                wanted = {
-                    key: OriginRecord(policy=e.policy, expires=e.expires, source="file", note=e.note)
-                    for key, e in parsed.entries.items()
-                }
-                changed, removed, skipped = self.store.reconcile(wanted, source="file")
+                changed, removed, skipped, _ = reconcile_file(self.store, parsed.entries, str(self.path))
                 result = SyncResult(True, tuple(changed), tuple(removed), tuple(skipped))
         if result.applied:
             self._digest = digest
             self._write_marker(digest)
-            for key in result.skipped:
-                log.warning(
-                    "%s lists %s, which another source (config, cli or admin) owns: left as it is", self.path, key
-                )
             log.log(
                 logging.INFO if result.changed or result.removed else logging.DEBUG,
                 "origins file %s applied: %d added or changed, %d removed",

@@ -48,7 +48,8 @@ from corsproxy.forwarding import (
     request_headers,
     response_headers,
 )
-from corsproxy.store import OriginStore, reconcile_config
+from corsproxy.origin_writes import reconcile_on_start
+from corsproxy.store import OriginStore
 
 __all__ = [
     "DECISION",
@@ -537,9 +538,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config = app[_CONFIG]
     store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
     try:
-        changed, removed, skipped = reconcile_config(store, config.origins)
-        for key in skipped:
-            log.warning("config lists %s, which the CLI already added: the CLI entry stays in charge", key)
+        changed, removed, _, _ = reconcile_on_start(store, config)
         if changed or removed:
             log.info("store reconciled with config: %d added or changed, %d removed", len(changed), len(removed))
         connector = aiohttp.TCPConnector(

@@ -23,17 +23,16 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
-from corsproxy.config import ConfiguredOrigin
 from corsproxy.decision import Found
 
-__all__ = ["AuditEvent", "OriginRecord", "OriginStore", "StoreError", "reconcile_config"]
+__all__ = ["AuditEvent", "OriginRecord", "OriginStore", "Reconciled", "StoreError"]
 
 _VERSION = 1
 _json_str = json.encoder.encode_basestring_ascii
@@ -44,6 +43,15 @@ _DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space; the file only grows as ne
 
 class StoreError(RuntimeError):
     """The store cannot be opened or written; the message says which path and why."""
+
+
+class Reconciled(NamedTuple):
+    """What :meth:`OriginStore.reconcile` did, key lists in write order."""
+
+    changed: list[str]  # added or changed (take-overs included)
+    removed: list[str]
+    skipped: list[str]  # wanted, but owned by a source this one defers to
+    taken_over: list[tuple[str, str]]  # (key, previous owner) now owned by this source
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,15 +274,55 @@ class OriginStore:
                     replaced += 1
         return added, replaced
 
-    def remove(self, key: str, actor: str, action: str = "remove") -> OriginRecord | None:
+    def apply(
+        self,
+        keys: Iterable[str],
+        resolve: Callable[[str, OriginRecord | None], OriginRecord | None],
+        actor: str,
+        finish: Callable[[], None] | None = None,
+    ) -> tuple[int, int]:
+        """Read-modify-write in one transaction: ``resolve(key, stored)`` returns the record to write, or ``None`` to
+        leave the key alone; it (or ``finish``, called before the commit) raises to abort everything. Returns
+        (added, replaced). The check and the write see the same state, whatever other processes write."""
+        added = replaced = 0
         with self._env.begin(write=True) as txn:
+            stamps = self._stamps(txn)
+            for key in keys:
+                stored = txn.get(key.encode(), db=self._origins)
+                record = resolve(key, None if stored is None else OriginRecord.decode(stored))
+                if record is None:
+                    continue
+                if self._put(txn, key, record, actor, stamps):
+                    added += 1
+                else:
+                    replaced += 1
+            if finish is not None:
+                finish()
+        return added, replaced
+
+    def remove(
+        self,
+        key: str,
+        actor: str,
+        action: str = "remove",
+        guard: Callable[[OriginRecord], None] | None = None,
+    ) -> OriginRecord | None:
+        """Remove one entry; ``guard(stored)`` may raise to refuse, in the same transaction."""
+        with self._env.begin(write=True) as txn:
+            if guard is not None:
+                stored = txn.get(key.encode(), db=self._origins)
+                if stored is not None:
+                    guard(OriginRecord.decode(stored))
             return self._remove(txn, key, actor, self._stamps(txn), action)
 
-    def prune_expired(self, now: float, actor: str) -> list[str]:
-        """Remove expired entries (their lookups already fail); each removal is audited as ``expire``."""
+    def prune_expired(self, now: float, actor: str, keep_sources: Collection[str] = ()) -> list[str]:
+        """Remove expired entries (their lookups already fail), except those owned by ``keep_sources``; each removal
+        is audited as ``expire``."""
         with self._env.begin(write=True) as txn:
             stale = [
-                bytes(k).decode() for k, v in txn.cursor(db=self._origins) if OriginRecord.decode(v).is_expired(now)
+                bytes(k).decode()
+                for k, v in txn.cursor(db=self._origins)
+                if (record := OriginRecord.decode(v)).is_expired(now) and record.source not in keep_sources
             ]
             stamps = self._stamps(txn)
             for key in stale:
@@ -282,17 +330,24 @@ class OriginStore:
         return stale
 
     def reconcile(
-        self, wanted: Mapping[str, OriginRecord], *, source: str, actor: str | None = None
-    ) -> tuple[list[str], list[str], list[str]]:
+        self,
+        wanted: Mapping[str, OriginRecord],
+        *,
+        source: str,
+        actor: str | None = None,
+        defer_to: Collection[str] = (),
+    ) -> Reconciled:
         """Make the entries owned by ``source`` exactly ``wanted``, in one transaction.
 
-        Entries owned by another source are left alone (a CLI addition survives a config change); a wanted key that
-        another source already owns is skipped and reported in the third list. Returns (added/changed, removed,
-        skipped). Only ``source``'s own entries are read (the owner index), whatever the size of the store.
+        A wanted key owned by a source in ``defer_to`` is left alone and reported as skipped; one owned by any other
+        source is taken over (which source yields to which is :mod:`corsproxy.origin_writes`' rule). Unwanted
+        entries of other sources are never touched. Only ``source``'s own entries are read (the owner index), whatever
+        the size of the store.
         """
         changed: list[str] = []
         removed: list[str] = []
         skipped: list[str] = []
+        taken_over: list[tuple[str, str]] = []
         actor = actor or source
         with self._env.begin(write=True) as txn:
             stamps = self._stamps(txn)
@@ -312,14 +367,16 @@ class OriginStore:
                 stored = txn.get(key.encode(), db=self._origins)
                 current = None if stored is None else OriginRecord.decode(stored)
                 if current is not None and current.source != source:
-                    skipped.append(key)
-                    continue
-                if current is not None and current.same_rule(record):
+                    if current.source in defer_to:
+                        skipped.append(key)
+                        continue
+                    taken_over.append((key, current.source))
+                elif current is not None and current.same_rule(record):
                     continue
                 owned = record if record.source == source else replace(record, source=source)
                 self._put(txn, key, owned, actor, stamps)
                 changed.append(key)
-        return changed, removed, skipped
+        return Reconciled(changed, removed, skipped, taken_over)
 
     def _stamps(self, txn: lmdb.Transaction) -> Iterator[int]:
         """Audit keys for one write transaction: nanosecond times, strictly increasing and unique across processes
@@ -379,17 +436,3 @@ class OriginStore:
 
 def _owner_key(source: str, raw_key: bytes) -> bytes:
     return source.encode() + b"\0" + raw_key
-
-
-def reconcile_config(
-    store: OriginStore, origins: Mapping[str, ConfiguredOrigin]
-) -> tuple[list[str], list[str], list[str]]:
-    """Make the store's ``config``-owned entries exactly ``cors.allow_origins`` (the declarative part, issue 2).
-
-    Run on every start and before every CLI command, so the store and the file never disagree for long.
-    """
-    wanted = {
-        key: OriginRecord(policy=entry.policy, expires=entry.expires, source="config", note=entry.note)
-        for key, entry in origins.items()
-    }
-    return store.reconcile(wanted, source="config")

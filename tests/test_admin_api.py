@@ -121,7 +121,11 @@ def test_put_creates_then_replaces(served: Server) -> None:
     assert created.headers["Location"] == origin_path(key)
     replaced = served.admin("PUT", origin_path(key), body={"note": "renewed"})
     assert replaced.status == 200
-    assert replaced.json()["created"] is False and replaced.json()["expires"] is None
+    # Fields left out are kept: the expiry stays, the source stays.
+    assert replaced.json()["created"] is False and replaced.json()["expires"] == body["expires"]
+    assert replaced.json()["note"] == "renewed" and replaced.json()["source"] == "admin:admin"
+    cleared = served.admin("PUT", origin_path(key), body={"expires": "never"})
+    assert cleared.status == 200 and cleared.json()["expires"] is None and cleared.json()["note"] == "renewed"
     # A pattern, written with the CLI's own syntax.
     pattern = served.admin("PUT", origin_path("https://*.partners.example.com"), body={})
     assert pattern.status == 201 and pattern.json()["origin"] == "https://*.partners.example.com"
@@ -184,10 +188,16 @@ def test_import_all_or_nothing_with_per_line_errors(served: Server) -> None:
 
     good = served.admin("POST", "/origins/import", raw=b"https://imp1.example.com\nhttps://imp3.example.com ttl=1d\n")
     assert good.status == 200
-    assert good.json() == {"added": 1, "replaced": 1, "refused": [], "warnings": []}
-    # An origin the config declares is refused by name, not silently taken over.
-    clash = _error(served.admin("POST", "/origins/import", raw=f"{APP}\n".encode()), 400, "body")
-    assert clash["refused"][0]["origin"] == APP
+    # imp1's line gives no note: its note is kept, so nothing changes.
+    assert good.json() == {"added": 1, "replaced": 0, "unchanged": 1, "declared": [], "refused": [], "warnings": []}
+    assert served.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
+    # An origin the config declares: a line equal to it changes nothing (an export reads back) ...
+    same = served.admin("POST", "/origins/import", raw=f"{APP}\n".encode())
+    assert same.status == 200 and same.json()["declared"] == [APP]
+    # ... one that would change it is refused by name, never taken over.
+    clash = _error(served.admin("POST", "/origins/import", raw=f"{APP} note=mine\n".encode()), 400, "body")
+    assert clash["refused"][0]["origin"] == APP and "cors.allow_origins in" in clash["refused"][0]["reason"]
+    assert served.admin("GET", origin_path(APP)).json()["source"] == "config"
 
 
 # -- explain, audit -----------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_import_reports_each_bad_line_and_commits_the_rest(write_config: Callabl
     assert "-:6: refused:" in result.stderr
     assert "-:8: refused: 'colour=blue'" in result.stderr
     exported = run_cli("origins", "export", "-c", path).stdout.splitlines()
-    assert "https://two.example.com 'note=second one'" in exported
+    assert 'https://two.example.com note="second one"' in exported
     assert "https://three.example.com expires=2030-01-01T00:00:00Z" in exported
     # export -> import round trip into a fresh store gives the same export
     other = str(write_config("other.yaml", store={"path": str(tmp_path / "other.lmdb")}))

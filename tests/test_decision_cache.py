@@ -10,7 +10,8 @@ import pytest
 
 from corsproxy.config import Config, parse_config
 from corsproxy.decision import DecisionCache, Reason, actual_headers, preflight_headers
-from corsproxy.store import OriginRecord, OriginStore, reconcile_config
+from corsproxy.origin_writes import reconcile_config
+from corsproxy.store import OriginRecord, OriginStore
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 

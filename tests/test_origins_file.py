@@ -53,11 +53,14 @@ def test_parse_line_format_and_yaml() -> None:
         Path("origins.txt"), "https://a.example.com note=x\n# c\nhttps://*.b.example.com\n", SAFETY
     )
     assert sorted(lines.entries) == ["https://*.b.example.com", "https://a.example.com"] and not lines.errors
-    yaml_text = "origins:\n  - https://a.example.com\n  - {origin: 'https://c.example.com', ttl: 1d, note: partner}\n"
+    yaml_text = (
+        "origins:\n  - https://a.example.com\n"
+        "  - {origin: 'https://c.example.com', expires: 2099-01-01T00:00:00Z, note: partner}\n"
+    )
     parsed = parse_origins_file(Path("origins.yaml"), yaml_text, SAFETY)
     assert not parsed.errors
     assert parsed.entries["https://c.example.com"].note == "partner"
-    assert parsed.entries["https://c.example.com"].expires is not None
+    assert parsed.entries["https://c.example.com"].expires == 4070908800.0
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,7 @@ def test_watcher_reconciles_changes(tmp_path: Path, store: OriginStore) -> None:
     path = tmp_path / "origins.txt"
     path.write_text("https://a.example.com\nhttps://b.example.com note=partner\n")
     store.put("https://cli.example.com", OriginRecord(source="cli"), "cli:ops")
+    store.put("https://conf.example.com", OriginRecord(source="config"), "config")
     watcher = _watcher(path, store, tmp_path)
     assert not applied(str(path), tmp_path)
     first = watcher.poll()
@@ -97,16 +101,22 @@ def test_watcher_reconciles_changes(tmp_path: Path, store: OriginStore) -> None:
     )
     assert watcher.poll() is None  # unchanged: not even read
 
-    _touch_new(path, "https://b.example.com note=partner\nhttps://c.example.com\nhttps://cli.example.com\n")
+    listed = (
+        "https://b.example.com note=partner\nhttps://c.example.com\nhttps://cli.example.com\nhttps://conf.example.com\n"
+    )
+    _touch_new(path, listed)
     second = watcher.poll()
     assert second is not None and second.applied
-    assert second.changed == ("https://c.example.com",)
+    # The file takes over what an operator added (so removing it from the file revokes it) ...
+    assert second.changed == ("https://c.example.com", "https://cli.example.com")
     assert second.removed == ("https://a.example.com",)
-    assert second.skipped == ("https://cli.example.com",)  # another source's entry is left alone
+    # ... and leaves what cors.allow_origins declares to the config.
+    assert second.skipped == ("https://conf.example.com",)
     assert {k: r.source for k, r in store.items()} == {
         "https://b.example.com": "file",
         "https://c.example.com": "file",
-        "https://cli.example.com": "cli",
+        "https://cli.example.com": "file",
+        "https://conf.example.com": "config",
     }
     assert [(e.action, e.actor) for e in store.history(origin="https://a.example.com")] == [
         ("add", "file"),
@@ -115,7 +125,7 @@ def test_watcher_reconciles_changes(tmp_path: Path, store: OriginStore) -> None:
 
     # Same content, new inode: read and hashed, nothing written.
     before = len(store.history(limit=1000))
-    _touch_new(path, "https://b.example.com note=partner\nhttps://c.example.com\nhttps://cli.example.com\n")
+    _touch_new(path, listed)
     assert watcher.poll() is None
     assert len(store.history(limit=1000)) == before
 

@@ -68,21 +68,37 @@ def test_prune_expired_is_audited(store: OriginStore) -> None:
     assert store.history()[-1].action == "expire"
 
 
-def test_reconcile_leaves_other_sources_alone(store: OriginStore) -> None:
-    store.put("https://cli.example.com", OriginRecord(source="cli"), "cli")
+def test_reconcile_takes_over_or_defers_and_leaves_unwanted_entries_alone(store: OriginStore) -> None:
+    store.put("https://cli.example.com", OriginRecord(source="cli", note="kept?"), "cli")
+    store.put("https://conf.example.com", OriginRecord(source="config"), "config")
+    store.put("https://other.example.com", OriginRecord(source="cli"), "cli")
     wanted = {
-        "https://a.example.com": OriginRecord(source="config"),
-        "https://cli.example.com": OriginRecord(source="config", policy="other"),
+        "https://a.example.com": OriginRecord(source="file"),
+        "https://cli.example.com": OriginRecord(source="file", policy="other"),
+        "https://conf.example.com": OriginRecord(source="file", policy="other"),
     }
-    changed, removed, skipped = store.reconcile(wanted, source="config")
-    assert (changed, removed, skipped) == (["https://a.example.com"], [], ["https://cli.example.com"])
-    # Unchanged config: nothing written (no audit noise on every start).
+    result = store.reconcile(wanted, source="file", defer_to=("config",))
+    assert result == (
+        ["https://a.example.com", "https://cli.example.com"],
+        [],
+        ["https://conf.example.com"],
+        [("https://cli.example.com", "cli")],
+    )
+    assert store.get("https://cli.example.com") == OriginRecord(
+        "other",
+        None,
+        "file",
+        store.get("https://cli.example.com").added,
+        "",  # type: ignore[union-attr]
+    )
+    assert store.get("https://conf.example.com").source == "config"  # type: ignore[union-attr]
+    # Unchanged: nothing written (no audit noise on every start).
     before = len(store.history())
-    assert store.reconcile(wanted, source="config") == ([], [], ["https://cli.example.com"])
+    assert store.reconcile(wanted, source="file", defer_to=("config",)) == ([], [], ["https://conf.example.com"], [])
     assert len(store.history()) == before
-    # Dropped from config: removed; the CLI entry stays.
-    assert store.reconcile({}, source="config") == ([], ["https://a.example.com"], [])
-    assert [k for k, _ in store.items()] == ["https://cli.example.com"]
+    # Dropped: the source's own entries are removed; other sources' unwanted entries stay.
+    assert store.reconcile({}, source="file").removed == ["https://a.example.com", "https://cli.example.com"]
+    assert [k for k, _ in store.items()] == ["https://conf.example.com", "https://other.example.com"]
 
 
 def test_items_paging_and_filter(store: OriginStore) -> None:
@@ -154,13 +170,13 @@ def test_owner_index_follows_ownership_and_is_rebuilt(tmp_path: Path) -> None:
         # the config takes over nothing another source owns; a source change by put moves the index entry
         s.put("https://b.example.com", OriginRecord(source="file"), "file")
         s.put("https://b.example.com", OriginRecord(source="config"), "config")
-        assert s.reconcile({}, source="file") == ([], [], [])
-        assert s.reconcile({}, source="config") == ([], ["https://b.example.com"], [])
+        assert s.reconcile({}, source="file") == ([], [], [], [])
+        assert s.reconcile({}, source="config") == ([], ["https://b.example.com"], [], [])
         # a store written before the index existed: drop the index, reopen, it is rebuilt
         with s._env.begin(write=True) as txn:
             txn.drop(s._owners, delete=False)
     with OriginStore(path) as s:
-        assert s.reconcile({}, source="cli") == ([], ["https://a.example.com"], [])
+        assert s.reconcile({}, source="cli") == ([], ["https://a.example.com"], [], [])
         assert len(s) == 0
 
 
