@@ -5,7 +5,7 @@ export read back re-owns nothing, and removing an origin from its declaration (t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +161,26 @@ def test_re_adding_keeps_the_fields_not_given(server: Server) -> None:
     assert _cli(server, "add", key, "--note", "again").returncode == 0
     assert _cli(server, "import", "-", input=f"{key} expires=2098-01-01T00:00:00Z\n").returncode == 0
     assert server.admin("GET", origin_path(key)).json()["note"] == "again"
+
+
+def test_turning_fleet_mode_off_revokes_the_files_entries(server: Server) -> None:
+    assert _preflight(server, FLEET) == 204
+    _reload(server, merge(server.data, {"origins_file": None}))
+    wait_until(lambda: _preflight(server, FLEET) == 403, timeout=15, what="the file's entries to be revoked")
+    assert _source(server, FLEET) is None
+
+
+def test_prune_leaves_declared_entries_to_their_declaration(write_config: Callable[..., Path]) -> None:
+    stale = {"origin": "https://stale-config.example.com", "expires": "2020-01-01T00:00:00Z"}
+    path = str(write_config(cors={"allow_origins": ["https://app.example.com", stale]}))
+    imported = run_cli(
+        "origins", "import", "-", "-c", path, input="https://old.example.com expires=2020-01-01T00:00:00Z\n"
+    )
+    assert imported.returncode == 0 and "kept as an expired entry" in imported.stderr
+    pruned = run_cli("origins", "prune", "-c", path)
+    assert pruned.returncode == 0 and pruned.stdout.splitlines() == [
+        "removed expired https://old.example.com",
+        "pruned 1 expired origin(s)",
+    ]
+    history = run_cli("origins", "history", "--origin", stale["origin"], "-c", path).stdout.splitlines()
+    assert len(history) == 1  # added by the config once; never pruned and re-added
