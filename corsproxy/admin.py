@@ -311,7 +311,10 @@ async def put_origin(request: web.Request) -> web.Response:
     config = state.config
     key = _origin_from_path(request)
     options = _validate_put(await _json_body(request), config)
-    expires, _ = parse_expires_field(options["expires"], options["ttl"], time.time(), allow_past=False)
+    try:
+        expires, _ = parse_expires_field(options["expires"], options["ttl"], time.time(), allow_past=False)
+    except ValueError as exc:
+        raise AdminError(400, "invalid expires", str(exc), field="expires") from None
     edit = EntryEdit(parse_origin_entry(key), options["policy"], expires, options["note"])
     actor = request[_ACTOR]
     report = await asyncio.to_thread(

@@ -29,7 +29,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -171,10 +171,6 @@ def _read_line(raw: str) -> tuple[str, dict[str, str]] | None:
     return words[0], options
 
 
-def _lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
-    return enumerate(lines, 1)
-
-
 # -- declarations (the origins file) ------------------------------------------------------------------------------
 
 
@@ -242,7 +238,7 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
     """
     now = time.time() if now is None else now
     out = ParsedLines()
-    for number, raw in _lines(lines):
+    for number, raw in enumerate(lines, 1):
         try:
             read = _read_line(raw)
         except ValueError as exc:
@@ -307,7 +303,7 @@ def parse_edits(lines: Iterable[str], now: float | None = None) -> ParsedEdits:
     policy. An expired entry is kept as such (an export of expired entries reads back the same) with a warning."""
     now = time.time() if now is None else now
     out = ParsedEdits()
-    for number, raw in _lines(lines):
+    for number, raw in enumerate(lines, 1):
         try:
             read = _read_line(raw)
             if read is None:
