@@ -79,9 +79,12 @@ class DeclaredElsewhere(ValueError):
         self.key = key
         self.source = source
         self.where = where
+        then = (
+            "then reload (`POST /reload` or SIGHUP)" if source == "config" else "corsproxy re-reads the file by itself"
+        )
         super().__init__(
-            f"{key} is declared in {where} (source {source!r}): {verb} it there, then reload; a change made here "
-            "would be undone by the next reconciliation"
+            f"{key} is declared in {where} (source {source!r}): {verb} it there, {then}; a change made here would be "
+            "undone by the next reconciliation"
         )
 
 
