@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from corsproxy.config import (
     DEFAULT_POLICY,
@@ -53,6 +53,7 @@ __all__ = [
     "parse_entry",
     "parse_expires_field",
     "parse_lines",
+    "skip_if_expired",
     "split_words",
 ]
 
@@ -73,6 +74,7 @@ class ParsedLines:
     entries: dict[str, ConfiguredOrigin] = field(default_factory=dict)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
     warnings: list[tuple[int, str]] = field(default_factory=list)
+    expired: set[str] = field(default_factory=set)  # keys whose (last) line had expired: skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +228,24 @@ TTL_IN_FILE = (
 )
 
 
-def expired_warning(origin: str, expires: str) -> str:
-    return f"{origin}: expires={expires} has passed; line skipped (the origin is not allowed): renew or delete it"
+def skip_if_expired(out: ParsedLines, number: int, origin: Any, expires: Any, now: float) -> bool:
+    """Whether a declared line's ``expires`` has passed; if so it is skipped with a warning, and an earlier line for
+    the same origin is dropped too (the later line wins, as for any repeated origin). A line that is bad in any
+    other way is left to :func:`parse_entry` to report."""
+    if expires is None or not isinstance(origin, str):
+        return False
+    try:
+        if parse_expiry(expires) > now:
+            return False
+        key = parse_origin_entry(origin).key
+    except (ValueError, EntryError):
+        return False
+    out.entries.pop(key, None)
+    out.expired.add(key)
+    out.warnings.append(
+        (number, f"{key}: expires={expires} has passed; line skipped (the origin is not allowed): renew or delete it")
+    )
+    return True
 
 
 def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: float | None = None) -> ParsedLines:
@@ -250,14 +268,8 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
         if "ttl" in options:
             out.errors.append((number, TTL_IN_FILE))
             continue
-        expires = options.get("expires")
-        if expires is not None:
-            try:
-                if parse_expiry(expires) <= now:
-                    out.warnings.append((number, expired_warning(origin, expires)))
-                    continue
-            except ValueError:
-                pass  # parse_entry reports it
+        if skip_if_expired(out, number, origin, options.get("expires"), now):
+            continue
         try:
             entry, warnings = parse_entry(origin, safety, now=now, **options)
         except ValueError as exc:
@@ -267,6 +279,7 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
         if entry.key in out.entries:
             out.warnings.append((number, f"{entry.key} appears again; the later line wins"))
         out.entries[entry.key] = entry
+        out.expired.discard(entry.key)
     return out
 
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from corsproxy.config import PolicySafety, parse_expiry
-from corsproxy.origin_lines import TTL_IN_FILE, ParsedLines, expired_warning, parse_entry, parse_lines
+from corsproxy.config import PolicySafety
+from corsproxy.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
 from corsproxy.origin_writes import reconcile_file
 from corsproxy.store import OriginStore
 
@@ -74,7 +74,12 @@ def parse_origins_file(
             one = parse_lines([item], safety, now)
             out.errors.extend((number, reason) for _, reason in one.errors)
             out.warnings.extend((number, warning) for _, warning in one.warnings)
-            out.entries.update(one.entries)
+            for key in one.expired:
+                out.entries.pop(key, None)
+                out.expired.add(key)
+            for key, entry in one.entries.items():
+                out.entries[key] = entry
+                out.expired.discard(key)
             continue
         if not isinstance(item, dict) or not isinstance(item.get("origin"), str):
             out.errors.append((number, "an item is an origin string or a mapping {origin: ..., policy: ..., ...}"))
@@ -85,12 +90,8 @@ def parse_origins_file(
             out.errors.append((number, reason))
             continue
         expires = item.get("expires")
-        try:
-            if expires is not None and parse_expiry(expires) <= now:
-                out.warnings.append((number, expired_warning(item["origin"], str(expires))))
-                continue
-        except ValueError:
-            pass  # parse_entry reports it
+        if skip_if_expired(out, number, item["origin"], expires, now):
+            continue
         try:
             entry, warnings = parse_entry(
                 item["origin"],
@@ -105,6 +106,7 @@ def parse_origins_file(
             continue
         out.warnings.extend((number, w) for w in warnings)
         out.entries[entry.key] = entry
+        out.expired.discard(entry.key)
     return out
 
 

@@ -57,6 +57,33 @@ def test_an_expired_line_is_skipped_with_a_warning(name: str, text: str) -> None
 @pytest.mark.parametrize(
     ("name", "text"),
     [
+        pytest.param("o.txt", f"https://x.example.com\nhttps://x.example.com expires={PAST}\n", id="lines"),
+        pytest.param(
+            "o.yaml", f"- https://x.example.com\n- {{origin: 'https://x.example.com', expires: {PAST}}}\n", id="yaml"
+        ),
+        pytest.param("o.yaml", f"- https://x.example.com\n- 'https://x.example.com expires={PAST}'\n", id="yaml-line"),
+    ],
+)
+def test_a_later_expired_line_still_wins_over_an_earlier_one(name: str, text: str) -> None:
+    parsed = parse_origins_file(Path(name), text, SAFETY)
+    assert not parsed.errors and parsed.entries == {} and [n for n, _ in parsed.warnings] == [2]
+    # ... and a still later live line wins again.
+    again = parse_origins_file(
+        Path(name), text + ("- https://x.example.com\n" if name == "o.yaml" else "https://x.example.com\n"), SAFETY
+    )
+    assert list(again.entries) == ["https://x.example.com"]
+
+
+def test_an_expired_line_that_is_bad_otherwise_is_still_an_error() -> None:
+    parsed = parse_origins_file(
+        Path("o.txt"), f"https://ok.example.com\nhttps://x.example.com/path expires={PAST}\n", SAFETY
+    )
+    assert [n for n, _ in parsed.errors] == [2]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
         pytest.param("o.txt", "https://ok.example.com\nhttps://t.example.com ttl=7d\n", id="lines"),
         pytest.param("o.yaml", "- https://ok.example.com\n- {origin: 'https://t.example.com', ttl: 7d}\n", id="yaml"),
     ],
