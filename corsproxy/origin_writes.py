@@ -218,7 +218,7 @@ def _declared(source: str, entries: Mapping[str, ConfiguredOrigin]) -> dict[str,
 def _log_take_overs(result: Reconciled, where: str) -> None:
     for key, previous in result.taken_over:
         log.warning(
-            "%s now declares %s, which source %r had added: the declaration owns it from now on (removing it there "
+            "%s now declares %s, which source %r owned: the declaration owns it from now on (removing it there "
             "revokes it)",
             where,
             key,
