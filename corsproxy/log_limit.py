@@ -126,7 +126,12 @@ class LineLimiter:
                     key,
                     f"{round(span, 1):g}",
                     self._lines,
-                    extra={"reason": str(key), "suppressed": suppressed, "logged": self._lines, "window_s": span},
+                    extra={
+                        "reason": str(key),
+                        "suppressed": suppressed,
+                        "logged": self._lines,
+                        "window_s": round(span, 3),
+                    },
                 )
 
     def _arm(self, now: float) -> None:

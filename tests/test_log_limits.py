@@ -124,6 +124,8 @@ def _raw(port: int, data: bytes) -> bytes:
 
 
 MALFORMED = b"GET / HTTP/1.1\r\nHost: x\r\nno colon in this header line\r\n\r\n"
+#: Past the parser's ceiling (twice limits.max_header_size): aiohttp's error quotes what it read.
+OVERSIZED = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
 
 
 def _request_lines(server: Server, reason: str) -> list[dict[str, Any]]:
@@ -150,6 +152,8 @@ def test_flood_logs_a_few_lines_per_reason_and_metrics_count_all(
             assert server.proxy("OPTIONS", "/flood", headers=REFUSED_METHOD).status == 403
         for _ in range(30):
             assert b" 400 " in _raw(server.port, MALFORMED).split(b"\r\n", 1)[0]
+        for _ in range(8):
+            assert b" 431 " in _raw(server.port, OVERSIZED).split(b"\r\n", 1)[0]
         assert server.proxy("GET", "/fine", headers={"Origin": APP}).status == 200
         wait_until(lambda: _request_lines(server, "allowed"), timeout=10, what="the allowed request's line")
 
@@ -157,19 +161,23 @@ def test_flood_logs_a_few_lines_per_reason_and_metrics_count_all(
         assert value(samples, "corsproxy_requests_total", kind="preflight", reason="origin_not_allowed") == 40
         assert value(samples, "corsproxy_requests_total", kind="preflight", reason="method_not_allowed") == 25
         assert value(samples, "corsproxy_malformed_requests_total", type="malformed_request") == 30
+        assert value(samples, "corsproxy_malformed_requests_total", type="head_too_large") == 8
 
         assert len(_request_lines(server, "origin_not_allowed")) == 3
         assert len(_request_lines(server, "method_not_allowed")) == 3
         assert len(_proxy_lines(server, "malformed request from")) == 3
+        oversized = _proxy_lines(server, "over the parser ceiling")
+        assert len(oversized) == 3
         assert len(_request_lines(server, "allowed")) == 1  # allowed lines follow sample_allowed, not this limit
     finally:
         assert server.stop() == 0
 
     summaries = {line["reason"]: line for line in server.logs() if "suppressed" in line}
-    assert set(summaries) == {"origin_not_allowed", "method_not_allowed", "malformed_request"}
+    assert set(summaries) == {"origin_not_allowed", "method_not_allowed", "malformed_request", "head_too_large"}
     assert summaries["origin_not_allowed"]["suppressed"] == 37
     assert summaries["method_not_allowed"]["suppressed"] == 22
     assert summaries["malformed_request"]["suppressed"] == 27
+    assert summaries["head_too_large"]["suppressed"] == 5
     origin_summary = summaries["origin_not_allowed"]
     assert origin_summary["logger"] == "corsproxy.request" and origin_summary["level"] == "warning"
     assert origin_summary["message"].startswith("…and 37 more origin_not_allowed in the last ")
