@@ -5,16 +5,20 @@
 #     -e CORSPROXY_UPSTREAM=http://api:8000 -e CORSPROXY_ADMIN_TOKEN=$(openssl rand -hex 32) \
 #     -p 8080:8080 -p 127.0.0.1:9090:9090 --stop-timeout 40 corsproxy
 #
+# With podman: `podman build --format docker -t corsproxy .` (the default OCI format has no health check: it is
+# dropped).
+#
 # Writable at run time: /var/lib/corsproxy (the LMDB store, a volume) and /tmp (gunicorn's heartbeat files and the
 # Prometheus multiprocess directory; mount a tmpfs there with a read-only root). Everything else may be read-only.
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-# Dependencies come from pyproject.toml; lmdb and the rest install from wheels, so no compiler is needed.
+# Dependencies come from pyproject.toml; lmdb and the rest install from wheels, so no compiler is needed. The speed
+# extra brings uvloop, which `serve` runs its workers on when present: without it the image would serve on asyncio.
 COPY pyproject.toml README.md ./
 COPY corsproxy ./corsproxy
 RUN python -m venv /opt/corsproxy \
-    && /opt/corsproxy/bin/pip install --no-cache-dir --disable-pip-version-check . \
+    && /opt/corsproxy/bin/pip install --no-cache-dir --disable-pip-version-check ".[speed]" \
     && /opt/corsproxy/bin/python -m compileall -q /opt/corsproxy
 
 FROM python:3.11-slim

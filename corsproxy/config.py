@@ -161,7 +161,11 @@ class Admin:
 class Logging:
     format: str = "auto"  # auto (JSON unless stderr is a TTY) | json | text
     level: str = "info"
-    sample_allowed: float = 1.0  # fraction of allowed requests logged; refusals are always logged
+    sample_allowed: float = 1.0  # fraction of allowed requests logged; refusals are always logged (but see below)
+    # Lines a client can cause (refusals, malformed requests, upstream failures): at most this many per reason and
+    # per worker in each window, then one summary line per reason; 0 logs every one. Metrics count them all.
+    per_reason_lines: int = 5
+    per_reason_window: float = 10.0  # seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -897,7 +901,9 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Adm
 
 
 def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:
-    section = _section(data, "logging", "", p, {"format", "level", "sample_allowed"})
+    section = _section(
+        data, "logging", "", p, {"format", "level", "sample_allowed", "per_reason_lines", "per_reason_window"}
+    )
     fmt = section.get("format", "auto")
     if fmt not in ("auto", "json", "text"):
         p.error("logging.format", f"must be auto, json or text, got {fmt!r}")
@@ -910,7 +916,28 @@ def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:
     if isinstance(sample, bool) or not isinstance(sample, int | float) or not 0 <= sample <= 1:
         p.error("logging.sample_allowed", f"must be a fraction between 0 and 1, got {sample!r}")
         sample = 1.0
-    return Logging(format=fmt, level=level.lower(), sample_allowed=float(sample))
+    defaults = Logging()
+    lines = section.get("per_reason_lines", defaults.per_reason_lines)
+    if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
+        p.error(
+            "logging.per_reason_lines",
+            f"must be a whole number of lines (0 = no limit), got {lines!r} — e.g. per_reason_lines: 5",
+        )
+        lines = defaults.per_reason_lines
+    window = section.get("per_reason_window", defaults.per_reason_window)
+    if isinstance(window, bool) or not isinstance(window, int | float) or not 0 < window <= 3600:
+        p.error(
+            "logging.per_reason_window",
+            f"must be a number of seconds above 0 and at most 3600, got {window!r} — e.g. per_reason_window: 10",
+        )
+        window = defaults.per_reason_window
+    return Logging(
+        format=fmt,
+        level=level.lower(),
+        sample_allowed=float(sample),
+        per_reason_lines=lines,
+        per_reason_window=float(window),
+    )
 
 
 def _origins_file(data: Mapping[str, Any], p: _Problems, base_dir: Path | None) -> OriginsFile:

@@ -20,12 +20,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # The classic text format (what generate_latest writes): every Prometheus version reads it.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 
+from corsproxy.log_limit import PROXY_LINES
+
 if TYPE_CHECKING:
     from corsproxy.proxy import Outcome
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: What the proxy refuses before a request reaches its handler (so ``corsproxy_requests`` never sees it): the
+#: :data:`~corsproxy.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
+MALFORMED_TYPES = ("malformed_request", "head_too_large", "head_timeout")
 
 # Seconds. A preflight answered from LMDB takes well under a millisecond; an upstream call anything up to read_timeout.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -80,6 +86,13 @@ class Metrics:
             "corsproxy_upstream_latency_seconds",
             "Time from sending a request upstream to receiving the upstream's response head.",
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.malformed_requests = Counter(
+            "corsproxy_malformed_requests",
+            "Requests refused before the handler, by type: malformed_request (400), head_too_large (431), "
+            "head_timeout (no complete head within limits.header_read_timeout). Exact, whatever the logs left out.",
+            ["type"],
             registry=registry,
         )
         self.origins = Gauge(
@@ -159,6 +172,10 @@ class Metrics:
             durations, self._durations = self._durations, {}
             for kind, histogram in durations.items():
                 _add_to_histogram(self.request_duration.labels(kind.value), histogram)
+        # The proxy's line limiter counts every such event, logged or not; this is its one reader.
+        for key, count in PROXY_LINES.take_counts().items():
+            if key in MALFORMED_TYPES:
+                self.malformed_requests.labels(key).inc(count)
         latencies = self._upstream_latencies
         if any(latencies):
             self._upstream_latencies = _empty_histogram()

@@ -48,6 +48,7 @@ from corsproxy.forwarding import (
     request_headers,
     response_headers,
 )
+from corsproxy.log_limit import PROXY_LINES, configure_line_limits, flush_line_limits
 from corsproxy.origin_writes import reconcile_on_start
 from corsproxy.store import OriginStore
 
@@ -390,7 +391,8 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
                     # client sees an aborted response instead of a silently truncated "complete" one.
                     request[UPSTREAM_ERROR] = "disconnect"
                     request[_BODY_BYTES] = relayed
-                    log.warning("upstream failed mid-response: %s %s: %r", request.method, request.raw_path, exc)
+                    if PROXY_LINES.admit("upstream_disconnect"):
+                        log.warning("upstream failed mid-response: %s %s: %r", request.method, request.raw_path, exc)
                     if request.transport is not None:
                         request.transport.abort()
                     return response
@@ -420,26 +422,32 @@ def _upstream_failure(
 ) -> web.StreamResponse:
     """Map a failure before the upstream's response head to corsproxy's answer (CORS-RULES 12: with CORS headers)."""
     method, path = request.method, request.raw_path
+    # Every line here can be caused by a client (or by a flood while the upstream is down): rate-limited per reason.
     if body is not None and body.too_large:
-        log.warning("request body over the limit, upstream request cut: %s %s", method, path)
+        if PROXY_LINES.admit("request_body_too_large"):
+            log.warning("request body over the limit, upstream request cut: %s %s", method, path)
         response = _error_response(413, f"request body over {body.limit} bytes", decision)
         response.force_close()
         return response
     if body is not None and body.client_failed:
-        log.warning("client request body broken, upstream request cut: %s %s: %r", method, path, exc)
+        if PROXY_LINES.admit("request_body_broken"):
+            log.warning("client request body broken, upstream request cut: %s %s: %r", method, path, exc)
         response = _error_response(400, "malformed request body", decision)
         response.force_close()
         return response
     if isinstance(exc, TimeoutError):
         request[UPSTREAM_ERROR] = "timeout"
-        log.warning("upstream timeout: %s %s", method, path)
+        if PROXY_LINES.admit("upstream_timeout"):
+            log.warning("upstream timeout: %s %s", method, path)
         return _error_response(504, "upstream timed out", decision)
     if isinstance(exc, aiohttp.ClientConnectorError):
         request[UPSTREAM_ERROR] = "connect"
-        log.warning("upstream unreachable: %s %s: %s", method, path, exc)
+        if PROXY_LINES.admit("upstream_connect"):
+            log.warning("upstream unreachable: %s %s: %s", method, path, exc)
         return _error_response(502, "upstream unreachable", decision)
     request[UPSTREAM_ERROR] = "protocol"
-    log.warning("upstream error: %s %s: %r", method, path, exc)
+    if PROXY_LINES.admit("upstream_protocol"):
+        log.warning("upstream error: %s %s: %r", method, path, exc)
     return _error_response(502, "bad response from upstream", decision)
 
 
@@ -454,7 +462,8 @@ async def _forward_websocket(
     config = state.config
     refused = decision.kind is Kind.ACTUAL and not decision.allowed and decision.reason is not Reason.SAME_ORIGIN
     if config.forwarding.websocket_origin_check and refused and not report_only:
-        log.warning("WebSocket handshake refused: %s origin=%s", decision.reason.value, decision.origin)
+        if PROXY_LINES.admit("websocket_refused"):
+            log.warning("WebSocket handshake refused: %s origin=%s", decision.reason.value, decision.origin)
         return _error_response(403, f"WebSocket handshake refused: {decision.reason.value}", decision)
     protocols = [
         item.strip()
@@ -477,7 +486,8 @@ async def _forward_websocket(
     except aiohttp.WSServerHandshakeError as exc:
         request[UPSTREAM_ERROR] = "protocol"
         status = exc.status if 400 <= exc.status < 600 else 502
-        log.warning("upstream refused the WebSocket handshake: %s: %s", request.raw_path, exc)
+        if PROXY_LINES.admit("upstream_websocket_refused"):
+            log.warning("upstream refused the WebSocket handshake: %s: %s", request.raw_path, exc)
         return _error_response(status, "upstream refused the WebSocket handshake", decision)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return _upstream_failure(request, decision, exc, None)
@@ -522,7 +532,7 @@ def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientRe
     upstream_allows = upstream.headers.get("Access-Control-Allow-Origin") in (decision.origin, "*")
     if decision.kind is Kind.PREFLIGHT:
         upstream_allows = upstream_allows and 200 <= upstream.status < 300
-    if upstream_allows != decision.allowed:
+    if upstream_allows != decision.allowed and PROXY_LINES.admit("report_only_difference"):
         log.warning(
             "report-only: %s %s origin=%s upstream %s, corsproxy would %s (%s)",
             request.method,
@@ -536,6 +546,7 @@ def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientRe
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config = app[_CONFIG]
+    configure_line_limits(config.logging)
     store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
     try:
         changed, removed, _, _ = reconcile_on_start(store, config)
@@ -572,6 +583,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         await session.close()
     finally:
         store.close()
+        flush_line_limits()  # the summaries of what was left out since the last window closed
 
 
 def _ssl_context(config: Config) -> Any:
@@ -798,15 +810,19 @@ class GuardedRequestHandler(web.RequestHandler):
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
+        # A client can send these as fast as it likes: rate-limited per reason, counted exactly in
+        # corsproxy_malformed_requests.
         if isinstance(exc, LineTooLong):
-            log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
+            if PROXY_LINES.admit("head_too_large"):
+                log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
             response = web.Response(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
             response.force_close()
             return response
         if isinstance(exc, HttpProcessingError) and status == 400:
             # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
-            detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
-            log.info("malformed request from %s refused with 400: %s", request.remote, detail)
+            if PROXY_LINES.admit("malformed_request"):
+                detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
+                log.info("malformed request from %s refused with 400: %s", request.remote, detail)
             response = web.Response(status=400, text="malformed request\n", headers=_VARY_ONLY)
             response.force_close()
             return response
@@ -839,7 +855,8 @@ class GuardedRequestHandler(web.RequestHandler):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport is not None and self._awaiting_head():
-            log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
+            if PROXY_LINES.admit("head_timeout"):
+                log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
             self.force_close()
 
 

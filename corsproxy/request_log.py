@@ -1,8 +1,9 @@
 """Logs: one structured line per request, and the formatters every corsproxy (and gunicorn) log line goes through.
 
 Owns the log line shape (issue 5): ``time, client, method, path, origin, decision, reason, status, bytes,
-upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while every refusal is
-logged, and the choice between JSON (for log pipelines) and plain text (for a human at a terminal).
+upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while refusals and
+failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.log_limit`), and the
+choice between JSON (for log pipelines) and plain text (for a human at a terminal).
 
 Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.proxy.Outcome` values.
 """
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from corsproxy.config import Logging
 from corsproxy.decision import Kind
+from corsproxy.log_limit import REQUEST_LINES, LineLimiter
 
 if TYPE_CHECKING:
     from corsproxy.proxy import Outcome
@@ -27,6 +29,9 @@ __all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestLog", "TextFormatter", "lo
 
 #: The logger request lines go to; operators can route it apart from the rest (``logging.getLogger`` name).
 REQUEST_LOGGER = "corsproxy.request"
+
+#: The rate-limit key of a line that is not a refusal: the upstream failure type, else a 5xx answer.
+_FAILURE_KEYS = {error: f"upstream_{error}" for error in ("timeout", "connect", "protocol", "disconnect")}
 
 # Attributes every LogRecord has; anything else on a record came in through ``extra=`` and belongs in the JSON line.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -104,13 +109,18 @@ def log_dict_config(settings: Logging) -> dict[str, Any]:
 class RequestLog:
     """An observer for :attr:`ProxyState.observers`: writes one line per finished request.
 
-    Allowed requests are sampled with probability ``sample_allowed`` (busy sites log a fraction); refusals and
-    corsproxy's own errors (5xx, upstream failures) are always logged, since those are what an operator looks for.
+    Allowed requests are sampled with probability ``sample_allowed`` (busy sites log a fraction). Refusals and
+    corsproxy's own errors (5xx, upstream failures) are what an operator looks for, so they are not sampled; but any
+    client can send them by the thousand, so ``limiter`` writes at most ``logging.per_reason_lines`` of each reason per
+    window and a summary of the rest (the process's :data:`~corsproxy.log_limit.REQUEST_LINES` unless one is given).
     """
 
-    def __init__(self, settings: Logging, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, settings: Logging, logger: logging.Logger | None = None, limiter: LineLimiter | None = None
+    ) -> None:
         self.sample_allowed = settings.sample_allowed
         self.logger = logger or logging.getLogger(REQUEST_LOGGER)
+        self.limiter = REQUEST_LINES if limiter is None else limiter
         self._random = random.random
 
     def __call__(self, outcome: Outcome) -> None:
@@ -121,8 +131,13 @@ class RequestLog:
             return
         decision = outcome.decision
         refused = decision.kind is not Kind.NON_CORS and not decision.allowed
-        always = refused or outcome.upstream_error is not None or level > logging.INFO
-        if not always and (self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed):
+        error = outcome.upstream_error
+        if refused or error is not None or level > logging.INFO:
+            # A dict increment and a clock read before anything is formatted: a flood costs no more than that.
+            key = decision.reason if refused else _FAILURE_KEYS.get(error, "upstream_error") if error else "status_5xx"
+            if not self.limiter.admit(key):
+                return
+        elif self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed:
             return
         verdict = "n/a" if decision.kind is Kind.NON_CORS else ("allowed" if decision.allowed else "refused")
         upstream_ms = None if outcome.upstream_latency is None else round(outcome.upstream_latency * 1000, 3)

@@ -6,6 +6,7 @@ No network and no container engine: these are structure checks in Python.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_every_yaml_parses(path: Path) -> None:
     assert _documents(path), f"{path} is empty"
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "compose.config.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "compose/config.yaml"])
 def test_shipped_configs_validate(name: str) -> None:
     config = parse_config(yaml.safe_load((DEPLOY / name).read_text()), env=ENV)
     assert config.listen.port == 8080 and config.admin.port == 9090
@@ -49,8 +50,8 @@ def test_shipped_configs_validate(name: str) -> None:
 
 
 def test_origins_files_parse() -> None:
-    config = parse_config(yaml.safe_load((DEPLOY / "compose.config.yaml").read_text()), env=ENV)
-    parsed = parse_lines((DEPLOY / "origins.txt").read_text().splitlines(), config.safety)
+    config = parse_config(yaml.safe_load((DEPLOY / "compose/config.yaml").read_text()), env=ENV)
+    parsed = parse_lines((DEPLOY / "compose/origins.txt").read_text().splitlines(), config.safety)
     assert parsed.entries and not parsed.errors
 
 
@@ -67,10 +68,17 @@ def test_compose() -> None:
     assert mounts["/var/lib/corsproxy"] in compose["volumes"]
     for target, source in mounts.items():
         if source.startswith("./"):
-            assert (DEPLOY / source).is_file(), f"{source} mounted at {target} is missing"
+            # Directories only: editors replace a file by renaming a new one over it, which a single-file bind mount
+            # never shows (it keeps the old inode), so an edited origins file or config would be silently ignored.
+            assert (DEPLOY / source).is_dir(), f"{source} mounted at {target} is not a directory"
+    config_dir = DEPLOY / mounts["/etc/corsproxy"]
+    config = parse_config(yaml.safe_load((config_dir / "config.yaml").read_text()), env=ENV)
+    assert config.origins_file.path is not None
+    origins_file = Path(config.origins_file.path)
+    assert origins_file.parent == Path("/etc/corsproxy") and (config_dir / origins_file.name).is_file()
     assert "CORSPROXY_ADMIN_TOKEN" in proxy["environment"]
     grace = int(str(proxy["stop_grace_period"]).rstrip("s"))
-    drain = yaml.safe_load((DEPLOY / "compose.config.yaml").read_text())["limits"]["drain_timeout"]
+    drain = yaml.safe_load((DEPLOY / "compose/config.yaml").read_text())["limits"]["drain_timeout"]
     assert grace > drain
     assert proxy["depends_on"] == ["api"] and "8000" in [str(p) for p in services["api"]["expose"]]
 
@@ -142,3 +150,64 @@ def test_hadolint() -> None:
         [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+MIB_BYTES = 1 << 20
+
+
+def _quantity_mib(value: str) -> float:
+    """A Kubernetes quantity (``1Gi``, ``512Mi``, ``2G``) in MiB."""
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1 << 20, "k": 1e3 / MIB_BYTES, "M": 1e6 / MIB_BYTES}
+    units |= {"G": 1e9 / MIB_BYTES, "T": 1e12 / MIB_BYTES}
+    for suffix in sorted(units, key=len, reverse=True):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * units[suffix]
+    return float(value) / MIB_BYTES
+
+
+def test_image_installs_the_speed_extra() -> None:
+    """The image is the main deployment: it must serve on uvloop, not fall back to asyncio."""
+    text = (ROOT / "Dockerfile").read_text()
+    installs = [line for line in text.splitlines() if "pip install" in line]
+    with_speed = re.compile(r"\.\[[^\]]*\bspeed\b[^\]]*\]")  # ".[speed]" or ".[speed,other]"
+    assert installs and all(with_speed.search(line) for line in installs), installs
+
+
+def test_kubernetes_image_pull_policy_and_disruption_budget_file() -> None:
+    (deployment,) = _k8s()["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    # Without a policy a :latest image is pulled on every start, from a public registry for a bare name.
+    assert container.get("imagePullPolicy") in ("IfNotPresent", "Always")
+    text = (DEPLOY / "k8s" / "deployment.yaml").read_text()
+    assert "registry" in text.split("image:", 1)[0].rsplit("- name: corsproxy", 1)[1]  # the comment says why
+    by_file = {path.name: [doc["kind"] for doc in _documents(path)] for path in (DEPLOY / "k8s").glob("*.yaml")}
+    assert by_file["pdb.yaml"] == ["PodDisruptionBudget"]
+    assert [name for name, kinds in by_file.items() if "PodDisruptionBudget" in kinds] == ["pdb.yaml"]
+    kustomization = _documents(DEPLOY / "k8s" / "kustomization.yaml")[0]
+    assert sorted(kustomization["resources"]) == sorted(set(by_file) - {"kustomization.yaml"})
+    (pdb,) = _k8s()["PodDisruptionBudget"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]  # else a node drain could never proceed
+
+
+def test_kubernetes_data_volume_holds_the_whole_store() -> None:
+    """An emptyDir past its sizeLimit gets the pod evicted: the store's map must fill (a clear error) before that."""
+    kinds = _k8s()
+    (deployment,) = kinds["Deployment"]
+    (configmap,) = kinds["ConfigMap"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    store_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/var/lib/corsproxy")
+    volume = next(v for v in pod["volumes"] if v["name"] == store_mount["name"])
+    config = parse_config(yaml.safe_load(configmap["data"]["config.yaml"]), env=ENV)
+    assert config.store.path.startswith("/var/lib/corsproxy/")
+    limit = _quantity_mib(str(volume["emptyDir"]["sizeLimit"]))
+    # Head-room beyond the map: the lock file, the origins-file lock, and what the filesystem itself takes.
+    assert limit >= config.store.map_size_mb + 64, (limit, config.store.map_size_mb)
+
+
+def test_readme_says_podman_needs_the_docker_format() -> None:
+    """Podman builds OCI images by default, and the OCI format has no HEALTHCHECK: it is dropped with a warning."""
+    readme = (ROOT / "README.md").read_text()
+    assert "podman build --format docker" in readme

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from corsproxy.config import Logging
 from corsproxy.decision import Decision, Kind, Reason
+from corsproxy.log_limit import LineLimiter
 from corsproxy.proxy import Outcome
 from corsproxy.request_log import JsonFormatter, RequestLog, TextFormatter, log_dict_config, wants_json
 from tests.test_workers_harness import Server, ThreadedUpstream, served, upstream_thread, wait_until
@@ -85,7 +86,8 @@ def test_sampling_rate_is_honoured() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        log = RequestLog(Logging(sample_allowed=0.25), logger)
+        # Sampling never drops a refusal; the per-reason limit (tests/test_log_limits.py) is set above 7 here.
+        log = RequestLog(Logging(sample_allowed=0.25), logger, LineLimiter(logger, lines=10))
         draws = iter([0.1, 0.3, 0.9, 0.2] * 25)
         log._random = lambda: next(draws)  # a fixed sequence instead of chance: two of every four pass
         for _ in range(100):
