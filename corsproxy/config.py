@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from publicsuffixlist import PublicSuffixList
+from publicsuffixlist import PSLFILE, PublicSuffixList, encode_idn
 
 from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet
 from corsproxy.header_list import is_token
@@ -353,6 +353,39 @@ def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@cache
+def _suffixes_at_or_below() -> dict[str, str]:
+    """Every domain that is a public suffix or has one below it, mapped to one such suffix (for the message).
+
+    Built once from the list bundled with ``publicsuffixlist``, so that a wildcard's check is one dict lookup: a
+    wildcard over ``amazonaws.com`` covers ``s3.amazonaws.com``, where anyone can create a bucket, just as a
+    wildcard over ``herokuapp.com`` covers everyone's apps. Exception rules (``!www.ck``) name registrable domains
+    and are skipped; a wildcard rule (``*.compute.herokuapp.com``) makes its base public too, as the list's own
+    linter reads it.
+    """
+    below: dict[str, str] = {}
+    with open(PSLFILE, encoding="utf-8") as source:
+        for line in source:
+            rule = line.split(" ", 1)[0].strip().lower()
+            if not rule or rule.startswith(("//", "!")):
+                continue
+            shown = rule
+            if rule.startswith("*."):
+                rule = rule[2:]
+            try:
+                domain = encode_idn(rule)
+            except UnicodeError:
+                continue
+            # Walk up from the suffix: it and each parent have a suffix at or below them; the message names the
+            # nearest one (s3.amazonaws.com rather than execute-api.af-south-1.amazonaws.com).
+            while domain:
+                if len(shown) < len(below.get(domain, shown + ".")):
+                    below[domain] = shown
+                dot = domain.find(".")
+                domain = domain[dot + 1 :] if dot >= 0 else ""
+    return below
+
+
 def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[str], list[str]]:
     """Errors and warnings for allowing ``entry`` under ``policy`` (CORS-RULES 15-16). Shared by every write path."""
     errors: list[str] = []
@@ -402,6 +435,13 @@ def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[s
                 "dangerously_allow_public_suffix_wildcards",
                 f"{entry.key!r} covers every site under the public suffix {entry.host!r} (anyone can register "
                 f'or publish there) — pin a registrable domain, e.g. "{entry.scheme}://*.yourname.{entry.host}"',
+            )
+        elif (suffix := _suffixes_at_or_below().get(entry.host)) is not None and not entry.is_loopback:
+            gate(
+                "dangerously_allow_public_suffix_wildcards",
+                f"{entry.key!r} covers the public suffix {suffix!r} below {entry.host!r} (anyone can register or "
+                f"publish there, e.g. https://anyone.{suffix.removeprefix('*.')}) — list the exact origins you "
+                "need, or a wildcard under a name you control",
             )
         elif creds:
             warnings.append(
