@@ -260,6 +260,15 @@ def _similar(a: str, b: str) -> bool:
     return prev[-1] <= 2
 
 
+def _relative_to(value: Any, base_dir: Path | None) -> Any:
+    """A relative path in the config names a file next to the config, whatever directory corsproxy was started in:
+    one rule for every path key (store, origins file, TLS files, token file, CA bundle). Non-strings pass through
+    for the caller to refuse."""
+    if isinstance(value, str) and value and base_dir is not None and not Path(value).is_absolute():
+        return str(base_dir / value)
+    return value
+
+
 def _bool(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -687,7 +696,7 @@ def _enum(value: Any, kind: type[Mode] | type[BlockMode], where: str, p: _Proble
         return next(iter(kind))
 
 
-def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Upstream:
+def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_dir: Path | None) -> Upstream:
     section = _section(data, "upstream", "", p, {"url", "connect_timeout", "read_timeout", "ca_bundle"})
     url = env.get("CORSPROXY_UPSTREAM") or section.get("url")
     where = "env CORSPROXY_UPSTREAM" if env.get("CORSPROXY_UPSTREAM") else "upstream.url"
@@ -710,7 +719,7 @@ def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> 
         p.error(where, f"{url!r}: credentials in the URL would be logged; configure the upstream without them")
     if parts.query or parts.fragment:
         p.error(where, f"{url!r}: the upstream URL takes no query or fragment")
-    ca_bundle = section.get("ca_bundle")
+    ca_bundle = _relative_to(section.get("ca_bundle"), base_dir)
     if ca_bundle is not None and (not isinstance(ca_bundle, str) or not Path(ca_bundle).is_file()):
         p.error("upstream.ca_bundle", f"{ca_bundle!r} is not a readable file of PEM certificates")
     if len(p.errors) > problems_before:
@@ -747,7 +756,8 @@ def parse_config(
     if not isinstance(host, str) or not host:
         p.error("listen.host", f"must be an address such as 0.0.0.0 or 127.0.0.1, got {host!r}")
         host = "0.0.0.0"
-    tls_cert, tls_key = listen_section.get("tls_cert"), listen_section.get("tls_key")
+    tls_cert = _relative_to(listen_section.get("tls_cert"), base_dir)
+    tls_key = _relative_to(listen_section.get("tls_key"), base_dir)
     for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
         if value is not None and (not isinstance(value, str) or not Path(value).is_file()):
             p.error(f"listen.{key}", f"{value!r} is not a readable PEM file")
@@ -755,15 +765,15 @@ def parse_config(
         p.error("listen", "tls_cert and tls_key go together: give both for HTTPS, or neither")
     listen = Listen(host=host, port=_port(port_value, port_where, p, 8080), tls_cert=tls_cert, tls_key=tls_key)
 
-    upstream = _upstream(data, p, env)
+    upstream = _upstream(data, p, env, base_dir)
 
     store_section = _section(data, "store", "", p, {"path", "map_size_mb"})
     store_path = store_section.get("path", _DEFAULT_STORE_PATH)
     if not isinstance(store_path, str) or not store_path:
         p.error("store.path", f"must be a directory path, got {store_path!r}")
         store_path = _DEFAULT_STORE_PATH
-    elif base_dir is not None and not Path(store_path).is_absolute():
-        store_path = str(base_dir / store_path)  # relative to the config file, not to wherever it was started
+    else:
+        store_path = _relative_to(store_path, base_dir)
     map_size = store_section.get("map_size_mb", 1024)
     if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1:
         p.error("store.map_size_mb", f"must be a whole number of MiB >= 1, got {map_size!r}")
@@ -818,7 +828,7 @@ def parse_config(
 
     forwarding = _forwarding(data, p)
     limits = _limits(data, p)
-    admin = _admin(data, p, env)
+    admin = _admin(data, p, env, base_dir)
     if admin.port is not None and admin.port == listen.port != 0:
         p.error(
             "admin.listen.port",
@@ -910,7 +920,7 @@ def _limits(data: Mapping[str, Any], p: _Problems) -> Limits:
     )
 
 
-def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Admin:
+def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_dir: Path | None) -> Admin:
     section = _section(data, "admin", "", p, {"listen", "token_file"})
     if not section:
         return Admin()
@@ -920,7 +930,7 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Adm
         p.error("admin.listen.host", f"must be an address such as 127.0.0.1, got {host!r}")
         host = "127.0.0.1"
     port = _port(listen.get("port", 9090), "admin.listen.port", p, 9090)
-    token_file = section.get("token_file")
+    token_file = _relative_to(section.get("token_file"), base_dir)
     if token_file is not None and (not isinstance(token_file, str) or not Path(token_file).is_file()):
         p.error("admin.token_file", f"{token_file!r} is not a readable file holding the admin token")
     has_token = bool(env.get("CORSPROXY_ADMIN_TOKEN")) or token_file is not None
@@ -967,8 +977,7 @@ def _origins_file(data: Mapping[str, Any], p: _Problems, base_dir: Path | None) 
     if not isinstance(path, str) or not path:
         p.error("origins_file.path", f"must be the path of the origins file, got {path!r}")
         return OriginsFile()
-    if base_dir is not None and not Path(path).is_absolute():
-        path = str(base_dir / path)
+    path = _relative_to(path, base_dir)
     return OriginsFile(path=path, poll_interval=_number(section, "poll_interval", "origins_file", p, 2.0))
 
 
