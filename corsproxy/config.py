@@ -16,7 +16,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -41,6 +41,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_expiry",
+    "unknown_policy",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/corsproxy/config.yaml"
@@ -208,10 +209,13 @@ class _Problems:
         self.warnings: list[str] = []
 
     def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
+        # A value several policies inherit is checked once per policy but reported once, where it was written.
+        if (line := f"{path}: {message}") not in self.errors:
+            self.errors.append(line)
 
     def warn(self, path: str, message: str) -> None:
-        self.warnings.append(f"{path}: {message}")
+        if (line := f"{path}: {message}") not in self.warnings:
+            self.warnings.append(line)
 
 
 def _section(data: Mapping[str, Any], key: str, path: str, p: _Problems, allowed: set[str]) -> dict[str, Any]:
@@ -269,6 +273,14 @@ def _relative_to(value: Any, base_dir: Path | None) -> Any:
     return value
 
 
+def unknown_policy(name: Any, defined: Iterable[str]) -> str:
+    """The message for a policy name that is not defined, with a "did you mean" when one is close."""
+    names = sorted(defined)
+    close = [known for known in names if isinstance(name, str) and _similar(name, known)]
+    hint = f' — did you mean "{close[0]}"?' if close else ""
+    return f"unknown policy {name!r}{hint} (defined policies: {', '.join(names)})"
+
+
 def _bool(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -298,16 +310,19 @@ def _port(value: Any, where: str, p: _Problems, default: int) -> int:
 
 def _string_list(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: list[str]) -> list[str]:
     value = data.get(key, default)
+    where = f"{path}.{key}" if path else key
     if isinstance(value, str):
-        p.error(f"{path}.{key}", f'must be a list, e.g. [{value}] or ["{value}"]')
+        # "GET, POST" is one YAML string; the list the user meant is its comma-separated items.
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        p.error(where, f"must be a list, e.g. [{', '.join(items)}]" if items else "must be a list, e.g. []")
         return list(default)
     if not isinstance(value, list):
-        p.error(f"{path}.{key}", f"must be a list, got {type(value).__name__}")
+        p.error(where, f"must be a list, got {type(value).__name__}")
         return list(default)
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            p.error(f"{path}.{key}[{i}]", f"must be a string, got {item!r}")
+            p.error(f"{where}[{i}]", f"must be a string, got {item!r}")
         else:
             out.append(item)
     return out
@@ -528,14 +543,18 @@ _POLICY_DEFAULTS: dict[str, Any] = {
 
 
 def _compile_policy(
-    name: str, data: Mapping[str, Any], base: Mapping[str, Any], path: str, p: _Problems
+    name: str, data: Mapping[str, Any], base: Mapping[str, Any], path: str, p: _Problems, base_path: str = "cors"
 ) -> tuple[Policy, PolicySafety]:
     merged = {**base, **{k: v for k, v in data.items() if k in _POLICY_KEYS}}
 
-    methods = _string_list(merged, "allow_methods", path, p, ["GET"])
+    def at(key: str) -> str:
+        """Where the user wrote ``key``'s value: this policy, or the block it inherits from (``cors``)."""
+        return path if key in data else base_path
+
+    methods = _string_list(merged, "allow_methods", at("allow_methods"), p, ["GET"])
     clean_methods: set[str] = set()
     for i, method in enumerate(methods):
-        where = f"{path}.allow_methods[{i}]"
+        where = f"{at('allow_methods')}.allow_methods[{i}]"
         if method == "*":
             continue
         if not is_token(method):
@@ -549,18 +568,18 @@ def _compile_policy(
                 p.warn(where, f"{method!r}: methods are case-sensitive and browsers send {method.upper()!r}")
             clean_methods.add(method)
 
-    headers = _string_list(merged, "allow_headers", path, p, [])
+    headers = _string_list(merged, "allow_headers", at("allow_headers"), p, [])
     clean_headers: set[str] = set()
     for i, header in enumerate(headers):
         if header != "*" and not is_token(header):
-            p.error(f"{path}.allow_headers[{i}]", f"{header!r} is not a header name")
+            p.error(f"{at('allow_headers')}.allow_headers[{i}]", f"{header!r} is not a header name")
         elif header != "*":
             clean_headers.add(header.lower())
 
-    expose = _string_list(merged, "expose_headers", path, p, [])
+    expose = _string_list(merged, "expose_headers", at("expose_headers"), p, [])
     clean_expose: list[str] = []
     for i, header in enumerate(expose):
-        where = f"{path}.expose_headers[{i}]"
+        where = f"{at('expose_headers')}.expose_headers[{i}]"
         if header != "*" and not is_token(header):
             p.error(where, f"{header!r} is not a header name")
         elif header.lower() in {"set-cookie", "set-cookie2"}:
@@ -568,23 +587,33 @@ def _compile_policy(
         elif header != "*" and header.lower() not in clean_expose:
             clean_expose.append(header.lower())
 
-    credentials = _bool(merged, "allow_credentials", path, p, False)
+    credentials = _bool(merged, "allow_credentials", at("allow_credentials"), p, False)
     max_age_raw = merged.get("max_age")
     max_age: int | None = None
     if max_age_raw is not None:
         if isinstance(max_age_raw, bool) or not isinstance(max_age_raw, int) or max_age_raw < 0:
-            p.error(f"{path}.max_age", f"must be a whole number of seconds >= 0 (or null to omit), got {max_age_raw!r}")
+            p.error(
+                f"{at('max_age')}.max_age",
+                f"must be a whole number of seconds >= 0 (or null to omit), got {max_age_raw!r}",
+            )
         elif max_age_raw > MAX_AGE_LIMIT:
-            p.error(f"{path}.max_age", f"{max_age_raw} is above {MAX_AGE_LIMIT} (Firefox's cap; Chromium's is 7200)")
+            p.error(
+                f"{at('max_age')}.max_age",
+                f"{max_age_raw} is above {MAX_AGE_LIMIT} (Firefox's cap; Chromium's is 7200)",
+            )
         else:
             max_age = max_age_raw
             if max_age_raw > MAX_AGE_WARN:
                 p.warn(
-                    f"{path}.max_age", f"{max_age_raw} is above Chromium's cap of {MAX_AGE_WARN}; Chromium uses 7200"
+                    f"{at('max_age')}.max_age",
+                    f"{max_age_raw} is above Chromium's cap of {MAX_AGE_WARN}; Chromium uses 7200",
                 )
     status = merged.get("preflight_status", 204)
     if status not in (200, 204):
-        p.error(f"{path}.preflight_status", f"must be 204 (the default) or 200 (for old clients), got {status!r}")
+        p.error(
+            f"{at('preflight_status')}.preflight_status",
+            f"must be 204 (the default) or 200 (for old clients), got {status!r}",
+        )
         status = 204
     policy = Policy(
         name=name,
@@ -593,13 +622,13 @@ def _compile_policy(
         expose_headers=tuple(clean_expose),
         allow_credentials=credentials,
         max_age=max_age,
-        allow_private_network=_bool(merged, "allow_private_network", path, p, False),
+        allow_private_network=_bool(merged, "allow_private_network", at("allow_private_network"), p, False),
         preflight_status=int(status),
         any_method="*" in methods,
         any_header="*" in headers,
         expose_all="*" in expose,
     )
-    flags = {flag: _bool(merged, flag, path, p, False) for flag in _DANGER_FLAGS}
+    flags = {flag: _bool(merged, flag, at(flag), p, False) for flag in _DANGER_FLAGS}
     safety = PolicySafety(name=name, allow_credentials=credentials, **flags)
     return policy, safety
 
@@ -632,8 +661,7 @@ def _origin_list(
             if "policy" in item and allow_policy_field:
                 policy_name = item["policy"]
                 if policy_name not in safety:
-                    known = ", ".join(sorted(safety))
-                    p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined policies: {known}")
+                    p.error(f"{where}.policy", unknown_policy(policy_name, safety))
                     continue
             if item.get("expires") is not None:
                 try:
@@ -837,13 +865,16 @@ def parse_config(
     logging_ = _logging(data, p)
     origins_file = _origins_file(data, p, base_dir)
 
+    # Checked before the first refusal, so that a broken route does not hide a typo here.
+    mode = _enum(data.get("mode", "enforce"), Mode, "mode", p)
+    block_disallowed = _enum(data.get("block_disallowed", "off"), BlockMode, "block_disallowed", p)
     if p.errors:
         raise ConfigError(p.errors, source)
     engine = CorsEngine(
         policies=policies,
         routes=routes,
-        mode=_enum(data.get("mode", "enforce"), Mode, "mode", p),
-        block_disallowed=_enum(data.get("block_disallowed", "off"), BlockMode, "block_disallowed", p),
+        mode=mode,
+        block_disallowed=block_disallowed,
         public_origins=frozenset(public),
         private_network=any(policy.allow_private_network for policy in policies.values()),
         debug_reason_header=debug,
@@ -1011,7 +1042,7 @@ def _routes(items: Any, p: _Problems, safety: Mapping[str, PolicySafety]) -> tup
                 break
         policy_name = item.get("policy")
         if policy_name is not None and policy_name not in safety:
-            p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined: {', '.join(sorted(safety))}")
+            p.error(f"{where}.policy", unknown_policy(policy_name, safety))
             continue
         if policy_name is not None and "allow_origins" not in item:
             p.error(
@@ -1038,7 +1069,14 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"cannot read the config file: {exc.strerror or exc}"], str(file)) from None
+        problem = f"cannot read the config file: {exc.strerror or exc}"
+        if not path and not env.get("CORSPROXY_CONFIG"):
+            # Nothing named a file, so the default was tried: say how to name one.
+            problem += (
+                f" — no config was given and {DEFAULT_CONFIG_PATH} (the default) is missing; pass --config FILE "
+                "or set CORSPROXY_CONFIG=FILE (`corsproxy demo` runs without one)"
+            )
+        raise ConfigError([problem], str(file)) from None
     except UnicodeDecodeError:
         raise ConfigError(["the config file is not UTF-8 text"], str(file)) from None
     try:
