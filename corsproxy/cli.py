@@ -354,7 +354,7 @@ def cmd_origins_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_origins_import_regex(args: argparse.Namespace) -> int:
-    from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
+    from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 
     config = _load(args)
     try:
@@ -377,9 +377,17 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     for item in conversion.unconverted:
         print(f"not converted: {item}", file=sys.stderr)
+    stopped = False
     if args.sample_file:
         with open(args.sample_file, encoding="utf-8") as samples:
-            only_regex, only_entries = compare_samples(args.regex, accepted, samples)
+            try:
+                only_regex, only_entries = compare_samples(args.regex, accepted, samples, timeout=args.sample_timeout)
+            except SampleTimeout as exc:
+                print(f"error: {args.sample_file}: {exc}", file=sys.stderr)
+                only_regex, only_entries, stopped = exc.only_regex, exc.only_entries, True
+            except RegexImportError as exc:
+                print(f"error: {args.sample_file}: {exc}", file=sys.stderr)
+                return 2
         print(
             f"sample: {len(only_regex)} origin(s) the regex accepted that the entries refuse"
             + (" (usually the holes):" if only_regex else ""),
@@ -399,7 +407,7 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
                 _actor(),
             )
         print(f"applied: {added} new, {replaced} replaced", file=sys.stderr)
-    return 1 if conversion.unconverted or len(accepted) < len(conversion.entries) else 0
+    return 1 if stopped or conversion.unconverted or len(accepted) < len(conversion.entries) else 0
 
 
 # -- parser -------------------------------------------------------------------------------------------------------
@@ -499,6 +507,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     regex.add_argument("regex", help="the regex, e.g. '^https://(www\\.)?example\\.com$'")
     regex.add_argument("--sample-file", help="real origins, one per line: show which ones the regex accepted only")
+    regex.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=10.0,
+        help="seconds the regex may run over the whole sample file before it is stopped (default: %(default)s)",
+    )
     regex.add_argument("--policy", help="policy for the entries (default: the cors block)")
     regex.add_argument("--apply", action="store_true", help="write the entries to the store (default: print them)")
     regex.set_defaults(func=cmd_origins_import_regex)
