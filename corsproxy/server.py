@@ -483,15 +483,15 @@ def _listen_error(section: str, host: str, port: int, exc: OSError, source: str)
     return ConfigError([f"{section}.{key}: {why}"], source)
 
 
-def check_can_listen(host: str, port: int, key: str, source: str) -> None:
-    """Raise a :class:`ConfigError` naming ``key`` when ``host:port`` cannot be listened on (the socket is closed
-    again; the listener proper binds it a moment later with the same options)."""
+def check_can_listen(host: str, port: int, section: str, source: str) -> None:
+    """Raise a :class:`ConfigError` naming ``section``'s key when ``host:port`` cannot be listened on (the socket is
+    closed again; the listener proper binds it a moment later with the same options)."""
     if port == 0:
         return
     try:
         _listen_socket(host, port).close()
     except OSError as exc:
-        raise _listen_error(key, host, port, exc, source) from None
+        raise _listen_error(section, host, port, exc, source) from None
 
 
 def serve(config: Config, workers: int) -> int:
