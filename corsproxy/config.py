@@ -882,10 +882,15 @@ def parse_config(
     )
     if p.errors:
         raise ConfigError(p.errors, source)
-    for name, flags in safety.items():
-        for flag in _DANGER_FLAGS:
-            if getattr(flags, flag):
-                p.warn(f"policies.{name}" if name != DEFAULT_POLICY else "cors", f"{flag} is set")
+    for flag in _DANGER_FLAGS:
+        # Said once, where it was written: a flag set in cors is inherited by the policies that do not set it.
+        inheriting = [n for n, spec in named.items() if n in safety and flag not in spec and getattr(safety[n], flag)]
+        if getattr(safety[DEFAULT_POLICY], flag):
+            also = f" (inherited by policies {', '.join(inheriting)})" if inheriting else ""
+            p.warn("cors", f"{flag} is set{also}")
+        for name, spec in named.items():
+            if name in safety and flag in spec and getattr(safety[name], flag):
+                p.warn(f"policies.{name}", f"{flag} is set")
     return Config(
         listen,
         upstream,

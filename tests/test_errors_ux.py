@@ -115,3 +115,21 @@ def test_a_named_missing_config_gets_no_default_hint(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "nope.yaml" in result.stderr and "No such file" in result.stderr
     assert DEFAULT_CONFIG_PATH not in result.stderr
+
+
+def test_an_inherited_opt_in_is_warned_once_where_it_was_written() -> None:
+    data = merge(
+        BASE_CONFIG,
+        {
+            "cors": {"allow_credentials": False, "dangerously_allow_null_origin": True},
+            "policies": {"public": {}, "strict": {"dangerously_allow_null_origin": False}},
+        },
+    )
+    flagged = [w for w in parse_config(data, env={}).warnings if "dangerously_allow_null_origin is set" in w]
+    assert flagged == ["cors: dangerously_allow_null_origin is set (inherited by policies public)"]
+
+
+def test_an_opt_in_set_on_a_policy_is_warned_under_it() -> None:
+    data = merge(BASE_CONFIG, {"policies": {"sandbox": {"dangerously_allow_null_origin": True}}})
+    flagged = [w for w in parse_config(data, env={}).warnings if "is set" in w]
+    assert flagged == ["policies.sandbox: dangerously_allow_null_origin is set"]
