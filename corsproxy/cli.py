@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -20,8 +21,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from corsproxy.config import Config, ConfigError, load_config
-from corsproxy.origin_lines import KEEP, EntryEdit, format_line, parse_edits, parse_entry, parse_expires_field
+import yaml
+
+from corsproxy.config import DEFAULT_CONFIG_PATH, Admin, Config, ConfigError, load_config, parse_config
+from corsproxy.origin_lines import (
+    KEEP,
+    EntryEdit,
+    format_line,
+    parse_edits,
+    parse_entry,
+    parse_expires_field,
+)
 from corsproxy.origin_writes import (
     Declarations,
     DeclaredElsewhere,
@@ -45,10 +55,13 @@ def _actor() -> str:
         return "cli"
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace, *, warn: bool = False) -> Config:
+    """The config. Its warnings (a credentialed wildcard, an opt-in...) are about serving it: ``serve`` and ``check``
+    say them; the store and explain commands would only repeat them on every call."""
     config = load_config(args.config)
-    for warning in config.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    if warn:
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return config
 
 
@@ -67,7 +80,7 @@ def _open_store(config: Config) -> OriginStore:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, warn=True)
     if Path(config.store.path, "data.mdb").exists():
         # Entries added through the CLI, the admin API or the origins file were checked against the policies of
         # their day; the engine re-checks every match against today's, and this lists the ones it now refuses.
@@ -100,45 +113,158 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKERS_ENV = "CORSPROXY_WORKERS"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from corsproxy.server import default_workers, serve
 
-    config = _load(args)
-    workers = args.workers if args.workers is not None else default_workers()
-    if workers < 1:
+    workers = args.workers
+    if workers is None and os.environ.get(WORKERS_ENV, "").strip():
+        text = os.environ[WORKERS_ENV].strip()
+        if not text.isdigit() or int(text) < 1:
+            print(
+                f"error: {WORKERS_ENV}={text!r}: must be a whole number >= 1 (or unset: one per core)", file=sys.stderr
+            )
+            return 2
+        workers = int(text)
+    if workers is not None and workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
-    return serve(config, workers)
+    config = _load(args, warn=True)
+    return serve(config, workers or default_workers())
+
+
+#: The demo's configuration ships inside the package, so ``corsproxy demo`` runs from any installation.
+DEMO_CONFIG = "demo.yaml"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from corsproxy.server import run_demo
+    from importlib.resources import as_file, files
 
-    path = Path(args.config)
-    if not path.is_file():
+    from corsproxy.server import _listen_socket, run_demo
+
+    with contextlib.ExitStack() as stack:
+        if args.config is None:
+            path = stack.enter_context(as_file(files("corsproxy").joinpath(DEMO_CONFIG)))
+        else:
+            path = Path(args.config)
+        env = {**os.environ, "CORSPROXY_UPSTREAM": "http://127.0.0.1:1"}  # replaced by the demo upstream
+        env.pop("CORSPROXY_PORT", None)  # the demo's port is --port's or the demo config's
+        config = load_config(path, env=env)
+        port = config.listen.port if args.port is None else args.port
+        try:
+            # Bound before anything starts: a taken port is one line, with no half-started demo to clean up.
+            listener = _listen_socket(args.host, port)
+        except OSError as exc:
+            print(
+                f"error: corsproxy demo cannot listen on {args.host}:{port}: {exc.strerror or exc} — pick another "
+                "port with --port N",
+                file=sys.stderr,
+            )
+            return 2
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="corsproxy-demo-"))
+        config = replace(
+            config,
+            listen=replace(config.listen, host=args.host, port=listener.getsockname()[1]),
+            store=replace(config.store, path=str(Path(tmp) / "origins.lmdb")),
+        )
+        asyncio.run(run_demo(config, listener))
+    return 0
+
+
+def _admin_settings(args: argparse.Namespace) -> tuple[Admin, str]:
+    """The admin listener and token source, even from a config that does not validate: a reload after a bad edit
+    must still reach the server, which then answers with every problem (and keeps its running configuration)."""
+    try:
+        config = load_config(args.config)
+        return config.admin, config.source
+    except ConfigError as exc:
+        refused = exc
+    path = Path(args.config or os.environ.get("CORSPROXY_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise refused from None
+    if not isinstance(data, dict):
+        raise refused
+    admin_only = {"admin": data.get("admin"), "listen": {"port": 0}, "upstream": {"url": "http://127.0.0.1:1"}}
+    try:
+        admin = parse_config(admin_only, source=str(path), base_dir=path.resolve().parent).admin
+    except ConfigError:
+        raise refused from None
+    return admin, str(path)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running server to reload, through its admin API, and report what it answered.
+
+    The admin API rather than a signal: it works from another container or host that can reach the admin port, is
+    authenticated by the admin token, and answers with the validation result (a signal reports nothing back).
+    """
+    import urllib.error
+    import urllib.request
+
+    from corsproxy.admin import load_tokens
+
+    admin, source = _admin_settings(args)
+    if admin.port is None:
         print(
-            f"error: {path} not found — run `corsproxy demo` from the corsproxy checkout, or pass --config FILE",
+            f"error: {source} has no admin.listen: `corsproxy reload` uses the admin API — configure "
+            "admin.listen (and a token), or send SIGHUP to the arbiter (the pid in serve's start-up log)",
             file=sys.stderr,
         )
         return 2
-    with tempfile.TemporaryDirectory(prefix="corsproxy-demo-") as tmp:
-        env = {**os.environ, "CORSPROXY_UPSTREAM": "http://127.0.0.1:1"}  # replaced by the demo upstream
-        config = load_config(path, env=env)
-        config = replace(
-            config,
-            listen=replace(config.listen, host="127.0.0.1", port=args.port or config.listen.port),
-            store=replace(config.store, path=str(Path(tmp) / "origins.lmdb")),
+    try:
+        tokens = load_tokens(admin)
+    except (OSError, ValueError) as exc:
+        print(f"error: admin token: {exc}", file=sys.stderr)
+        return 2
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(admin.host, admin.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{admin.port}/reload"
+    request = urllib.request.Request(url, method="POST", data=b"")
+    if tokens:
+        request.add_header("Authorization", f"Bearer {next(iter(tokens))}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            body = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                body = json.loads(exc.read() or b"{}")
+            except ValueError:
+                body = {}
+        why = body.get("reason") or body.get("error") or exc.reason
+        print(f"error: reload refused by {url} ({exc.code}): {why}", file=sys.stderr)
+        for problem in body.get("problems") or []:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(
+            f"error: no corsproxy admin API answered at {url}: {reason} — is `corsproxy serve` running?",
+            file=sys.stderr,
         )
-        asyncio.run(run_demo(config))
+        return 2
+    for warning in body.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"reloading {body.get('config', source)}: new workers start on it, old ones finish their requests")
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from corsproxy.explain import explain
 
+    if args.origin and args.origin_option and args.origin != args.origin_option:
+        print("error: two different origins given (positional and --origin): give one", file=sys.stderr)
+        return 2
+    origin = args.origin or args.origin_option
+    if not origin:
+        print("error: which origin? e.g. corsproxy explain https://app.example.com --method PUT", file=sys.stderr)
+        return 2
     config = _load(args)
     with _open_store(config) as store:
-        result = explain(config, store, args.origin, args.method, args.headers or "", args.path)
+        result = explain(config, store, origin, args.method, args.headers or "", args.path)
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
     else:
@@ -278,7 +404,7 @@ def cmd_origins_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_origins_import_regex(args: argparse.Namespace) -> int:
-    from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
+    from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 
     config = _load(args)
     try:
@@ -301,9 +427,17 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     for item in conversion.unconverted:
         print(f"not converted: {item}", file=sys.stderr)
+    stopped = False
     if args.sample_file:
         with open(args.sample_file, encoding="utf-8") as samples:
-            only_regex, only_entries = compare_samples(args.regex, accepted, samples)
+            try:
+                only_regex, only_entries = compare_samples(args.regex, accepted, samples, timeout=args.sample_timeout)
+            except SampleTimeout as exc:
+                print(f"error: {args.sample_file}: {exc}", file=sys.stderr)
+                only_regex, only_entries, stopped = exc.only_regex, exc.only_entries, True
+            except RegexImportError as exc:
+                print(f"error: {args.sample_file}: {exc}", file=sys.stderr)
+                return 2
         print(
             f"sample: {len(only_regex)} origin(s) the regex accepted that the entries refuse"
             + (" (usually the holes):" if only_regex else ""),
@@ -323,22 +457,24 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         for _, reason in report.refused:
             print(f"refused: {reason}", file=sys.stderr)
         print(f"applied: {len(report.added)} new, {len(report.updated)} replaced", file=sys.stderr)
-    return 1 if conversion.unconverted or len(accepted) < len(conversion.entries) else 0
+    return 1 if stopped or conversion.unconverted or len(accepted) < len(conversion.entries) else 0
 
 
 # -- parser -------------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
+    from corsproxy import __version__
+
+    config_help = "YAML config file (default: $CORSPROXY_CONFIG, then /etc/corsproxy/config.yaml)"
     parser = argparse.ArgumentParser(prog="corsproxy", description="A CORS-enforcing reverse proxy.")
+    parser.add_argument("--version", action="version", version=f"corsproxy {__version__}")
+    parser.add_argument("--config", "-c", help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--config",
-            "-c",
-            help="YAML config file (default: $CORSPROXY_CONFIG, then /etc/corsproxy/config.yaml)",
-        )
+        # Accepted after the verb too; SUPPRESS keeps a --config given before the verb when none follows it.
+        p.add_argument("--config", "-c", default=argparse.SUPPRESS, help=config_help)
         return p
 
     serve = with_config(commands.add_parser("serve", help="run the proxy"))
@@ -346,22 +482,40 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         "-w",
         type=int,
-        default=int(os.environ["CORSPROXY_WORKERS"]) if os.environ.get("CORSPROXY_WORKERS", "").isdigit() else None,
-        help="worker processes (default: $CORSPROXY_WORKERS, else one per core)",
+        help=f"worker processes (default: ${WORKERS_ENV}, else one per core this process may use)",
     )
     serve.set_defaults(func=cmd_serve)
     with_config(commands.add_parser("check", help="validate the config and exit")).set_defaults(func=cmd_check)
 
+    reload = with_config(
+        commands.add_parser("reload", help="make the running server re-read its config (through the admin API)")
+    )
+    reload.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the admin API (default: %(default)s)"
+    )
+    reload.set_defaults(func=cmd_reload)
+
     demo = commands.add_parser("demo", help="run the proxy in front of a built-in echo upstream")
-    demo.add_argument("--config", default="config.example.yaml", help="config to use (default: %(default)s)")
-    demo.add_argument("--port", type=int, help="listen port (default: the config's)")
+    demo.add_argument(
+        "--config",
+        "-c",
+        default=argparse.SUPPRESS,
+        help="config to use instead of the demo's own (its store is a temporary one)",
+    )
+    demo.add_argument("--port", type=int, help="listen port (default: the config's, 8080)")
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="listen address (default: %(default)s; 0.0.0.0 in a container, to reach it through a published port)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ex = with_config(commands.add_parser("explain", help="say whether a request would be allowed, and why"))
-    ex.add_argument("--origin", required=True, help="the Origin header value")
+    ex.add_argument("origin", nargs="?", help="the Origin header value, e.g. https://app.example.com")
+    ex.add_argument("--origin", dest="origin_option", metavar="ORIGIN", help="the same, as an option")
     ex.add_argument("--method", help="a preflight for this method (default: an actual GET)")
     ex.add_argument("--headers", help="requested headers, comma-separated")
-    ex.add_argument("--path", default="/", help="request path (routes are matched on it)")
+    ex.add_argument("--path", default="/", help="request path (routes are matched on it; default: /)")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
     ex.set_defaults(func=cmd_explain)
 
@@ -369,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="origins_command", required=True, metavar="ACTION"
     )
     add = with_config(origins.add_parser("add", help="allow an origin or pattern"))
-    add.add_argument("origin")
+    add.add_argument("origin", help="an origin or pattern: https://app.example.com, https://*.example.com, ...")
     add.add_argument("--policy", help="named policy (default: the cors block)")
     when = add.add_mutually_exclusive_group()
     when.add_argument("--ttl", help="expire after this long, e.g. 7d, 12h")
@@ -378,7 +532,7 @@ def _parser() -> argparse.ArgumentParser:
     add.set_defaults(func=cmd_origins_add)
 
     remove = with_config(origins.add_parser("remove", help="stop allowing an origin or pattern"))
-    remove.add_argument("origin")
+    remove.add_argument("origin", help="the origin or pattern, as added")
     remove.set_defaults(func=cmd_origins_remove)
 
     listing = with_config(origins.add_parser("list", help="list the store"))
@@ -386,16 +540,16 @@ def _parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_origins_list)
 
     imp = with_config(origins.add_parser("import", help="add origins from a file, one per line (- for stdin)"))
-    imp.add_argument("file")
+    imp.add_argument("file", help="the file, in the line format of `origins export`; - reads stdin")
     imp.set_defaults(func=cmd_origins_import)
 
     exp = with_config(origins.add_parser("export", help="write the store in the import format"))
-    exp.add_argument("file", nargs="?", default="-")
+    exp.add_argument("file", nargs="?", default="-", help="where to write (default: stdout)")
     exp.set_defaults(func=cmd_origins_export)
 
     hist = with_config(origins.add_parser("history", help="the audit trail, one JSON object per line"))
     hist.add_argument("--origin", help="only this origin")
-    hist.add_argument("--limit", type=int, default=100)
+    hist.add_argument("--limit", type=int, default=100, help="the newest N events, printed oldest first (default: 100)")
     hist.set_defaults(func=cmd_origins_history)
 
     regex = with_config(
@@ -403,6 +557,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     regex.add_argument("regex", help="the regex, e.g. '^https://(www\\.)?example\\.com$'")
     regex.add_argument("--sample-file", help="real origins, one per line: show which ones the regex accepted only")
+    regex.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=10.0,
+        help="seconds the regex may run over the whole sample file before it is stopped (default: %(default)s)",
+    )
     regex.add_argument("--policy", help="policy for the entries (default: the cors block)")
     regex.add_argument("--apply", action="store_true", help="write the entries to the store (default: print them)")
     regex.set_defaults(func=cmd_origins_import_regex)

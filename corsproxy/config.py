@@ -16,7 +16,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from publicsuffixlist import PublicSuffixList
+from publicsuffixlist import PSLFILE, PublicSuffixList, encode_idn
 
 from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet
 from corsproxy.header_list import is_token
@@ -41,6 +41,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "parse_expiry",
+    "unknown_policy",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/corsproxy/config.yaml"
@@ -212,10 +213,13 @@ class _Problems:
         self.warnings: list[str] = []
 
     def error(self, path: str, message: str) -> None:
-        self.errors.append(f"{path}: {message}")
+        # A value several policies inherit is checked once per policy but reported once, where it was written.
+        if (line := f"{path}: {message}") not in self.errors:
+            self.errors.append(line)
 
     def warn(self, path: str, message: str) -> None:
-        self.warnings.append(f"{path}: {message}")
+        if (line := f"{path}: {message}") not in self.warnings:
+            self.warnings.append(line)
 
 
 def _section(data: Mapping[str, Any], key: str, path: str, p: _Problems, allowed: set[str]) -> dict[str, Any]:
@@ -264,6 +268,23 @@ def _similar(a: str, b: str) -> bool:
     return prev[-1] <= 2
 
 
+def _relative_to(value: Any, base_dir: Path | None) -> Any:
+    """A relative path in the config names a file next to the config, whatever directory corsproxy was started in:
+    one rule for every path key (store, origins file, TLS files, token file, CA bundle). Non-strings pass through
+    for the caller to refuse."""
+    if isinstance(value, str) and value and base_dir is not None and not Path(value).is_absolute():
+        return str(base_dir / value)
+    return value
+
+
+def unknown_policy(name: Any, defined: Iterable[str]) -> str:
+    """The message for a policy name that is not defined, with a "did you mean" when one is close."""
+    names = sorted(defined)
+    close = [known for known in names if isinstance(name, str) and _similar(name, known)]
+    hint = f' — did you mean "{close[0]}"?' if close else ""
+    return f"unknown policy {name!r}{hint} (defined policies: {', '.join(names)})"
+
+
 def _bool(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -293,16 +314,19 @@ def _port(value: Any, where: str, p: _Problems, default: int) -> int:
 
 def _string_list(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: list[str]) -> list[str]:
     value = data.get(key, default)
+    where = f"{path}.{key}" if path else key
     if isinstance(value, str):
-        p.error(f"{path}.{key}", f'must be a list, e.g. [{value}] or ["{value}"]')
+        # "GET, POST" is one YAML string; the list the user meant is its comma-separated items.
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        p.error(where, f"must be a list, e.g. [{', '.join(items)}]" if items else "must be a list, e.g. []")
         return list(default)
     if not isinstance(value, list):
-        p.error(f"{path}.{key}", f"must be a list, got {type(value).__name__}")
+        p.error(where, f"must be a list, got {type(value).__name__}")
         return list(default)
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            p.error(f"{path}.{key}[{i}]", f"must be a string, got {item!r}")
+            p.error(f"{where}[{i}]", f"must be a string, got {item!r}")
         else:
             out.append(item)
     return out
@@ -357,6 +381,39 @@ def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@cache
+def _suffixes_at_or_below() -> dict[str, str]:
+    """Every domain that is a public suffix or has one below it, mapped to one such suffix (for the message).
+
+    Built once from the list bundled with ``publicsuffixlist``, so that a wildcard's check is one dict lookup: a
+    wildcard over ``amazonaws.com`` covers ``s3.amazonaws.com``, where anyone can create a bucket, just as a
+    wildcard over ``herokuapp.com`` covers everyone's apps. Exception rules (``!www.ck``) name registrable domains
+    and are skipped; a wildcard rule (``*.compute.herokuapp.com``) makes its base public too, as the list's own
+    linter reads it.
+    """
+    below: dict[str, str] = {}
+    with open(PSLFILE, encoding="utf-8") as source:
+        for line in source:
+            rule = line.split(" ", 1)[0].strip().lower()
+            if not rule or rule.startswith(("//", "!")):
+                continue
+            shown = rule
+            if rule.startswith("*."):
+                rule = rule[2:]
+            try:
+                domain = encode_idn(rule)
+            except UnicodeError:
+                continue
+            # Walk up from the suffix: it and each parent have a suffix at or below them; the message names the
+            # nearest one (s3.amazonaws.com rather than execute-api.af-south-1.amazonaws.com).
+            while domain:
+                if len(shown) < len(below.get(domain, shown + ".")):
+                    below[domain] = shown
+                dot = domain.find(".")
+                domain = domain[dot + 1 :] if dot >= 0 else ""
+    return below
+
+
 def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[str], list[str]]:
     """Errors and warnings for allowing ``entry`` under ``policy`` (CORS-RULES 15-16). Shared by every write path."""
     errors: list[str] = []
@@ -406,6 +463,13 @@ def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[s
                 "dangerously_allow_public_suffix_wildcards",
                 f"{entry.key!r} covers every site under the public suffix {entry.host!r} (anyone can register "
                 f'or publish there) — pin a registrable domain, e.g. "{entry.scheme}://*.yourname.{entry.host}"',
+            )
+        elif (suffix := _suffixes_at_or_below().get(entry.host)) is not None and not entry.is_loopback:
+            gate(
+                "dangerously_allow_public_suffix_wildcards",
+                f"{entry.key!r} covers the public suffix {suffix!r} below {entry.host!r} (anyone can register or "
+                f"publish there, e.g. https://anyone.{suffix.removeprefix('*.')}) — list the exact origins you "
+                "need, or a wildcard under a name you control",
             )
         elif creds:
             warnings.append(
@@ -483,14 +547,18 @@ _POLICY_DEFAULTS: dict[str, Any] = {
 
 
 def _compile_policy(
-    name: str, data: Mapping[str, Any], base: Mapping[str, Any], path: str, p: _Problems
+    name: str, data: Mapping[str, Any], base: Mapping[str, Any], path: str, p: _Problems, base_path: str = "cors"
 ) -> tuple[Policy, PolicySafety]:
     merged = {**base, **{k: v for k, v in data.items() if k in _POLICY_KEYS}}
 
-    methods = _string_list(merged, "allow_methods", path, p, ["GET"])
+    def at(key: str) -> str:
+        """Where the user wrote ``key``'s value: this policy, or the block it inherits from (``cors``)."""
+        return path if key in data else base_path
+
+    methods = _string_list(merged, "allow_methods", at("allow_methods"), p, ["GET"])
     clean_methods: set[str] = set()
     for i, method in enumerate(methods):
-        where = f"{path}.allow_methods[{i}]"
+        where = f"{at('allow_methods')}.allow_methods[{i}]"
         if method == "*":
             continue
         if not is_token(method):
@@ -504,18 +572,18 @@ def _compile_policy(
                 p.warn(where, f"{method!r}: methods are case-sensitive and browsers send {method.upper()!r}")
             clean_methods.add(method)
 
-    headers = _string_list(merged, "allow_headers", path, p, [])
+    headers = _string_list(merged, "allow_headers", at("allow_headers"), p, [])
     clean_headers: set[str] = set()
     for i, header in enumerate(headers):
         if header != "*" and not is_token(header):
-            p.error(f"{path}.allow_headers[{i}]", f"{header!r} is not a header name")
+            p.error(f"{at('allow_headers')}.allow_headers[{i}]", f"{header!r} is not a header name")
         elif header != "*":
             clean_headers.add(header.lower())
 
-    expose = _string_list(merged, "expose_headers", path, p, [])
+    expose = _string_list(merged, "expose_headers", at("expose_headers"), p, [])
     clean_expose: list[str] = []
     for i, header in enumerate(expose):
-        where = f"{path}.expose_headers[{i}]"
+        where = f"{at('expose_headers')}.expose_headers[{i}]"
         if header != "*" and not is_token(header):
             p.error(where, f"{header!r} is not a header name")
         elif header.lower() in {"set-cookie", "set-cookie2"}:
@@ -523,23 +591,33 @@ def _compile_policy(
         elif header != "*" and header.lower() not in clean_expose:
             clean_expose.append(header.lower())
 
-    credentials = _bool(merged, "allow_credentials", path, p, False)
+    credentials = _bool(merged, "allow_credentials", at("allow_credentials"), p, False)
     max_age_raw = merged.get("max_age")
     max_age: int | None = None
     if max_age_raw is not None:
         if isinstance(max_age_raw, bool) or not isinstance(max_age_raw, int) or max_age_raw < 0:
-            p.error(f"{path}.max_age", f"must be a whole number of seconds >= 0 (or null to omit), got {max_age_raw!r}")
+            p.error(
+                f"{at('max_age')}.max_age",
+                f"must be a whole number of seconds >= 0 (or null to omit), got {max_age_raw!r}",
+            )
         elif max_age_raw > MAX_AGE_LIMIT:
-            p.error(f"{path}.max_age", f"{max_age_raw} is above {MAX_AGE_LIMIT} (Firefox's cap; Chromium's is 7200)")
+            p.error(
+                f"{at('max_age')}.max_age",
+                f"{max_age_raw} is above {MAX_AGE_LIMIT} (Firefox's cap; Chromium's is 7200)",
+            )
         else:
             max_age = max_age_raw
             if max_age_raw > MAX_AGE_WARN:
                 p.warn(
-                    f"{path}.max_age", f"{max_age_raw} is above Chromium's cap of {MAX_AGE_WARN}; Chromium uses 7200"
+                    f"{at('max_age')}.max_age",
+                    f"{max_age_raw} is above Chromium's cap of {MAX_AGE_WARN}; Chromium uses 7200",
                 )
     status = merged.get("preflight_status", 204)
     if status not in (200, 204):
-        p.error(f"{path}.preflight_status", f"must be 204 (the default) or 200 (for old clients), got {status!r}")
+        p.error(
+            f"{at('preflight_status')}.preflight_status",
+            f"must be 204 (the default) or 200 (for old clients), got {status!r}",
+        )
         status = 204
     policy = Policy(
         name=name,
@@ -548,13 +626,13 @@ def _compile_policy(
         expose_headers=tuple(clean_expose),
         allow_credentials=credentials,
         max_age=max_age,
-        allow_private_network=_bool(merged, "allow_private_network", path, p, False),
+        allow_private_network=_bool(merged, "allow_private_network", at("allow_private_network"), p, False),
         preflight_status=int(status),
         any_method="*" in methods,
         any_header="*" in headers,
         expose_all="*" in expose,
     )
-    flags = {flag: _bool(merged, flag, path, p, False) for flag in _DANGER_FLAGS}
+    flags = {flag: _bool(merged, flag, at(flag), p, False) for flag in _DANGER_FLAGS}
     safety = PolicySafety(name=name, allow_credentials=credentials, **flags)
     return policy, safety
 
@@ -587,8 +665,7 @@ def _origin_list(
             if "policy" in item and allow_policy_field:
                 policy_name = item["policy"]
                 if policy_name not in safety:
-                    known = ", ".join(sorted(safety))
-                    p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined policies: {known}")
+                    p.error(f"{where}.policy", unknown_policy(policy_name, safety))
                     continue
             if item.get("expires") is not None:
                 try:
@@ -651,7 +728,7 @@ def _enum(value: Any, kind: type[Mode] | type[BlockMode], where: str, p: _Proble
         return next(iter(kind))
 
 
-def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Upstream:
+def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_dir: Path | None) -> Upstream:
     section = _section(data, "upstream", "", p, {"url", "connect_timeout", "read_timeout", "ca_bundle"})
     url = env.get("CORSPROXY_UPSTREAM") or section.get("url")
     where = "env CORSPROXY_UPSTREAM" if env.get("CORSPROXY_UPSTREAM") else "upstream.url"
@@ -674,7 +751,7 @@ def _upstream(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> 
         p.error(where, f"{url!r}: credentials in the URL would be logged; configure the upstream without them")
     if parts.query or parts.fragment:
         p.error(where, f"{url!r}: the upstream URL takes no query or fragment")
-    ca_bundle = section.get("ca_bundle")
+    ca_bundle = _relative_to(section.get("ca_bundle"), base_dir)
     if ca_bundle is not None and (not isinstance(ca_bundle, str) or not Path(ca_bundle).is_file()):
         p.error("upstream.ca_bundle", f"{ca_bundle!r} is not a readable file of PEM certificates")
     if len(p.errors) > problems_before:
@@ -711,7 +788,8 @@ def parse_config(
     if not isinstance(host, str) or not host:
         p.error("listen.host", f"must be an address such as 0.0.0.0 or 127.0.0.1, got {host!r}")
         host = "0.0.0.0"
-    tls_cert, tls_key = listen_section.get("tls_cert"), listen_section.get("tls_key")
+    tls_cert = _relative_to(listen_section.get("tls_cert"), base_dir)
+    tls_key = _relative_to(listen_section.get("tls_key"), base_dir)
     for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
         if value is not None and (not isinstance(value, str) or not Path(value).is_file()):
             p.error(f"listen.{key}", f"{value!r} is not a readable PEM file")
@@ -719,15 +797,15 @@ def parse_config(
         p.error("listen", "tls_cert and tls_key go together: give both for HTTPS, or neither")
     listen = Listen(host=host, port=_port(port_value, port_where, p, 8080), tls_cert=tls_cert, tls_key=tls_key)
 
-    upstream = _upstream(data, p, env)
+    upstream = _upstream(data, p, env, base_dir)
 
     store_section = _section(data, "store", "", p, {"path", "map_size_mb"})
     store_path = store_section.get("path", _DEFAULT_STORE_PATH)
     if not isinstance(store_path, str) or not store_path:
         p.error("store.path", f"must be a directory path, got {store_path!r}")
         store_path = _DEFAULT_STORE_PATH
-    elif base_dir is not None and not Path(store_path).is_absolute():
-        store_path = str(base_dir / store_path)  # relative to the config file, not to wherever it was started
+    else:
+        store_path = _relative_to(store_path, base_dir)
     map_size = store_section.get("map_size_mb", 1024)
     if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1:
         p.error("store.map_size_mb", f"must be a whole number of MiB >= 1, got {map_size!r}")
@@ -782,7 +860,7 @@ def parse_config(
 
     forwarding = _forwarding(data, p)
     limits = _limits(data, p)
-    admin = _admin(data, p, env)
+    admin = _admin(data, p, env, base_dir)
     if admin.port is not None and admin.port == listen.port != 0:
         p.error(
             "admin.listen.port",
@@ -791,13 +869,16 @@ def parse_config(
     logging_ = _logging(data, p)
     origins_file = _origins_file(data, p, base_dir)
 
+    # Checked before the first refusal, so that a broken route does not hide a typo here.
+    mode = _enum(data.get("mode", "enforce"), Mode, "mode", p)
+    block_disallowed = _enum(data.get("block_disallowed", "off"), BlockMode, "block_disallowed", p)
     if p.errors:
         raise ConfigError(p.errors, source)
     engine = CorsEngine(
         policies=policies,
         routes=routes,
-        mode=_enum(data.get("mode", "enforce"), Mode, "mode", p),
-        block_disallowed=_enum(data.get("block_disallowed", "off"), BlockMode, "block_disallowed", p),
+        mode=mode,
+        block_disallowed=block_disallowed,
         public_origins=frozenset(public),
         private_network=any(policy.allow_private_network for policy in policies.values()),
         debug_reason_header=debug,
@@ -805,10 +886,15 @@ def parse_config(
     )
     if p.errors:
         raise ConfigError(p.errors, source)
-    for name, flags in safety.items():
-        for flag in _DANGER_FLAGS:
-            if getattr(flags, flag):
-                p.warn(f"policies.{name}" if name != DEFAULT_POLICY else "cors", f"{flag} is set")
+    for flag in _DANGER_FLAGS:
+        # Said once, where it was written: a flag set in cors is inherited by the policies that do not set it.
+        inheriting = [n for n, spec in named.items() if n in safety and flag not in spec and getattr(safety[n], flag)]
+        if getattr(safety[DEFAULT_POLICY], flag):
+            also = f" (inherited by policies {', '.join(inheriting)})" if inheriting else ""
+            p.warn("cors", f"{flag} is set{also}")
+        for name, spec in named.items():
+            if name in safety and flag in spec and getattr(safety[name], flag):
+                p.warn(f"policies.{name}", f"{flag} is set")
     return Config(
         listen,
         upstream,
@@ -874,7 +960,7 @@ def _limits(data: Mapping[str, Any], p: _Problems) -> Limits:
     )
 
 
-def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Admin:
+def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_dir: Path | None) -> Admin:
     section = _section(data, "admin", "", p, {"listen", "token_file"})
     if not section:
         return Admin()
@@ -884,7 +970,7 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Adm
         p.error("admin.listen.host", f"must be an address such as 127.0.0.1, got {host!r}")
         host = "127.0.0.1"
     port = _port(listen.get("port", 9090), "admin.listen.port", p, 9090)
-    token_file = section.get("token_file")
+    token_file = _relative_to(section.get("token_file"), base_dir)
     if token_file is not None and (not isinstance(token_file, str) or not Path(token_file).is_file()):
         p.error("admin.token_file", f"{token_file!r} is not a readable file holding the admin token")
     has_token = bool(env.get("CORSPROXY_ADMIN_TOKEN")) or token_file is not None
@@ -954,8 +1040,7 @@ def _origins_file(data: Mapping[str, Any], p: _Problems, base_dir: Path | None) 
     if not isinstance(path, str) or not path:
         p.error("origins_file.path", f"must be the path of the origins file, got {path!r}")
         return OriginsFile()
-    if base_dir is not None and not Path(path).is_absolute():
-        path = str(base_dir / path)
+    path = _relative_to(path, base_dir)
     return OriginsFile(path=path, poll_interval=_number(section, "poll_interval", "origins_file", p, 2.0))
 
 
@@ -989,7 +1074,7 @@ def _routes(items: Any, p: _Problems, safety: Mapping[str, PolicySafety]) -> tup
                 break
         policy_name = item.get("policy")
         if policy_name is not None and policy_name not in safety:
-            p.error(f"{where}.policy", f"unknown policy {policy_name!r}; defined: {', '.join(sorted(safety))}")
+            p.error(f"{where}.policy", unknown_policy(policy_name, safety))
             continue
         if policy_name is not None and "allow_origins" not in item:
             p.error(
@@ -1016,7 +1101,14 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"cannot read the config file: {exc.strerror or exc}"], str(file)) from None
+        problem = f"cannot read the config file: {exc.strerror or exc}"
+        if not path and not env.get("CORSPROXY_CONFIG"):
+            # Nothing named a file, so the default was tried: say how to name one.
+            problem += (
+                f" — no config was given and {DEFAULT_CONFIG_PATH} (the default) is missing; pass --config FILE "
+                "or set CORSPROXY_CONFIG=FILE (`corsproxy demo` runs without one)"
+            )
+        raise ConfigError([problem], str(file)) from None
     except UnicodeDecodeError:
         raise ConfigError(["the config file is not UTF-8 text"], str(file)) from None
     try:

@@ -180,6 +180,11 @@ class Route:
     def matches(self, path: str) -> bool:
         prefix = self.prefix
         if not path.startswith(prefix):
+            # "/admin/" also covers "/admin" itself: upstreams serve that path (or redirect it to "/admin/") as the
+            # same resource, so leaving it to a more permissive route or the default policy would be a way around.
+            if len(prefix) > 1 and prefix.endswith("/"):
+                stem = prefix[:-1]
+                return path == stem or (path.startswith(stem) and path[len(stem)] == "?")
             return False
         # Segment-aware: "/admin" covers "/admin" and "/admin/x", never "/administrator".
         return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] in "/?"

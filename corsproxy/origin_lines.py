@@ -40,6 +40,7 @@ from corsproxy.config import (
     check_origin_entry,
     parse_duration,
     parse_expiry,
+    unknown_policy,
 )
 from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry
 
@@ -190,7 +191,7 @@ def parse_entry(
     policy = policy or DEFAULT_POLICY
     problems: list[str] = []
     if policy not in safety:
-        problems.append(f"unknown policy {policy!r}; defined policies: {', '.join(sorted(safety))}")
+        problems.append(unknown_policy(policy, safety))
     when: float | None = None
     if expires is not None and ttl is not None:
         problems.append("give either an expiry time or a ttl, not both")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.metadata
 import importlib.util
 import ipaddress
@@ -50,7 +51,16 @@ from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
 if TYPE_CHECKING:
     from corsproxy.metrics import Metrics
 
-__all__ = ["default_workers", "echo_app", "run", "run_demo", "serve", "setup_logging"]
+__all__ = [
+    "check_can_listen",
+    "check_store_writable",
+    "default_workers",
+    "echo_app",
+    "run",
+    "run_demo",
+    "serve",
+    "setup_logging",
+]
 
 log = logging.getLogger("corsproxy")
 
@@ -436,15 +446,60 @@ async def _flush_now(metrics: Metrics) -> None:
 # -- serve --------------------------------------------------------------------------------------------------------
 
 
+def check_store_writable(config: Config) -> None:
+    """Fail here, with the key and a fix, rather than in every worker: the store's directory must exist and take
+    new files. (LMDB itself is opened only in the workers, after the fork: an environment must not cross a fork.)"""
+    store_dir = Path(config.store.path)
+    fix = (
+        "point store.path at a writable directory (in the container image: the volume /var/lib/corsproxy; with a "
+        "read-only root filesystem, a mounted volume or tmpfs)"
+    )
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+        # A probe file, not os.access: access() says yes to root even where a write then fails.
+        with tempfile.TemporaryFile(dir=store_dir, prefix=".corsproxy-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            [f"store.path: {store_dir} is not writable by uid {os.getuid()} ({exc.strerror or exc}) — {fix}"],
+            config.source,
+        ) from None
+
+
+def _listen_error(section: str, host: str, port: int, exc: OSError, source: str) -> ConfigError:
+    """The problem with listening on ``host:port`` (configured under ``section``), named by the key to change."""
+    address = _bind_address(host, port)
+    also = " (or $CORSPROXY_PORT)" if section == "listen" else ""
+    if exc.errno == errno.EADDRINUSE:
+        key = "port"
+        why = f"{address} is already in use (another corsproxy, or another program) — stop it or pick another "
+        why += f"{section}.port{also}"
+    elif exc.errno == errno.EACCES:
+        key, why = "port", f"{address}: permission denied (ports below 1024 need privileges) — pick one above 1023"
+    elif exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        key, why = "host", f"{host!r} is not an address of this machine ({exc.strerror or exc}) — e.g. 0.0.0.0"
+    else:
+        key, why = "port", f"cannot listen on {address}: {exc.strerror or exc}"
+    return ConfigError([f"{section}.{key}: {why}"], source)
+
+
+def check_can_listen(host: str, port: int, section: str, source: str) -> None:
+    """Raise a :class:`ConfigError` naming ``section``'s key when ``host:port`` cannot be listened on (the socket is
+    closed again; the listener proper binds it a moment later with the same options)."""
+    if port == 0:
+        return
+    try:
+        _listen_socket(host, port).close()
+    except OSError as exc:
+        raise _listen_error(section, host, port, exc, source) from None
+
+
 def serve(config: Config, workers: int) -> int:
     """Run the arbiter and ``workers`` workers until SIGTERM/SIGINT; the exit status (0 after a clean drain)."""
     check_admin_tokens(config)
-    # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
-    # (LMDB itself is opened only in the workers, after the fork: an environment must not cross a fork.)
-    store_dir = Path(config.store.path)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(store_dir, os.W_OK):
-        raise ConfigError([f"store.path: {store_dir} is not writable by uid {os.getuid()}"], config.source)
+    check_store_writable(config)
+    # gunicorn retries a taken port five times over five seconds and then names no setting: try it once here.
+    check_can_listen(config.listen.host, config.listen.port, "listen", config.source)
     owner = os.getpid()
     runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
     metrics_dir = os.environ.get(MULTIPROC_ENV)
@@ -459,7 +514,11 @@ def serve(config: Config, workers: int) -> int:
     if "prometheus_client" in sys.modules:  # pragma: no cover - a programming error, not an operator's
         log.warning("prometheus_client was imported before %s was set: metrics will not add up", MULTIPROC_ENV)
     try:
-        application = CorsproxyApplication(config, workers, runtime_dir)
+        try:
+            application = CorsproxyApplication(config, workers, runtime_dir)  # binds the admin listener
+        except OSError as exc:
+            admin = config.admin
+            raise _listen_error("admin.listen", admin.host, admin.port or 0, exc, config.source) from None
         application.run()
     except SystemExit as exc:
         if os.getpid() != owner:
@@ -491,21 +550,39 @@ def echo_app() -> web.Application:
     return app
 
 
-async def run_demo(config: Config) -> None:
+async def run_demo(config: Config, listener: socket.socket | None = None) -> None:
+    """Serve the demo on ``listener`` (bound by the caller, so that a taken port fails before anything starts), or
+    on the config's address."""
     from dataclasses import replace
 
     setup_logging()
+    if listener is None:
+        listener = _listen_socket(config.listen.host, config.listen.port)
+    proxy_runner: web.AppRunner | None = None
     upstream_runner = web.AppRunner(echo_app(), access_log=None)
-    await upstream_runner.setup()
-    upstream_site = web.TCPSite(upstream_runner, "127.0.0.1", 0)
-    await upstream_site.start()
-    port = upstream_runner.addresses[0][1]
-    upstream = replace(config.upstream, url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, base_path="")
-    config = replace(config, upstream=upstream)
-    proxy_runner = ProxyRunner(create_app(config), access_log=None)  # same limits as `serve`
-    await proxy_runner.setup()
-    await web.TCPSite(proxy_runner, config.listen.host, config.listen.port).start()
-    base = f"http://{config.listen.host}:{config.listen.port}"
+    try:
+        await upstream_runner.setup()
+        upstream_site = web.TCPSite(upstream_runner, "127.0.0.1", 0)
+        await upstream_site.start()
+        port = upstream_runner.addresses[0][1]
+        upstream = replace(config.upstream, url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, base_path="")
+        config = replace(config, upstream=upstream)
+        proxy_runner = ProxyRunner(create_app(config), access_log=None)  # same limits as `serve`
+        await proxy_runner.setup()
+        await web.SockSite(proxy_runner, listener).start()
+        _demo_banner(config, listener, port)
+        await asyncio.Event().wait()
+    finally:
+        if proxy_runner is not None:
+            await proxy_runner.cleanup()
+        await upstream_runner.cleanup()
+        listener.close()
+
+
+def _demo_banner(config: Config, listener: socket.socket, port: int) -> None:
+    host, listen_port = listener.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # what curl on this machine reaches
+    base = f"http://{_bind_address(host, listen_port)}"
     allowed = next((k for k in config.origins if "*" not in k and k != "null"), "https://app.example.com")
     print(
         f"\ncorsproxy demo: {base} -> echo upstream on 127.0.0.1:{port}\n"
@@ -521,8 +598,3 @@ async def run_demo(config: Config) -> None:
         "Ctrl-C stops the demo.\n",
         flush=True,
     )
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await proxy_runner.cleanup()
-        await upstream_runner.cleanup()
