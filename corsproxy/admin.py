@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry
+from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry, unknown_policy
 from corsproxy.explain import explain
 from corsproxy.origin import EntryError, parse_origin_entry
 from corsproxy.origin_lines import NEVER, EntryEdit, parse_edits, parse_expires_field
@@ -290,9 +290,7 @@ def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
         raise AdminError(400, "invalid expires", "give either expires or ttl, not both", field="expires")
     policy = body.get("policy")
     if policy is not None and policy not in config.safety:
-        raise AdminError(
-            400, "invalid policy", f"unknown policy {policy!r}; defined: {', '.join(sorted(config.safety))}", "policy"
-        )
+        raise AdminError(400, "invalid policy", unknown_policy(policy, config.safety), "policy")
     for name, parse in (("expires", parse_expiry), ("ttl", parse_duration)):
         if body.get(name) is not None and not (name == "expires" and body[name].strip().lower() == NEVER):
             try:

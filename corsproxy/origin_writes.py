@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corsproxy.config import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, check_origin_entry
+from corsproxy.config import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, check_origin_entry, unknown_policy
 from corsproxy.origin_lines import KEEP, EntryEdit
 from corsproxy.store import OriginRecord, OriginStore, Reconciled
 
@@ -126,7 +126,7 @@ def _check(edit: EntryEdit, policy: str, safety: Mapping[str, PolicySafety]) -> 
         defined = ", ".join(sorted(safety))
         if edit.policy is None:
             return [f"its stored policy {policy!r} is no longer defined; give a policy (defined: {defined})"], []
-        return [f"unknown policy {policy!r}; defined policies: {defined}"], []
+        return [unknown_policy(policy, safety)], []
     return check_origin_entry(edit.entry, flags)
 
 
