@@ -535,7 +535,9 @@ def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientRe
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config = app[_CONFIG]
-    store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    store = OriginStore(
+        config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
+    )
     try:
         changed, removed, skipped = reconcile_config(store, config.origins)
         for key in skipped:
