@@ -12,6 +12,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from typing import TextIO
 
 from corsproxy.config import Config, ConfigError, load_config
 from corsproxy.origin_lines import format_line, parse_entry, parse_lines
-from corsproxy.store import OriginRecord, OriginStore, StoreError, reconcile_config
+from corsproxy.store import OriginRecord, OriginStore, StoreError, check_location, reconcile_config
 
 __all__ = ["main"]
 
@@ -45,7 +46,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _open_store(config: Config) -> OriginStore:
     """The store, reconciled with ``cors.allow_origins`` as the server would on start (a no-op when in sync)."""
-    store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    store = OriginStore(
+        config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
+    )
     try:
         reconcile_config(store, config.origins)
     except BaseException:
@@ -59,6 +62,19 @@ def _open_store(config: Config) -> OriginStore:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    # What serving would trip over, found without serving: the store's directory, the disk under it, the store.
+    map_size = config.store.map_size_mb << 20
+    errors, warnings = check_location(config.store.path, map_size)
+    if errors:
+        raise ConfigError(errors, config.source)
+    if Path(config.store.path, "data.mdb").exists():
+        try:
+            with OriginStore(config.store.path, map_size=map_size, readonly=True) as store:
+                warnings.extend(f"store.map_size_mb: {problem}" for problem in store.usage().problems())
+        except StoreError as exc:
+            raise ConfigError([f"store.path: {exc}"], config.source) from None
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if Path(config.store.path, "data.mdb").exists():
         # Entries added through the CLI, the admin API or the origins file were checked against the policies of
         # their day; the engine re-checks every match against today's, and this lists the ones it now refuses.
@@ -234,6 +250,15 @@ def cmd_origins_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_compact(args: argparse.Namespace) -> int:
+    from corsproxy.store import compact
+
+    config = _load(args)
+    before, after = compact(config.store.path)
+    print(f"compacted {config.store.path}: {before / (1 << 20):.1f} MiB -> {after / (1 << 20):.1f} MiB")
+    return 0
+
+
 def cmd_origins_import_regex(args: argparse.Namespace) -> int:
     from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
 
@@ -366,6 +391,16 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = with_config(origins.add_parser("prune", help="remove expired entries"))
     prune.set_defaults(func=cmd_origins_prune)
+
+    store = commands.add_parser("store", help="maintain the origin store").add_subparsers(
+        dest="store_command", required=True, metavar="ACTION"
+    )
+    with_config(
+        store.add_parser(
+            "compact",
+            help="shrink the store's file to its live data (stop corsproxy first: refused while the store is open)",
+        )
+    ).set_defaults(func=cmd_store_compact)
     return parser
 
 
@@ -379,6 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`corsproxy origins list | head`): stop quietly, as a command killed by SIGPIPE
+        # would, and point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # by number: `origins export` may already have closed sys.stdout
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -441,10 +441,14 @@ def serve(config: Config, workers: int) -> int:
     check_admin_tokens(config)
     # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
     # (LMDB itself is opened only in the workers, after the fork: an environment must not cross a fork.)
-    store_dir = Path(config.store.path)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(store_dir, os.W_OK):
-        raise ConfigError([f"store.path: {store_dir} is not writable by uid {os.getuid()}"], config.source)
+    from corsproxy.store import check_location
+
+    errors, warnings = check_location(config.store.path, config.store.map_size_mb << 20)
+    if errors:
+        raise ConfigError(errors, config.source)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    Path(config.store.path).mkdir(parents=True, exist_ok=True)
     owner = os.getpid()
     runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
     metrics_dir = os.environ.get(MULTIPROC_ENV)
