@@ -155,6 +155,12 @@ class Admin:
     host: str = "127.0.0.1"
     port: int | None = None
     token_file: str | None = None  # else the CORSPROXY_ADMIN_TOKEN environment variable
+    # Without a token (loopback only), writes are refused unless the operator opts in: any local user or process
+    # could otherwise change the origin set.
+    allow_anonymous_writes: bool = False
+    # Host names (besides loopback names and IP literals) the token-free endpoints /healthz and /readyz answer to:
+    # a DNS-rebinding page reaches them under its own name, which is never one of these.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -913,7 +919,7 @@ def _audit_retention(store_section: Mapping[str, Any], p: _Problems) -> AuditRet
 
 
 def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Admin:
-    section = _section(data, "admin", "", p, {"listen", "token_file"})
+    section = _section(data, "admin", "", p, {"listen", "token_file", "allow_anonymous_writes", "allowed_hosts"})
     if not section:
         return Admin()
     listen = _section(section, "listen", "admin", p, {"host", "port"})
@@ -935,7 +941,23 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> Adm
             f"{host!r} is not a loopback address and no admin token is set: anyone who can reach it could change "
             "the origin set — set CORSPROXY_ADMIN_TOKEN or admin.token_file, or listen on 127.0.0.1",
         )
-    return Admin(host=host, port=port, token_file=token_file)
+    anonymous_writes = _bool(section, "allow_anonymous_writes", "admin", p, False)
+    if anonymous_writes and has_token:
+        p.error(
+            "admin.allow_anonymous_writes",
+            "an admin token is set, so every write needs it; remove allow_anonymous_writes (or the token)",
+        )
+    hosts = section.get("allowed_hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h and "/" not in h for h in hosts):
+        p.error("admin.allowed_hosts", f"must be a list of host names such as [corsproxy.internal], got {hosts!r}")
+        hosts = []
+    return Admin(
+        host=host,
+        port=port,
+        token_file=token_file,
+        allow_anonymous_writes=anonymous_writes,
+        allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
+    )
 
 
 def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:

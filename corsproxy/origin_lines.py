@@ -24,7 +24,11 @@ from corsproxy.config import (
 )
 from corsproxy.origin import EntryError, parse_origin_entry
 
-__all__ = ["ParsedLines", "format_line", "parse_entry", "parse_lines"]
+__all__ = ["MAX_NOTE_LENGTH", "ParsedLines", "format_line", "parse_entry", "parse_lines"]
+
+#: Characters of an entry's note: room for a ticket reference and a sentence, not a document. The note is kept in
+#: the entry and in each audit event that records it, and every list, export and history prints it.
+MAX_NOTE_LENGTH = 1000
 
 
 @dataclass
@@ -47,6 +51,8 @@ def parse_entry(
     """Validate one entry for a write path; raise ``ValueError`` with every reason, else return it and its warnings."""
     policy = policy or DEFAULT_POLICY
     problems: list[str] = []
+    if len(note) > MAX_NOTE_LENGTH:
+        problems.append(f"the note is {len(note)} characters long; at most {MAX_NOTE_LENGTH} are kept")
     if policy not in safety:
         problems.append(f"unknown policy {policy!r}; defined policies: {', '.join(sorted(safety))}")
     when: float | None = None

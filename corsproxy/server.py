@@ -293,6 +293,14 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
     def run(self) -> None:
         arbiter = _Arbiter(self)
         arbiter.log.info("%s", self.event_loop)  # after gunicorn configured logging, in the operator's format
+        admin = self.config.admin
+        if admin.port is not None:
+            from corsproxy.admin import auth_mode, load_tokens
+
+            tokens = load_tokens(admin)
+            (arbiter.log.info if tokens or not admin.allow_anonymous_writes else arbiter.log.warning)(
+                "%s", auth_mode(admin, tokens)
+            )
         arbiter.run()
 
     # -- worker side (after the fork) -----------------------------------------------------------------------------
@@ -370,6 +378,7 @@ async def _worker_runtime(
         asyncio.run_coroutine_threadsafe(_flush_now(metrics), loop).result(timeout=10)
         try:
             metrics.origins.set(len(state.store))
+            metrics.set_store_usage(state.store.usage())
         except lmdb.Error:
             metrics.count_store_error()
         return metrics.render(), CONTENT_TYPE
@@ -386,6 +395,7 @@ async def _worker_runtime(
             request_reload=reload_all,
             render_metrics=render,
             on_reload_refused=lambda: metrics.reloads.labels("refused").inc(),
+            on_store_write_error=lambda reason: metrics.store_write_errors.labels(reason).inc(),
         )
 
         async def draining(_app: web.Application) -> None:
