@@ -263,3 +263,35 @@ def test_a_write_the_estimate_misses_still_ends_in_an_error(tiny_fs: Path) -> No
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.startswith("DiskFullError "), result.stdout
     assert result.stdout.splitlines()[1].startswith("removed ")
+
+
+async def test_an_origins_file_the_store_cannot_hold_is_one_log_line_and_its_revocations_apply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from corsproxy.config import parse_config
+    from corsproxy.origins_file import OriginsFileWatcher
+    from tests.conftest import BASE_CONFIG
+
+    safety = parse_config(BASE_CONFIG, env={}).safety
+    listed = tmp_path / "origins.txt"
+    listed.write_text("https://revoked.example.com\n")
+    with OriginStore(tmp_path / "db", map_size=SMALL_MAP) as store:
+        watcher = OriginsFileWatcher(str(listed), store, lambda: safety, 0.05, tmp_path / "watch.lock")
+        assert watcher.poll() is not None and store.get("https://revoked.example.com") is not None
+        _fill(store)
+        listed.write_text("".join(f"https://new{i}.example.com note={NOTE}\n" for i in range(3000)))
+        with caplog.at_level(logging.ERROR, logger="corsproxy"):
+            task = asyncio.create_task(watcher.run())
+            for _ in range(200):  # bounded wait for two failed polls
+                await asyncio.sleep(0.05)
+                if len([r for r in caplog.records if "not applied" in r.getMessage()]) >= 2:
+                    break
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        failures = [r for r in caplog.records if r.name.startswith("corsproxy")]
+        assert failures and all("store.map_size_mb" in r.getMessage() and r.exc_info is None for r in failures)
+        assert store.get("https://revoked.example.com") is None
