@@ -96,6 +96,8 @@ class DiskFullError(StoreSpaceError):
 #: Free disk space every growing write leaves untouched, on top of what it is estimated to add; also what removals
 #: need at most in practice (a removal rewrites a few pages per database).
 _DISK_SLACK = 512 << 10
+#: A few pages: what one ordinary addition (an entry, its index key and its audit record) takes.
+_SMALL_WRITE = 64 << 10
 
 
 def removal_reserve(map_size: int) -> int:
@@ -121,9 +123,19 @@ class StoreUsage:
     audit_events: int
 
     @property
+    def map_full(self) -> bool:
+        """Under a small write's worth of room before the limit (removals fit for longer: they may use the reserve)."""
+        return self.used_bytes + min(_DISK_SLACK, self.limit_bytes // 8) >= self.limit_bytes
+
+    @property
+    def disk_full(self) -> bool:
+        """Under the disk slack plus a small write: additions are refused."""
+        return self.disk_free_bytes < _DISK_SLACK + _SMALL_WRITE
+
+    @property
     def writable(self) -> bool:
-        """Whether an ordinary addition fits (removals fit for longer: they may use the reserve)."""
-        return self.used_bytes + _DISK_SLACK < self.limit_bytes and self.disk_free_bytes >= 2 * _DISK_SLACK
+        """Whether an ordinary addition fits in the map and on the disk."""
+        return not (self.map_full or self.disk_full)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -140,18 +152,20 @@ class StoreUsage:
     def problems(self) -> list[str]:
         """What stops (or will soon stop) writes; empty when there is room."""
         out: list[str] = []
-        if self.used_bytes + _DISK_SLACK >= self.limit_bytes:
+        if self.map_full:
             out.append(
                 f"the origin store is full ({_mib(self.used_bytes)} of store.map_size_mb "
                 f"{self.map_size_bytes >> 20}): additions are refused, removals still work; raise store.map_size_mb"
             )
         elif self.used_bytes >= 0.9 * self.limit_bytes:
             out.append(f"the origin store is over 90 % full ({_mib(self.used_bytes)} of {_mib(self.limit_bytes)})")
-        if self.disk_free_bytes < 2 * _DISK_SLACK:
+        if self.disk_full:
             out.append(
-                f"the filesystem holding the origin store has {_mib(self.disk_free_bytes)} free: writes are refused "
-                "until space is freed"
+                f"the filesystem holding the origin store has {_mib(self.disk_free_bytes)} free: additions are "
+                "refused until space is freed (or store.path moves to a larger volume)"
             )
+        elif self.disk_free_bytes < 4 * _DISK_SLACK:
+            out.append(f"the filesystem holding the origin store has only {_mib(self.disk_free_bytes)} free")
         return out
 
 

@@ -64,6 +64,14 @@ def test_a_full_store_refuses_additions_with_the_setting_to_change(tmp_path: Pat
         assert any("full" in problem and "store.map_size_mb" in problem for problem in usage.problems())
 
 
+def test_a_store_with_room_says_so(tmp_path: Path) -> None:
+    with OriginStore(tmp_path / "db", map_size=SMALL_MAP) as store:
+        store.put_many(_batch(0, 300), "cli:test")  # about a third of the 1 MiB map
+        usage = store.usage()
+        assert 0.2 * SMALL_MAP < usage.used_bytes < 0.5 * SMALL_MAP
+        assert usage.writable and usage.problems() == []
+
+
 def test_removals_always_fit_in_a_full_store(tmp_path: Path) -> None:
     """Each removal writes an audit record; once the store is full, the oldest audit records pay for it, so every
     entry can be removed one by one, and the space is then usable again. (Here each removal's record is a page of
