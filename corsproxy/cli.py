@@ -23,7 +23,14 @@ from typing import TextIO
 
 from corsproxy.config import Config, ConfigError, load_config
 from corsproxy.origin_lines import format_line, parse_entry, parse_lines
-from corsproxy.store import OriginRecord, OriginStore, StoreError, check_location, reconcile_config
+from corsproxy.store import (
+    OriginRecord,
+    OriginStore,
+    StoreError,
+    StoreSpaceError,
+    check_location,
+    reconcile_config,
+)
 
 __all__ = ["main"]
 
@@ -51,6 +58,9 @@ def _open_store(config: Config) -> OriginStore:
     )
     try:
         reconcile_config(store, config.origins)
+    except StoreSpaceError as exc:
+        # This command may be the one that frees space (remove, prune): go on; the config's removals were applied.
+        print(f"warning: cors.allow_origins not applied to the store: {exc}", file=sys.stderr)
     except BaseException:
         store.close()
         raise

@@ -51,8 +51,12 @@ def test_a_full_store_is_one_clear_line_and_removal_still_works(
     else:
         pytest.fail("the 1 MiB store never filled up")
     _one_line_error(result, "store.map_size_mb")
+    # The config gains origins the full store cannot take: every command reconciles first, and must still run.
+    extra = [f"https://config{i}.example.com" for i in range(300)]
+    config = str(write_config(store={"map_size_mb": 1}, cors={"allow_origins": extra}))
     removed = run_cli("origins", "remove", "https://h1.example.com", "--config", config)
     assert removed.returncode == 0 and removed.stdout == "removed https://h1.example.com\n", removed.stderr
+    assert "warning: cors.allow_origins not applied to the store: " in removed.stderr
     pruned = run_cli("origins", "prune", "--config", config)
     assert pruned.returncode == 0, pruned.stderr
     check = run_cli("check", "--config", config)
