@@ -14,8 +14,10 @@ state (the config snapshot and the open LMDB store); every write goes through th
     GET    /audit?origin=&limit=
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
 
-Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; an unexpected failure is a 500 with no stack
-trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work.
+Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; a write the store has no room for is a 507
+naming the setting to change, a store that cannot be written a 503; an unexpected failure is a 500 with no stack
+trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work; like
+everything else they answer only Hosts a DNS-rebinding page cannot present (see :func:`_authenticate`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -37,19 +40,28 @@ from aiohttp import web
 from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry, unknown_policy
 from corsproxy.explain import explain
 from corsproxy.origin import EntryError, parse_origin_entry
-from corsproxy.origin_lines import NEVER, EntryEdit, parse_edits, parse_expires_field
+from corsproxy.origin_lines import (
+    MAX_NOTE_LENGTH,
+    NEVER,
+    EntryEdit,
+    parse_edits,
+    parse_expires_field,
+)
 from corsproxy.origin_writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
 from corsproxy.origins_file import applied as origins_file_applied
 from corsproxy.proxy import STATE, ProxyState
-from corsproxy.store import OriginRecord
+from corsproxy.store import OriginRecord, StoreError, StoreSpaceError
 
-__all__ = ["ADMIN", "AdminContext", "AdminError", "create_admin_app", "load_tokens"]
+__all__ = ["ADMIN", "AdminContext", "AdminError", "auth_mode", "create_admin_app", "load_tokens"]
 
 log = logging.getLogger("corsproxy.admin")
 
 _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 _MAX_PAGE = 1000
 _PUT_FIELDS = frozenset({"policy", "note", "expires", "ttl"})
+#: Bytes of a JSON request body (a PUT's is a few short strings; the note is bounded on its own, see origin_lines).
+_MAX_JSON_BODY = 64 << 10
+_READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 class AdminError(Exception):
@@ -114,6 +126,7 @@ class AdminContext:
     request_reload: Callable[[Config], None] | None = None  # apply a validated config (signal the arbiter)
     render_metrics: Callable[[ProxyState], tuple[bytes, str]] | None = None
     on_reload_refused: Callable[[], None] | None = None  # (an accepted reload is counted by the arbiter)
+    on_store_write_error: Callable[[str], None] | None = None  # a write refused by the store, by reason
     draining: bool = False
     started: float = field(default_factory=time.time)
 
@@ -137,6 +150,15 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except AdminError as exc:
         return exc.response()
+    except StoreError as exc:
+        # The store refused the write as a whole (nothing was written): the operator's message, not a 500.
+        ctx = request.app[ADMIN]
+        reason = exc.reason if isinstance(exc, StoreSpaceError) else "io"
+        if ctx.on_store_write_error is not None:
+            ctx.on_store_write_error(reason)
+        log.error("admin %s %s refused by the origin store: %s", request.method, request.path, exc)
+        status = 507 if isinstance(exc, StoreSpaceError) else 503  # 507 Insufficient Storage, RFC 4918 §11.5
+        return AdminError(status, reason.replace("_", " "), str(exc), field="store").response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -170,24 +192,66 @@ def _loopback_host(host: str) -> bool:
         return False
 
 
-@web.middleware
-async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    ctx = request.app[ADMIN]
-    # The admin API serves operators' tools, never browsers. A page on any site can make a browser send a simple
-    # cross-site POST to 127.0.0.1:9090 (CSRF), or rebind its own name to it (DNS rebinding): refuse every request a
-    # browser marks as coming from a page, and — without a token — any Host that is not a loopback name.
+def _host_name(host: str) -> str:
+    try:
+        return (urlsplit("//" + host).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+def _ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _authenticate(request: web.Request, ctx: AdminContext) -> str:
+    """Who is asking (the audit trail's actor), or an :class:`AdminError`: every admin request's one gate.
+
+    The admin API serves operators' tools, never browsers. A page on any site can make a browser send a simple
+    cross-site POST to 127.0.0.1:9090 (CSRF), or rebind its own name to that address (DNS rebinding) and then read the
+    answers as same-origin. So, in this order:
+
+    1. a request a browser marks as made by a page (any ``Origin``, any ``Sec-Fetch-Site`` but ``none``, which is
+       what a typed URL or a non-browser client gets) is refused — ``same-origin`` too, since after rebinding the
+       attacker's page *is* same-origin;
+    2. the ``Host`` must be one a rebinding page cannot present: a loopback name, or one of ``admin.allowed_hosts``;
+       with tokens, the token-free ``/healthz`` and ``/readyz`` also accept IP literals (what Kubernetes probes send;
+       a rebinding page always comes with its own DNS name), and token-bearing requests need no such check (a page
+       cannot know the token);
+    3. with tokens, everything else needs ``Authorization: Bearer TOKEN``; without (a loopback listener, checked at
+       start), reads are anonymous and writes need ``admin.allow_anonymous_writes: true``.
+    """
+    admin = ctx.state.config.admin
     fetch_site = request.headers.get("Sec-Fetch-Site", "none")
-    if "Origin" in request.headers or fetch_site not in ("none", "same-origin"):
+    if "Origin" in request.headers or fetch_site != "none":
         raise AdminError(
             403, "forbidden", "the admin API does not answer requests made by web pages; use curl or the CLI"
         )
-    if not ctx.tokens and not _loopback_host(request.host):
-        raise AdminError(
-            403, "forbidden", f"Host {request.host!r} is not a loopback name; without a token only loopback is served"
-        )
-    if request.path in _PUBLIC_PATHS or not ctx.tokens:
-        request[_ACTOR] = "admin:anonymous"
-        return await handler(request)
+    public = request.path in _PUBLIC_PATHS
+    if not ctx.tokens or public:
+        host = _host_name(request.host)
+        if not (_loopback_host(request.host) or host in admin.allowed_hosts or (ctx.tokens and _ip_literal(host))):
+            raise AdminError(
+                403,
+                "forbidden",
+                f"Host {request.host!r} is not a loopback name or one of admin.allowed_hosts"
+                + ("" if ctx.tokens else "; without a token only loopback is served"),
+            )
+    if not ctx.tokens:
+        if request.method not in _READ_METHODS and not public and not admin.allow_anonymous_writes:
+            raise AdminError(
+                403,
+                "forbidden",
+                "no admin token is configured, so writes are off: set CORSPROXY_ADMIN_TOKEN or admin.token_file "
+                "(then send it as `Authorization: Bearer TOKEN`), or allow anonymous writes from this machine with "
+                "admin.allow_anonymous_writes: true",
+            )
+        return "admin:anonymous"
+    if public:
+        return "admin:anonymous"
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     presented = presented.strip()
     if scheme.lower() != "bearer" or not presented:
@@ -199,8 +263,30 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             name = token_name
     if name is None:
         raise AdminError(401, "unauthorized", "the admin token is not valid")
-    request[_ACTOR] = f"admin:{name}"
+    return f"admin:{name}"
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[_ACTOR] = _authenticate(request, request.app[ADMIN])
     return await handler(request)
+
+
+def auth_mode(admin: Admin, tokens: Mapping[str, str]) -> str:
+    """One line for the start-up log: where the admin API listens and who may do what there."""
+    where = f"admin API on {admin.host}:{admin.port}"
+    if tokens:
+        names = ", ".join(sorted(set(tokens.values())))
+        return f"{where}: bearer tokens ({names}); /healthz and /readyz without one"
+    if admin.allow_anonymous_writes:
+        return (
+            f"{where}: no token, loopback Hosts only; reads and writes anonymous (admin.allow_anonymous_writes: any "
+            "local user or process can change the origin set)"
+        )
+    return (
+        f"{where}: no token, loopback Hosts only; reads anonymous, writes refused (set CORSPROXY_ADMIN_TOKEN or "
+        "admin.token_file, or admin.allow_anonymous_writes: true)"
+    )
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -241,8 +327,18 @@ def _conflict(exc: DeclaredElsewhere) -> AdminError:
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
+    too_large = AdminError(413, "request body too large", f"a JSON body is at most {_MAX_JSON_BODY} bytes", "body")
+    if request.content_length is not None and request.content_length > _MAX_JSON_BODY:
+        raise too_large
+    raw = b""
+    while chunk := await request.content.read(_MAX_JSON_BODY + 1 - len(raw)):  # chunked: no length to check first
+        raw += chunk
+        if len(raw) > _MAX_JSON_BODY:
+            raise too_large
     try:
-        body = await request.json()
+        body = json.loads(raw)
+    except RecursionError:
+        raise AdminError(400, "invalid JSON body", "nested too deeply", field="body") from None
     except ValueError as exc:
         raise AdminError(400, "invalid JSON body", str(exc), field="body") from None
     if not isinstance(body, dict):
@@ -286,6 +382,9 @@ def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
             raise AdminError(400, f"invalid {name}", f"must be a string, got {type(value).__name__}", field=name)
+    note = body.get("note") or ""
+    if len(note) > MAX_NOTE_LENGTH:
+        raise AdminError(400, "invalid note", f"{len(note)} characters; at most {MAX_NOTE_LENGTH}", field="note")
     if body.get("expires") is not None and body.get("ttl") is not None:
         raise AdminError(400, "invalid expires", "give either expires or ttl, not both", field="expires")
     policy = body.get("policy")
@@ -433,7 +532,14 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "pid": os.getpid()})
+    body: dict[str, Any] = {"status": "ok", "pid": os.getpid()}
+    try:
+        problems = request.app[ADMIN].state.store.usage().problems()
+    except Exception as exc:
+        problems = [f"origin store unreadable: {exc}"]
+    if problems:
+        body["warnings"] = problems  # still alive: reads are served, and a restart would not free any space
+    return web.json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -443,6 +549,7 @@ async def readyz(request: web.Request) -> web.Response:
     state = ctx.state
     try:
         entries = len(state.store)
+        usage = state.store.usage()
     except Exception as exc:
         return web.json_response({"ready": False, "reason": f"origin store unreadable: {exc}"}, status=503)
     watched = state.config.origins_file.path
@@ -460,7 +567,9 @@ async def readyz(request: web.Request) -> web.Response:
         reason = f"upstream {upstream.host}:{upstream.port} unreachable: {exc.strerror or exc}"
         return web.json_response({"ready": False, "reason": reason}, status=503)
     writer.close()
-    return web.json_response({"ready": True, "origins": entries, "upstream": upstream.url})
+    # A full store or disk leaves this worker serving every request from what is stored (only writes are refused,
+    # with their own error), so it stays ready; "store" says so, for the operator and for alerts.
+    return web.json_response({"ready": True, "origins": entries, "upstream": upstream.url, "store": usage.as_json()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ from corsproxy.origin_writes import (
     remove_entry,
     write_entries,
 )
-from corsproxy.store import OriginRecord, OriginStore, StoreError
+from corsproxy.store import OriginRecord, OriginStore, StoreError, StoreSpaceError, check_location
 
 __all__ = ["main"]
 
@@ -67,9 +68,14 @@ def _load(args: argparse.Namespace, *, warn: bool = False) -> Config:
 
 def _open_store(config: Config) -> OriginStore:
     """The store, reconciled with ``cors.allow_origins`` as the server would on start (a no-op when in sync)."""
-    store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    store = OriginStore(
+        config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
+    )
     try:
         reconcile_config(store, config.origins)
+    except StoreSpaceError as exc:
+        # This command may be the one that frees space (remove, prune): go on; the config's removals were applied.
+        print(f"warning: cors.allow_origins not applied to the store: {exc}", file=sys.stderr)
     except BaseException:
         store.close()
         raise
@@ -81,6 +87,19 @@ def _open_store(config: Config) -> OriginStore:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args, warn=True)
+    # What serving would trip over, found without serving: the store's directory, the disk under it, the store.
+    map_size = config.store.map_size_mb << 20
+    errors, warnings = check_location(config.store.path, map_size)
+    if errors:
+        raise ConfigError(errors, config.source)
+    if Path(config.store.path, "data.mdb").exists():
+        try:
+            with OriginStore(config.store.path, map_size=map_size, readonly=True) as store:
+                warnings.extend(f"store.map_size_mb: {problem}" for problem in store.usage().problems())
+        except StoreError as exc:
+            raise ConfigError([f"store.path: {exc}"], config.source) from None
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if Path(config.store.path, "data.mdb").exists():
         # Entries added through the CLI, the admin API or the origins file were checked against the policies of
         # their day; the engine re-checks every match against today's, and this lists the ones it now refuses.
@@ -403,6 +422,15 @@ def cmd_origins_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_compact(args: argparse.Namespace) -> int:
+    from corsproxy.store import compact
+
+    config = _load(args)
+    before, after = compact(config.store.path)
+    print(f"compacted {config.store.path}: {before / (1 << 20):.1f} MiB -> {after / (1 << 20):.1f} MiB")
+    return 0
+
+
 def cmd_origins_import_regex(args: argparse.Namespace) -> int:
     from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 
@@ -569,6 +597,16 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = with_config(origins.add_parser("prune", help="remove expired entries"))
     prune.set_defaults(func=cmd_origins_prune)
+
+    store = commands.add_parser("store", help="maintain the origin store").add_subparsers(
+        dest="store_command", required=True, metavar="ACTION"
+    )
+    with_config(
+        store.add_parser(
+            "compact",
+            help="shrink the store's file to its live data (stop corsproxy first: refused while the store is open)",
+        )
+    ).set_defaults(func=cmd_store_compact)
     return parser
 
 
@@ -582,6 +620,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`corsproxy origins list | head`): stop quietly, as a command killed by SIGPIPE
+        # would, and point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # by number: `origins export` may already have closed sys.stdout
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2

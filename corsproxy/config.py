@@ -156,6 +156,12 @@ class Admin:
     host: str = "127.0.0.1"
     port: int | None = None
     token_file: str | None = None  # else the CORSPROXY_ADMIN_TOKEN environment variable
+    # Without a token (loopback only), writes are refused unless the operator opts in: any local user or process
+    # could otherwise change the origin set.
+    allow_anonymous_writes: bool = False
+    # Host names (besides loopback names and IP literals) the token-free endpoints /healthz and /readyz answer to:
+    # a DNS-rebinding page reaches them under its own name, which is never one of these.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +187,21 @@ _DEFAULT_STORE_PATH = "./var/origins.lmdb"
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRetention:
+    """How much of the audit trail the store keeps; the oldest events beyond either bound are dropped on each write.
+
+    The defaults keep a year, and at most 500,000 events (about 275 MiB at ~550 bytes an event), a quarter of the
+    default 1 GiB map; ``None`` lifts a bound."""
+
+    max_age: float | None = 365 * 86400.0  # seconds
+    max_events: int | None = 500_000
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
     path: str = _DEFAULT_STORE_PATH
     map_size_mb: int = 1024
+    audit_retention: AuditRetention = AuditRetention()
 
 
 @dataclass(frozen=True, slots=True)
@@ -799,7 +817,7 @@ def parse_config(
 
     upstream = _upstream(data, p, env, base_dir)
 
-    store_section = _section(data, "store", "", p, {"path", "map_size_mb"})
+    store_section = _section(data, "store", "", p, {"path", "map_size_mb", "audit_retention"})
     store_path = store_section.get("path", _DEFAULT_STORE_PATH)
     if not isinstance(store_path, str) or not store_path:
         p.error("store.path", f"must be a directory path, got {store_path!r}")
@@ -810,7 +828,7 @@ def parse_config(
     if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1:
         p.error("store.map_size_mb", f"must be a whole number of MiB >= 1, got {map_size!r}")
         map_size = 1024
-    store = Store(path=store_path, map_size_mb=map_size)
+    store = Store(path=store_path, map_size_mb=map_size, audit_retention=_audit_retention(store_section, p))
 
     cors = _section(data, "cors", "", p, _POLICY_KEYS | {"allow_origins"})
     policies: dict[str, Policy] = {}
@@ -960,8 +978,38 @@ def _limits(data: Mapping[str, Any], p: _Problems) -> Limits:
     )
 
 
+def _audit_retention(store_section: Mapping[str, Any], p: _Problems) -> AuditRetention:
+    section = _section(store_section, "audit_retention", "store", p, {"max_age", "max_events"})
+    d = AuditRetention()
+    max_age = d.max_age
+    if "max_age" in section:
+        value = section["max_age"]
+        if value is None:
+            max_age = None
+        elif not isinstance(value, str):
+            p.error("store.audit_retention.max_age", f"must be a duration such as 90d or 52w (or null), got {value!r}")
+        else:
+            try:
+                max_age = parse_duration(value)
+            except ValueError as exc:
+                p.error("store.audit_retention.max_age", str(exc))
+    max_events = d.max_events
+    if "max_events" in section:
+        value = section["max_events"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            p.error("store.audit_retention.max_events", f"must be a whole number >= 1 (or null), got {value!r}")
+        else:
+            max_events = value
+    if max_age is None and max_events is None:
+        p.warn(
+            "store.audit_retention",
+            "no bound: the audit trail grows until the store is full (store.map_size_mb); set max_age or max_events",
+        )
+    return AuditRetention(max_age=max_age, max_events=max_events)
+
+
 def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_dir: Path | None) -> Admin:
-    section = _section(data, "admin", "", p, {"listen", "token_file"})
+    section = _section(data, "admin", "", p, {"listen", "token_file", "allow_anonymous_writes", "allowed_hosts"})
     if not section:
         return Admin()
     listen = _section(section, "listen", "admin", p, {"host", "port"})
@@ -983,7 +1031,23 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_d
             f"{host!r} is not a loopback address and no admin token is set: anyone who can reach it could change "
             "the origin set — set CORSPROXY_ADMIN_TOKEN or admin.token_file, or listen on 127.0.0.1",
         )
-    return Admin(host=host, port=port, token_file=token_file)
+    anonymous_writes = _bool(section, "allow_anonymous_writes", "admin", p, False)
+    if anonymous_writes and has_token:
+        p.error(
+            "admin.allow_anonymous_writes",
+            "an admin token is set, so every write needs it; remove allow_anonymous_writes (or the token)",
+        )
+    hosts = section.get("allowed_hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h and "/" not in h for h in hosts):
+        p.error("admin.allowed_hosts", f"must be a list of host names such as [corsproxy.internal], got {hosts!r}")
+        hosts = []
+    return Admin(
+        host=host,
+        port=port,
+        token_file=token_file,
+        allow_anonymous_writes=anonymous_writes,
+        allowed_hosts=tuple(h.lower().rstrip(".") for h in hosts),
+    )
 
 
 def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:

@@ -24,6 +24,7 @@ from corsproxy.log_limit import PROXY_LINES
 
 if TYPE_CHECKING:
     from corsproxy.proxy import Outcome
+    from corsproxy.store import StoreUsage
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
 
@@ -106,6 +107,33 @@ class Metrics:
             "Failed reads of the origin store (the request was answered with an error).",
             registry=registry,
         )
+        # The store's room, read when metrics are scraped: alert on used/limit and on disk free before writes fail.
+        self.store_bytes = Gauge(
+            "corsproxy_store_bytes",
+            "The origin store's size, by kind: used (live data), file (the data file's high-water mark), map_size "
+            "(store.map_size_mb), limit (where additions stop: the map less the removal reserve), disk_free.",
+            ["kind"],
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.store_audit_events = Gauge(
+            "corsproxy_store_audit_events",
+            "Events in the store's audit trail (bounded by store.audit_retention).",
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.store_writable = Gauge(
+            "corsproxy_store_writable",
+            "1 when an ordinary addition fits in the store and on its disk, else 0 (removals still work longer).",
+            multiprocess_mode="livemostrecent",
+            registry=registry,
+        )
+        self.store_write_errors = Counter(
+            "corsproxy_store_write_errors",
+            "Admin API writes the store refused, by reason (store_full, disk_full, io); nothing was written.",
+            ["reason"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "corsproxy_reloads",
             "Configuration reloads requested (SIGHUP or POST /reload), by result (applied, refused).",
@@ -184,6 +212,18 @@ class Metrics:
     def count_store_error(self) -> None:
         """One failed read of the origin store (for code that catches ``lmdb.Error`` itself and answers)."""
         self.store_read_errors.inc()
+
+    def set_store_usage(self, usage: StoreUsage) -> None:
+        for kind, value in (
+            ("used", usage.used_bytes),
+            ("file", usage.file_bytes),
+            ("map_size", usage.map_size_bytes),
+            ("limit", usage.limit_bytes),
+            ("disk_free", usage.disk_free_bytes),
+        ):
+            self.store_bytes.labels(kind).set(value)
+        self.store_audit_events.set(usage.audit_events)
+        self.store_writable.set(1 if usage.writable else 0)
 
     def render(self) -> bytes:
         """The Prometheus text format, summed over every live and dead worker of this server.

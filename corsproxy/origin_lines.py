@@ -46,6 +46,7 @@ from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry
 
 __all__ = [
     "KEEP",
+    "MAX_NOTE_LENGTH",
     "EntryEdit",
     "ParsedEdits",
     "ParsedLines",
@@ -68,6 +69,11 @@ KEEP: Final = _Keep.KEEP
 
 #: ``expires=never`` (or ``--expires never``) clears an expiry in an edit.
 NEVER = "never"
+
+
+#: Characters of an entry's note: room for a ticket reference and a sentence, not a document. The note is kept in
+#: the entry and in each audit event that records it, and every list, export and history prints it.
+MAX_NOTE_LENGTH = 1000
 
 
 @dataclass
@@ -190,6 +196,8 @@ def parse_entry(
     """Validate one declared entry; raise ``ValueError`` with every reason, else return it and its warnings."""
     policy = policy or DEFAULT_POLICY
     problems: list[str] = []
+    if len(note) > MAX_NOTE_LENGTH:
+        problems.append(f"the note is {len(note)} characters long; at most {MAX_NOTE_LENGTH} are kept")
     if policy not in safety:
         problems.append(unknown_policy(policy, safety))
     when: float | None = None

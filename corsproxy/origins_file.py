@@ -38,7 +38,7 @@ import yaml
 from corsproxy.config import PolicySafety
 from corsproxy.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
 from corsproxy.origin_writes import reconcile_file
-from corsproxy.store import OriginStore
+from corsproxy.store import OriginStore, StoreError
 
 __all__ = ["OriginsFileWatcher", "SyncResult", "applied", "parse_origins_file"]
 
@@ -274,6 +274,10 @@ class OriginsFileWatcher:
                 if await asyncio.to_thread(self.try_lead):
                     try:
                         await asyncio.to_thread(self.poll)
+                    except StoreError as exc:
+                        # No room in the store (its message says which setting): one line, not a traceback on
+                        # every poll. Removals were applied all the same; the additions are retried each poll.
+                        log.error("origins file %s not applied: %s; retrying at the next poll", self.path, exc)
                     except Exception:
                         log.exception("origins file %s: sync failed; retrying at the next poll", self.path)
                 await asyncio.sleep(self.poll_interval)

@@ -547,7 +547,9 @@ def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientRe
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     config = app[_CONFIG]
     configure_line_limits(config.logging)
-    store = OriginStore(config.store.path, map_size=config.store.map_size_mb << 20)
+    store = OriginStore(
+        config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
+    )
     try:
         changed, removed, _, _ = reconcile_on_start(store, config)
         if changed or removed:

@@ -303,6 +303,14 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
     def run(self) -> None:
         arbiter = _Arbiter(self)
         arbiter.log.info("%s", self.event_loop)  # after gunicorn configured logging, in the operator's format
+        admin = self.config.admin
+        if admin.port is not None:
+            from corsproxy.admin import auth_mode, load_tokens
+
+            tokens = load_tokens(admin)
+            (arbiter.log.info if tokens or not admin.allow_anonymous_writes else arbiter.log.warning)(
+                "%s", auth_mode(admin, tokens)
+            )
         arbiter.run()
 
     # -- worker side (after the fork) -----------------------------------------------------------------------------
@@ -380,6 +388,7 @@ async def _worker_runtime(
         asyncio.run_coroutine_threadsafe(_flush_now(metrics), loop).result(timeout=10)
         try:
             metrics.origins.set(len(state.store))
+            metrics.set_store_usage(state.store.usage())
         except lmdb.Error:
             metrics.count_store_error()
         return metrics.render(), CONTENT_TYPE
@@ -396,6 +405,7 @@ async def _worker_runtime(
             request_reload=reload_all,
             render_metrics=render,
             on_reload_refused=lambda: metrics.reloads.labels("refused").inc(),
+            on_store_write_error=lambda reason: metrics.store_write_errors.labels(reason).inc(),
         )
 
         async def draining(_app: web.Application) -> None:
@@ -497,6 +507,15 @@ def check_can_listen(host: str, port: int, section: str, source: str) -> None:
 def serve(config: Config, workers: int) -> int:
     """Run the arbiter and ``workers`` workers until SIGTERM/SIGINT; the exit status (0 after a clean drain)."""
     check_admin_tokens(config)
+    # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
+    # (LMDB itself is opened only in the workers, after the fork: an environment must not cross a fork.)
+    from corsproxy.store import check_location
+
+    errors, warnings = check_location(config.store.path, config.store.map_size_mb << 20)
+    if errors:
+        raise ConfigError(errors, config.source)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     check_store_writable(config)
     # gunicorn retries a taken port five times over five seconds and then names no setting: try it once here.
     check_can_listen(config.listen.host, config.listen.port, "listen", config.source)
