@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from corsproxy.config import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, check_origin_entry, unknown_policy
-from corsproxy.origin_lines import KEEP, EntryEdit
+from corsproxy.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit
 from corsproxy.store import OriginRecord, OriginStore, Reconciled
 
 __all__ = [
@@ -121,6 +121,8 @@ def _merged(edit: EntryEdit, stored: OriginRecord | None, owner: str) -> OriginR
 
 
 def _check(edit: EntryEdit, policy: str, safety: Mapping[str, PolicySafety]) -> tuple[list[str], list[str]]:
+    if edit.note is not None and len(edit.note) > MAX_NOTE_LENGTH:
+        return [f"the note is {len(edit.note)} characters long; at most {MAX_NOTE_LENGTH} are kept"], []
     flags = safety.get(policy)
     if flags is None:
         defined = ", ".join(sorted(safety))
