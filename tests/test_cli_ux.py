@@ -138,8 +138,8 @@ def test_an_unwritable_store_names_store_path_and_a_fix(write_config: Callable[.
     (tmp_path / "a-file").write_text("not a directory")
     result = _cli("serve", "-c", str(write_config(store={"path": str(tmp_path / "a-file" / "store")})), timeout=30)
     assert result.returncode == 2
-    assert f"store.path: {tmp_path / 'a-file' / 'store'} is not writable" in result.stderr
-    assert "point store.path at a writable directory" in result.stderr
+    assert f"store.path: {tmp_path / 'a-file' / 'store'}: {tmp_path / 'a-file'} is not a directory" in result.stderr
+    assert "set store.path to a directory corsproxy may create and write" in result.stderr
 
 
 def test_the_credentialed_wildcard_warning_is_said_where_it_matters(write_config: Callable[..., Path]) -> None:
