@@ -30,6 +30,7 @@ from yarl import URL
 from corsproxy.config import Config, Limits, Upstream
 from corsproxy.decision import (
     CorsEngine,
+    CorsHeaders,
     Decision,
     DecisionCache,
     Kind,
@@ -194,26 +195,16 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     config = state.config  # one snapshot per request: a reload never mixes two configs in one answer
     engine = config.engine
     method = request.method
-    headers = request.headers
-    origins = headers.getall("Origin", ())
-    decision, cors_headers = state.decider().decide(
-        method,
-        origins,
-        headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
-        headers.getall("Access-Control-Request-Headers", ()),
-        _request_target(request),
-        state.store,
-        time.time(),
-        private_network=headers.get("Access-Control-Request-Private-Network") == "true",
-    )
+    decision, cors_headers = _decide(request, state)
     request[DECISION] = decision
     if cors_headers is not None:
         request[_CORS_HEADERS] = cors_headers
     oversized = _oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
-    if config.upstream.base_path and climbs_above_root(_request_target(request)):
-        return _error_response(400, "the request path climbs above the upstream's base path", decision)
+    refused_target = _refused_target(request.raw_path, decision, config)
+    if refused_target is not None:
+        return _error_response(400, refused_target, decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
     if decision.kind is Kind.PREFLIGHT and not report_only:
         # never forwarded, even if the upstream would redirect
@@ -221,6 +212,21 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     if engine.blocks(decision, method) and not report_only:
         return _error_response(403, f"request refused: {decision.reason.value}", decision)
     return await forward(request, state, decision, report_only)
+
+
+def _decide(request: web.Request, state: ProxyState) -> tuple[Decision, CorsHeaders | None]:
+    method = request.method
+    headers = request.headers
+    return state.decider().decide(
+        method,
+        headers.getall("Origin", ()),
+        headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
+        headers.getall("Access-Control-Request-Headers", ()),
+        _request_target(request),
+        state.store,
+        time.time(),
+        private_network=headers.get("Access-Control-Request-Private-Network") == "true",
+    )
 
 
 class _RequestBody:
@@ -278,6 +284,29 @@ def _request_target(request: web.Request) -> str:
     is chosen by nor the upstream can be picked by the client: the upstream comes from configuration only."""
     raw = request.raw_path
     return raw if raw.startswith("/") else request.rel_url.raw_path_qs
+
+
+_FRAGMENT_REFUSED = (
+    "the request target holds a fragment (#...), which is not part of an HTTP request target (RFC 9112 §3.2) and "
+    "which servers read differently: send the path without it"
+)
+_AMBIGUOUS_REFUSED = (
+    "ambiguous request path: common servers disagree on which resource it names (dot segments, ';' parameters, "
+    "backslashes, encoded '/', '\\' or '.', repeated slashes, case...): send it in its plain, normalised form"
+)
+_CLIMB_REFUSED = "the request path climbs above the upstream's base path"
+
+
+def _refused_target(target: str, decision: Decision, config: Config) -> str | None:
+    """Why a request target is refused with 400 before anything else, or ``None``; for the handler and the preflight
+    fast path alike, so both answer the same request the same way."""
+    if "#" in target:
+        return _FRAGMENT_REFUSED
+    if decision.reason is Reason.PATH_AMBIGUOUS:
+        return _AMBIGUOUS_REFUSED
+    if config.upstream.base_path and climbs_above_root(target):
+        return _CLIMB_REFUSED
+    return None
 
 
 def _oversized_head(
@@ -409,8 +438,15 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
 
 
 async def _undo_invented_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` runs after aiohttp filled in its defaults and before the head is written."""
-    for name in request.get(_UPSTREAM_LACKS, ()):
+    """``on_response_prepare`` runs after aiohttp filled in its defaults and before the head is written.
+
+    A relayed response loses what the upstream did not send; corsproxy's own answers lose aiohttp's ``Server``
+    (it names the Python and aiohttp versions, and the preflight fast path sends none: both paths answer alike)."""
+    lacks = request.get(_UPSTREAM_LACKS)
+    if lacks is None:
+        response.headers.popall("Server", None)
+        return
+    for name in lacks:
         response.headers.popall(name, None)
 
 
@@ -652,6 +688,8 @@ class PreflightResponder:
         )
         if decision.mode is Mode.REPORT_ONLY or cors_headers is None:
             return None
+        if _refused_target(path, decision, config) is not None:
+            return None  # the ordinary path answers 400 with the reason
         status = decision.policy.preflight_status if decision.allowed and decision.policy else 403
         head, body = self._serialized(status, cors_headers)
         if state.observers:
@@ -675,11 +713,12 @@ class PreflightResponder:
         if cached is not None:
             return cached
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK"))]
-        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors_headers)
         body = b""
         if status == 403:
             body = _REFUSED_BODY
+            # Where the ordinary path's text response has it: set when the response is built, before its headers.
             lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors_headers)
         if status != 204:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         if len(self._bytes) >= 4096:
@@ -801,17 +840,18 @@ class GuardedRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
             log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
-            response = web.Response(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
-            response.force_close()
-            return response
-        if isinstance(exc, HttpProcessingError) and status == 400:
+            response = _BareResponse(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
+        elif isinstance(exc, HttpProcessingError) and status == 400:
             # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
             detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
             log.info("malformed request from %s refused with 400: %s", request.remote, detail)
-            response = web.Response(status=400, text="malformed request\n", headers=_VARY_ONLY)
-            response.force_close()
-            return response
-        return super().handle_error(request, status, exc, message)
+            response = _BareResponse(status=400, text="malformed request\n", headers=_VARY_ONLY)
+        else:
+            plain = super().handle_error(request, status, exc, message)
+            body = plain.body if isinstance(plain, web.Response) else None
+            response = _BareResponse(status=plain.status, body=body, headers=plain.headers)
+        response.force_close()
+        return response
 
     def _fail_body_on_parse_error(self, message: Any) -> None:
         """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
@@ -842,6 +882,16 @@ class GuardedRequestHandler(web.RequestHandler):
         if self.transport is not None and self._awaiting_head():
             log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
             self.force_close()
+
+
+class _BareResponse(web.Response):
+    """corsproxy's answer to a message it could not handle (unparsable, or a handler that failed). The app's
+    ``on_response_prepare`` never runs for those, so aiohttp's ``Server`` header (Python and aiohttp versions) is
+    removed here, where aiohttp fills in its defaults."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
 
 
 class _GuardedServer(web.Server):
