@@ -274,7 +274,8 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     answered later, by :class:`_RequestBody`, once the CORS checks passed and the upstream is ready for the body."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return _text_response(417, f"unsupported expectation {expect!r}", [("Vary", "Origin")])
+        decision, _ = _decide(request, request.app[STATE])  # readable by an allowed origin, like every own error
+        return _error_response(417, f"unsupported expectation {expect!r}", decision)
     return None
 
 
