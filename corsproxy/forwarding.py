@@ -135,6 +135,10 @@ def request_headers(received: Sequence[Header], context: ForwardContext, websock
             continue
         if websocket and lower in WEBSOCKET_HANDSHAKE_FIELDS:
             continue
+        if "_" in lower and lower.replace("_", "-") in FORWARDING_FIELDS:
+            # WSGI and CGI servers map "-" and "_" alike (X_Forwarded_For is HTTP_X_FORWARDED_FOR to them): such a
+            # spelling is never a proxy's own, so it is dropped from anyone (nginx drops underscored names too).
+            continue
         if lower in FORWARDING_FIELDS:
             if not trusted:
                 continue
