@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiDict
 from yarl import URL
 
 from corsproxy.config import Config, Limits, Upstream
@@ -340,6 +340,42 @@ def _received_headers(request: web.Request) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers]
 
 
+class _FieldName(str):
+    """A header name that hashes and compares case-insensitively, as field names are (RFC 9110 §5.1).
+
+    ``ClientSession`` rebuilds the headers it is given, replacing a name the first time it sees it and adding it
+    after that, but "sees" with a case-sensitive set: ``X-Dup: a``, ``X-Dup: b``, ``x-dup: c`` left one line
+    ``x-dup: c``. Wrapped in this class the later spellings count as seen and are added, each line with its own
+    spelling, in order. Only names received in more than one spelling are wrapped (aiohttp's own ``Host`` check is
+    a case-sensitive set lookup too)."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+
+def _upstream_headers(lines: list[tuple[str, str]]) -> CIMultiDict[str] | MultiDict[str]:
+    """The header lines for the upstream request, so that the client library sends every one as given.
+
+    With names in several spellings the lines go in a case-sensitive ``MultiDict``, which keeps the
+    :class:`_FieldName` objects (a ``CIMultiDict`` turns keys into its own ``istr``). ``ws_connect`` copies its
+    headers into a ``CIMultiDict`` first, so a WebSocket handshake still merges such lines."""
+    spellings: dict[str, set[str]] = {}
+    for name, _ in lines:
+        spellings.setdefault(name.lower(), set()).add(name)
+    mixed = {lower for lower, names in spellings.items() if len(names) > 1}
+    if not mixed:
+        return CIMultiDict(lines)
+    return MultiDict((_FieldName(name) if name.lower() in mixed else name, value) for name, value in lines)
+
+
 @functools.lru_cache(maxsize=4)
 def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
     # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
@@ -368,7 +404,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         return refusal
 
     url = URL(state.upstream_base + _request_target(request), encoded=True)  # byte-for-byte path and query
-    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
+    headers = _upstream_headers(request_headers(_received_headers(request), _forward_context(request, state)))
     body = _RequestBody(request, limits.max_body_size) if request.body_exists else None
     started = time.monotonic()
     try:
@@ -498,7 +534,7 @@ async def _forward_websocket(
         for item in line.split(",")
         if item.strip()
     ]
-    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state), True))
+    headers = _upstream_headers(request_headers(_received_headers(request), _forward_context(request, state), True))
     max_size = config.limits.max_body_size
     url = URL(state.upstream_base + _request_target(request), encoded=True)
     started = time.monotonic()
