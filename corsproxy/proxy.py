@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -795,6 +796,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._header_read_timeout = header_read_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._fast = fast
+        self._chunk_prefix = b""  # the start of the previous chunk received (bounded), see _keep_refused_head
+        self._refused_head = b""  # what arrived of a head the parser refused as too long, for handle_error
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -805,6 +808,7 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
         waiter = self._waiter
         if (
             self._fast is not None
@@ -814,24 +818,29 @@ class GuardedRequestHandler(web.RequestHandler):
             and self._payload_parser is None
             and not self._upgraded
         ):
-            self._data_received_fast(data, waiter, self._fast)
+            self._data_received_fast(data, waiter, self._fast, previous)
             return
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) > queued:
             self._fail_body_on_parse_error(self._messages[-1][0])
+            self._keep_refused_head(previous, data)
         if not self._awaiting_head():
             self._disarm_head_timer()
         elif self._head_timer is None:
             self._arm_head_timer()
 
-    def _data_received_fast(self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer) -> None:
+    def _data_received_fast(
+        self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer, previous: bytes = b""
+    ) -> None:
         """Parse with aiohttp's parser, answer leading preflights from bytes, wake aiohttp's loop for the rest."""
         self._waiter = None  # parse without waking the request loop: it only wakes for what is left
         try:
             super().data_received(data)
         finally:
             self._waiter = waiter
+        if self._messages:
+            self._keep_refused_head(previous, data)
         messages = self._messages
         answered = False
         while messages:
@@ -872,12 +881,26 @@ class GuardedRequestHandler(web.RequestHandler):
         elif self._head_timer is None:
             self._arm_head_timer()  # a partial head: the header-read timeout runs from its first byte
 
+    def _keep_refused_head(self, previous: bytes, data: bytes) -> None:
+        """Keep what arrived of a head the parser just refused as too long (the previous chunk's start and this
+        chunk, bounded): the parser exposes nothing of it, and handle_error needs its request line and Origin."""
+        error = getattr(self._messages[-1][0], "exc", None)
+        if isinstance(error, LineTooLong) and not self._refused_head:
+            self._refused_head = previous + data[:_REFUSED_HEAD_MAX]
+
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         if isinstance(exc, LineTooLong):
             log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
-            response = _BareResponse(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
+            status = 414 if _line_is_target(exc) else 431
+            headers: list[tuple[str, str]] = [("Vary", "Origin")]
+            judged = _judge_refused_head(self._refused_head, exc, self._app_state())
+            if judged is not None:
+                status, decision = judged
+                headers += actual_headers(decision)
+            text = "request line too long\n" if status == 414 else "request header fields too large\n"
+            response = _BareResponse(status=status, text=text, headers=headers)
         elif isinstance(exc, HttpProcessingError) and status == 400:
             # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
             detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
@@ -894,6 +917,11 @@ class GuardedRequestHandler(web.RequestHandler):
             response = _BareResponse(status=plain.status, body=body, headers=plain.headers)
         response.force_close()
         return response
+
+    def _app_state(self) -> ProxyState | None:
+        # The server's request handler is the application's bound ``_handle``: the one way to the app from here.
+        app = getattr(self._manager.request_handler if self._manager is not None else None, "__self__", None)
+        return app.get(STATE) if isinstance(app, web.Application) else None
 
     def _fail_body_on_parse_error(self, message: Any) -> None:
         """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
@@ -924,6 +952,71 @@ class GuardedRequestHandler(web.RequestHandler):
         if self.transport is not None and self._awaiting_head():
             log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
             self.force_close()
+
+
+#: Bytes of a chunk's start kept between chunks, and of a refused head kept for its answer (see _keep_refused_head).
+_HEAD_PREFIX = 8192
+_REFUSED_HEAD_MAX = 1 << 18
+_REQUEST_LINE_START = re.compile(rb"(?:\A|(?<=\r\n))([A-Z]{1,20}) (?=[/*]|https?://)")
+
+
+def _line_is_target(exc: LineTooLong) -> bool:
+    """Whether the line the parser refused is a request target (414) rather than a header field (431), from the
+    start of it that the exception carries: a target begins with "/" or "*", a field name never does."""
+    start = _refused_line(exc)
+    return start.startswith((b"/", b"*")) or bool(_REQUEST_LINE_START.match(start))
+
+
+def _refused_line(exc: LineTooLong) -> bytes:
+    line = exc.args[0] if exc.args else b""
+    return bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode("latin-1", "replace")
+
+
+def _judge_refused_head(head: bytes, exc: LineTooLong, state: ProxyState | None) -> tuple[int, Decision] | None:
+    """For a head over the parser's ceiling: 414 or 431, and the decision for its request line and the header lines
+    that arrived complete — so the refusal is readable by an allowed origin like corsproxy's other answers. ``None``
+    when no request line is found in what arrived (the answer then varies only)."""
+    if state is None or not head:
+        return None
+    probe = _refused_line(exc).removesuffix(b"...")[:64]
+    overflow = head.find(probe) if probe else -1
+    if overflow < 0:
+        overflow = len(head)
+    starts = list(_REQUEST_LINE_START.finditer(head, 0, overflow + 1))
+    if not starts:
+        return None
+    start = starts[-1]
+    method = start[1].decode("ascii")
+    target_start = start.end()
+    line_end = head.find(b"\r\n", target_start)
+    if 0 <= line_end < overflow:
+        status = 431  # the request line was complete: a header field is too long
+        target = head[target_start:line_end].rsplit(b" ", 1)[0]
+    else:
+        status = 414
+        target = head[target_start : head.find(b" ", target_start) if b" " in head[target_start:] else len(head)]
+        line_end = head.find(b"\r\n", target_start)
+    fields: dict[str, list[str]] = {}
+    if line_end >= 0:
+        head_end = head.find(b"\r\n\r\n", line_end)
+        block = head[line_end + 2 : head_end if head_end >= 0 else len(head)]
+        lines = block.split(b"\r\n")
+        if head_end < 0:
+            lines = lines[:-1]  # the last line may be cut short
+        for field in lines:
+            name, colon, value = field.partition(b":")
+            if colon and len(field) <= 2 * _HEAD_PREFIX:
+                fields.setdefault(name.strip().lower().decode("latin-1"), []).append(value.strip().decode("latin-1"))
+    decision, _ = state.decider().decide(
+        method,
+        fields.get("origin", []),
+        fields.get("access-control-request-method", []) if method == "OPTIONS" else [],
+        fields.get("access-control-request-headers", []),
+        target.decode("latin-1"),
+        state.store,
+        time.time(),
+    )
+    return status, decision
 
 
 class _BareResponse(web.Response):
