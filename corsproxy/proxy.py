@@ -203,7 +203,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     oversized = _oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
-    refused_target = _refused_target(request.raw_path, decision, config)
+    refused_target = _refused_target(request.raw_path, _request_target(request), decision, config)
     if refused_target is not None:
         return _error_response(400, refused_target, decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
@@ -299,10 +299,11 @@ _AMBIGUOUS_REFUSED = (
 _CLIMB_REFUSED = "the request path climbs above the upstream's base path"
 
 
-def _refused_target(target: str, decision: Decision, config: Config) -> str | None:
+def _refused_target(raw_target: str, target: str, decision: Decision, config: Config) -> str | None:
     """Why a request target is refused with 400 before anything else, or ``None``; for the handler and the preflight
-    fast path alike, so both answer the same request the same way."""
-    if "#" in target:
+    fast path alike, so both answer the same request the same way. ``target`` is what would be forwarded (see
+    :func:`_request_target`), ``raw_target`` the request line's own."""
+    if "#" in raw_target:
         return _FRAGMENT_REFUSED
     if decision.reason is Reason.PATH_AMBIGUOUS:
         return _AMBIGUOUS_REFUSED
@@ -726,7 +727,7 @@ class PreflightResponder:
         )
         if decision.mode is Mode.REPORT_ONLY or cors_headers is None:
             return None
-        if _refused_target(path, decision, config) is not None:
+        if _refused_target(path, path, decision, config) is not None:
             return None  # the ordinary path answers 400 with the reason
         status = decision.policy.preflight_status if decision.allowed and decision.policy else 403
         head, body = self._serialized(status, cors_headers)

@@ -135,3 +135,14 @@ async def test_a_fragment_is_refused_without_routes_too(tmp_path: Path) -> None:
         assert status == 400 and b"fragment" in body
         assert headers["Access-Control-Allow-Origin"] == APP  # corsproxy's own error, readable by an allowed origin
         assert upstream.received == []
+
+
+@pytest.mark.parametrize("target", ["http://api.example.com/..;/secret", "http://api.example.com/a/..;/..;/secret"])
+async def test_an_absolute_form_target_cannot_climb_above_the_base_path(tmp_path: Path, target: str) -> None:
+    """An absolute-form target is forwarded as its path: that path is what the climb check reads."""
+    async with RawUpstream() as upstream:
+        override = {"upstream": {"url": f"http://127.0.0.1:{upstream.port}/base"}, "routes": None}
+        async with proxy(tmp_path, upstream.port, True, **override) as port:
+            status, _, body = await _ask(port, _get(target, APP))
+            assert status == 400 and b"climbs above" in body
+            assert upstream.received == []
