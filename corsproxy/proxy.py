@@ -907,7 +907,9 @@ class GuardedRequestHandler(web.RequestHandler):
             detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
             log.info("malformed request from %s refused with 400: %s", request.remote, detail)
             response = _BareResponse(status=400, text="malformed request\n", headers=_VARY_ONLY)
-        elif isinstance(exc, ConnectionError):
+        elif isinstance(exc, ConnectionResetError | BrokenPipeError) and (
+            self.transport is None or self.transport.is_closing()
+        ):
             # The client went away while its answer was being written ("Cannot write to closing transport"): an
             # everyday event, counted as a client abort (499) by the observers, not an error with a traceback.
             log.debug("client %s went away mid-response: %s %s: %s", request.remote, request.method, request.path, exc)
