@@ -49,7 +49,20 @@ HOP_BY_HOP = frozenset(
 #: be believed (an upstream rate-limiting on ``X-Real-IP`` or logging ``Forwarded: for=``), so they are dropped and
 #: corsproxy writes its own ``X-Forwarded-*``.
 FORWARDING_FIELDS = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip", "forwarded"}
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "forwarded",
+        # Fields that make an upstream route another path than the request line's (Spring's X-Forwarded-Prefix,
+        # the X-Original-URL / X-Rewrite-URL of IIS URL Rewrite that Symfony and Zend once honoured): from a client
+        # they would move a request out from under the route corsproxy judged it by.
+        "x-forwarded-prefix",
+        "x-original-url",
+        "x-rewrite-url",
+    }
 )
 
 #: The WebSocket handshake fields of RFC 6455 §4.1: the proxy runs its own handshake with each side.

@@ -79,3 +79,13 @@ async def test_underscore_spellings_of_forwarding_fields_are_dropped(tmp_path: P
     assert ("X_Custom_Field", "kept") in received  # other underscored names are not forwarding fields: kept
     assert all("6.6.6.6" not in value and "evil.example" not in value for _, value in received)
     assert [value for name, value in received if name == "X-Forwarded-For"] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    "line", ["X-Original-URL: /admin/users", "X-Rewrite-URL: /admin/users", "X-Forwarded-Prefix: /admin"]
+)
+async def test_path_rewriting_fields_from_a_client_are_dropped(tmp_path: Path, line: str) -> None:
+    """Upstreams that route by these fields would serve another path than the one corsproxy judged the request by."""
+    received = await _forward(tmp_path, [line, "X-Other: kept"])
+    assert line.split(":", maxsplit=1)[0].lower() not in {name.lower() for name, _ in received}
+    assert ("X-Other", "kept") in received
