@@ -238,12 +238,15 @@ class CorsEngine:
     #: "reflect every origin with credentials" when the policy later gains them. Only consulted on a match.
     entry_is_safe: Callable[[str, str], bool] | None = field(default=None, compare=False)
     preflight_vary: tuple[str, ...] = field(init=False)
+    #: Every route prefix is lowercase: a lowercase reading then matches the same route with and without case.
+    _lowercase_prefixes: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         vary = ["Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers"]
         if self.private_network:
             vary.append("Access-Control-Request-Private-Network")
         object.__setattr__(self, "preflight_vary", tuple(vary))
+        object.__setattr__(self, "_lowercase_prefixes", all(r.prefix == r.folded_prefix for r in self.routes))
 
     def route_for(self, path: str) -> Route | None:
         """The route of the fully normalised reading of ``path`` (see :meth:`routes_for` for what is judged)."""
@@ -263,10 +266,17 @@ class CorsEngine:
         readings = path_readings(path)
         if readings is None:
             return (*routes, None)
+        if len(readings) == 1:
+            reading = readings[0]
+            route = _first_match(routes, reading)
+            if self._lowercase_prefixes and reading.lower() == reading:
+                return (route,)  # the common case: one reading, and case changes nothing
+            folded = _first_match_folded(routes, reading)
+            return (route,) if folded is route else (route, folded)
         reached: list[Route | None] = []
         for reading in readings:
             for route in (_first_match(routes, reading), _first_match_folded(routes, reading)):
-                if all(route is not seen for seen in reached):
+                if not any(route is seen for seen in reached):
                     reached.append(route)  # all of them, not just two: the origin must be allowed under each
         return tuple(reached)
 
