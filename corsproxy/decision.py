@@ -574,9 +574,9 @@ def path_readings(target: str) -> tuple[str, ...] | None:
     """Every path a common server may route a request target's path as, the target's own path first; ``None`` for a
     path too convoluted to read within bounds (it may mean anything).
 
-    The path is the target up to ``?``. Each step of
-    :data:`_READING_STEPS` is applied or not, in order, so the readings cover every subset of them — nginx,
-    uvicorn/Starlette, Express, Go's net/http, Tomcat/Spring and IIS each read one of these.
+    The path is the target up to ``?``. Each step of :data:`_READING_STEPS` is applied or not, in order, so the
+    readings cover every subset of them — nginx, uvicorn/Starlette, Express, Go's net/http, Tomcat/Spring and IIS
+    each read one of these.
     """
     path = target.split("?", 1)[0]
     if not _READING_TRIGGERS.search(path):
