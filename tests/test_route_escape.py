@@ -272,3 +272,27 @@ def test_explain_names_an_ambiguous_path(config: Config) -> None:
         result = explain(config, store, "https://app.example.com", method, path="/admin/..;/x", now=1.0)
         assert result.decision.reason is Reason.PATH_AMBIGUOUS
         assert "/admin/" in result.why and "400" in result.why and "normalised" in result.fix
+
+
+def test_no_generated_path_escapes_either(config: Config) -> None:
+    """Thousands of paths built from the pieces servers read differently (seeded, so every run checks the same
+    ones): each is refused as ambiguous or judged under the route every modelled server serves it under."""
+    import random
+
+    pieces = [
+        "/", "admin", "public", "legacy", "api", "v2", "ADMIN", "Public", "x", "..", ".", ";", ";x", "%2e", "%2E",
+        "%2f", "%2F", "%5c", "\\", "%3b", "%25", "2e", "2f", "5c", "//", ". ", "%20", "#", "%61", "a",
+    ]  # fmt: skip
+    rng = random.Random(20261201)
+    store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
+    checked = 0
+    for _ in range(4000):
+        path = "/" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))
+        decision = config.engine.decide("GET", ["https://app.example.com"], [], [], path, store, 0.0)
+        if decision.reason is Reason.PATH_AMBIGUOUS:
+            continue
+        checked += 1
+        for name, read, folded in SERVERS:
+            route = _served_under(config, read(path.split("#", 1)[0]), folded)
+            assert route == decision.route, f"{path!r}: judged under {decision.route}, {name} serves it under {route}"
+    assert checked > 400  # the table is not all refusals: plenty of paths are judged
