@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import yaml
 from publicsuffixlist import PSLFILE, PublicSuffixList, encode_idn
 
-from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet
+from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet, path_readings
 from corsproxy.header_list import is_token
 from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry, parse_request_origin
 
@@ -1128,12 +1128,27 @@ def _routes(items: Any, p: _Problems, safety: Mapping[str, PolicySafety]) -> tup
         if not isinstance(prefix, str) or not prefix.startswith("/") or any(c in prefix for c in "?#* "):
             p.error(f"{where}.path", f'must be a path prefix starting with "/", e.g. "/public/", got {prefix!r}')
             continue
+        if path_readings(prefix) != (prefix,):
+            p.error(
+                f"{where}.path",
+                f"{prefix!r} must be written normalised, as servers route it: no percent-escapes, ';' parameters, "
+                "backslashes, repeated slashes, '.'/'..' segments or segments ending in '.' or a space",
+            )
+            continue
         for earlier in routes:
             if earlier.matches(prefix):
                 p.error(
                     f"{where}.path",
                     f"{prefix!r} can never match: routes[{earlier.index}] ({earlier.prefix!r}) comes first and covers "
                     "it — put the more specific route first",
+                )
+                break
+            if earlier.matches_folded(prefix.lower()):
+                p.error(
+                    f"{where}.path",
+                    f"{prefix!r} differs from routes[{earlier.index}] ({earlier.prefix!r}) only in case: a "
+                    "case-insensitive server reads both as one, so every path under it would be ambiguous (refused) "
+                    "— keep one spelling",
                 )
                 break
         policy_name = item.get("policy")

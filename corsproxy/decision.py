@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import enum
 import posixpath
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -39,6 +41,7 @@ __all__ = [
     "actual_headers",
     "merge_vary",
     "normalize_path",
+    "path_readings",
     "preflight_headers",
 ]
 
@@ -66,6 +69,7 @@ class Reason(enum.StrEnum):
     HEADERS_MALFORMED = "headers_malformed"
     HEADER_NOT_ALLOWED = "header_not_allowed"
     PRIVATE_NETWORK_NOT_ALLOWED = "private_network_not_allowed"
+    PATH_AMBIGUOUS = "path_ambiguous"  # servers disagree on which route the path falls under: answered 400
 
 
 class Mode(enum.StrEnum):
@@ -176,18 +180,29 @@ class Route:
     origins: StaticOriginSet | None  # None: the route uses the store, with each entry's own policy
     mode: Mode
     index: int
+    folded_prefix: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "folded_prefix", self.prefix.lower())
 
     def matches(self, path: str) -> bool:
-        prefix = self.prefix
-        if not path.startswith(prefix):
-            # "/admin/" also covers "/admin" itself: upstreams serve that path (or redirect it to "/admin/") as the
-            # same resource, so leaving it to a more permissive route or the default policy would be a way around.
-            if len(prefix) > 1 and prefix.endswith("/"):
-                stem = prefix[:-1]
-                return path == stem or (path.startswith(stem) and path[len(stem)] == "?")
-            return False
-        # Segment-aware: "/admin" covers "/admin" and "/admin/x", never "/administrator".
-        return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] in "/?"
+        return _prefix_matches(self.prefix, path)
+
+    def matches_folded(self, folded_path: str) -> bool:
+        """Whether an already lowercased path falls under this route for a case-insensitive server."""
+        return _prefix_matches(self.folded_prefix, folded_path)
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    if not path.startswith(prefix):
+        # "/admin/" also covers "/admin" itself: upstreams serve that path (or redirect it to "/admin/") as the
+        # same resource, so leaving it to a more permissive route or the default policy would be a way around.
+        if len(prefix) > 1 and prefix.endswith("/"):
+            stem = prefix[:-1]
+            return path == stem or (path.startswith(stem) and path[len(stem)] == "?")
+        return False
+    # Segment-aware: "/admin" covers "/admin" and "/admin/x", never "/administrator".
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] in "/?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,19 +243,47 @@ class CorsEngine:
     #: "reflect every origin with credentials" when the policy later gains them. Only consulted on a match.
     entry_is_safe: Callable[[str, str], bool] | None = field(default=None, compare=False)
     preflight_vary: tuple[str, ...] = field(init=False)
+    #: Every route prefix is lowercase: a lowercase reading then matches the same route with and without case.
+    _lowercase_prefixes: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         vary = ["Origin", "Access-Control-Request-Method", "Access-Control-Request-Headers"]
         if self.private_network:
             vary.append("Access-Control-Request-Private-Network")
         object.__setattr__(self, "preflight_vary", tuple(vary))
+        object.__setattr__(self, "_lowercase_prefixes", all(r.prefix == r.folded_prefix for r in self.routes))
 
     def route_for(self, path: str) -> Route | None:
+        """The route of the fully normalised reading of ``path`` (see :meth:`routes_for` for what is judged)."""
         path = normalize_path(path)
         for route in self.routes:
             if route.matches(path):
                 return route
         return None
+
+    def routes_for(self, path: str) -> tuple[Route | None, ...]:
+        """Every route (``None``: no route) that some common server's reading of ``path`` falls under, in the order
+        found; one element when the path is unambiguous. See :func:`path_readings` for the readings; each is also
+        matched ignoring case, as case-insensitive servers (IIS) match it."""
+        routes = self.routes
+        if not routes:
+            return (None,)
+        readings = path_readings(path)
+        if readings is None:
+            return (*routes, None)
+        if len(readings) == 1:
+            reading = readings[0]
+            route = _first_match(routes, reading)
+            if self._lowercase_prefixes and reading.lower() == reading:
+                return (route,)  # the common case: one reading, and case changes nothing
+            folded = _first_match_folded(routes, reading)
+            return (route,) if folded is route else (route, folded)
+        reached: list[Route | None] = []
+        for reading in readings:
+            for route in (_first_match(routes, reading), _first_match_folded(routes, reading)):
+                if not any(route is seen for seen in reached):
+                    reached.append(route)  # all of them, not just two: the origin must be allowed under each
+        return tuple(reached)
 
     def decide(
         self,
@@ -255,10 +298,26 @@ class CorsEngine:
     ) -> Decision:
         """Classify a request and decide it. ``origins``, ``request_methods`` and ``request_headers`` are the field
         lines of ``Origin``, ``Access-Control-Request-Method`` and ``-Request-Headers`` as received."""
+        reached = self.routes_for(path) if self.routes else (None,)
+        return self._decide(method, origins, request_methods, request_headers, reached, store, now, private_network)
+
+    def _decide(
+        self,
+        method: str,
+        origins: Sequence[str],
+        request_methods: Sequence[str],
+        request_headers: Sequence[str],
+        reached: tuple[Route | None, ...],
+        store: OriginSet,
+        now: float,
+        private_network: bool,
+    ) -> Decision:
+        kind = Kind.PREFLIGHT if origins and method == "OPTIONS" and request_methods else Kind.ACTUAL
+        if len(reached) > 1:
+            return self._ambiguous(kind, origins, reached, store, now)
         if not origins:
             return _NO_ORIGIN
-        kind = Kind.PREFLIGHT if method == "OPTIONS" and request_methods else Kind.ACTUAL
-        route = self.route_for(path) if self.routes else None
+        route = reached[0]
         if len(origins) != 1:
             return Decision(kind, Reason.ORIGIN_MALFORMED, route=route)  # exactly one Origin line (CORS-RULES 3)
         origin_value = origins[0]
@@ -295,6 +354,24 @@ class CorsEngine:
         return _decide_preflight(
             origin_value, found.key, policy, route, request_methods, request_headers, private_network
         )
+
+    def _ambiguous(
+        self, kind: Kind, origins: Sequence[str], reached: tuple[Route | None, ...], store: OriginSet, now: float
+    ) -> Decision:
+        """The decision for a path that servers read as falling under different routes. It is never forwarded nor
+        answered as a preflight (the shell answers 400); its CORS headers are those of an actual request, and only
+        when the origin is allowed under every route reached, so the browser can show the 400 to a page that could
+        have read any of the readings anyway."""
+        detail = " | ".join("(no route)" if route is None else route.prefix for route in reached)
+        if not origins:
+            return Decision(Kind.NON_CORS, Reason.PATH_AMBIGUOUS, detail=detail)
+        judged = [self._decide("GET", origins, [], [], (route,), store, now, False) for route in reached]
+        origin = judged[0].origin
+        if not all(d.allowed for d in judged):
+            return Decision(kind, Reason.PATH_AMBIGUOUS, origin=origin, detail=detail)
+        # Least privilege among them: an answer without credentials if any route gives one.
+        base = min(judged, key=lambda d: d.policy is not None and d.policy.allow_credentials)
+        return Decision(kind, Reason.PATH_AMBIGUOUS, origin, base.matched, base.policy, detail=detail)
 
     def blocks(self, decision: Decision, method: str) -> bool:
         """Whether the proxy refuses an actual request itself, before the upstream sees it (CORS-RULES 17)."""
@@ -352,10 +429,10 @@ class DecisionCache:
             self._entries.clear()
             self._generation = generation
         preflight = method == "OPTIONS" and bool(request_methods)
-        route = engine.route_for(path) if engine.routes else None
+        reached = engine.routes_for(path) if engine.routes else (None,)
         key: tuple[object, ...] = (
             origins[0],
-            route.index if route is not None else -1,
+            tuple(-1 if route is None else route.index for route in reached),
             preflight,
             tuple(request_methods) if preflight else (),
             tuple(request_headers) if preflight else (),
@@ -364,7 +441,9 @@ class DecisionCache:
         hit = self._entries.get(key)
         if hit is not None and now < hit[2]:
             return hit[0], hit[1]
-        decision = engine.decide(method, origins, request_methods, request_headers, path, store, now, private_network)
+        decision = engine._decide(
+            method, origins, request_methods, request_headers, reached, store, now, private_network
+        )
         headers = self._headers(decision)
         valid_until = float("inf")
         if decision.matched is not None:
@@ -397,6 +476,148 @@ def normalize_path(raw_path: str) -> str:
         return path
     normal = posixpath.normpath("/" + path.lstrip("/"))
     return normal + "/" if path.endswith("/") and normal != "/" else normal
+
+
+def _first_match(routes: Sequence[Route], path: str) -> Route | None:
+    for route in routes:
+        if route.matches(path):
+            return route
+    return None
+
+
+def _first_match_folded(routes: Sequence[Route], path: str) -> Route | None:
+    """The route a case-insensitive server (IIS, or any on a case-insensitive file system) serves ``path`` under."""
+    folded = path.lower()
+    for route in routes:
+        if route.matches_folded(folded):
+            return route
+    return None
+
+
+def _cut_fragment(path: str) -> str:
+    # Not part of a request target (RFC 9112 §3.2), so refused by the shell; judged here under both readings, for
+    # the CORS headers of that refusal.
+    return path.split("#", 1)[0]
+
+
+def _strip_params(path: str) -> str:
+    # Servlet containers (Tomcat, Jetty, Spring) cut ";..." off each segment: "/admin;x/y" is "/admin/y" and
+    # "/a/..;/b" is "/a/../b" to them, a plain segment to everyone else.
+    return "/".join(segment.split(";", 1)[0] for segment in path.split("/")) if ";" in path else path
+
+
+def _percent_decode(path: str) -> str:
+    return unquote(path) if "%" in path else path
+
+
+def _backslash_to_slash(path: str) -> str:
+    return path.replace("\\", "/")  # IIS and servers on Windows
+
+
+def _merge_slashes(path: str) -> str:
+    return _REPEATED_SLASHES.sub("/", path) if "//" in path else path  # nginx's merge_slashes, Tomcat, Go
+
+
+def _resolve_dots(path: str) -> str:
+    """RFC 3986 §5.2.4 dot-segment removal, clamped at the root (nginx and Tomcat refuse a climb, Go clamps it);
+    empty segments stay segments (merging them is a separate reading)."""
+    if not path.startswith("/") or not _DOT_SEGMENT.search(path):
+        return path
+    out: list[str] = []
+    segments = path.split("/")
+    for i, segment in enumerate(segments[1:], 1):
+        last = i == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+        elif segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def _strip_trailing_dots(path: str) -> str:
+    # Windows file names ignore trailing dots and spaces: IIS serves "/admin./x" and "/admin%20/x" from "admin".
+    if not _TRAILING_DOT.search(path):
+        return path
+    return "/".join(segment.rstrip(". ") if segment.strip(". ") else segment for segment in path.split("/"))
+
+
+#: The steps common servers apply to a request path before they route it, in the order they apply them; a server
+#: applies some subset (Express and Go's RawPath routers none, Starlette decoding, nginx decoding + merging + dots,
+#: Tomcat parameters + decoding + merging + dots, IIS decoding + backslashes + merging + dots + trailing dots).
+#: Decoding appears twice for servers behind another decoding hop; ``;`` parameters twice for servers that cut them
+#: after decoding (``%3b``).
+_READING_STEPS: tuple[Callable[[str], str], ...] = (
+    _cut_fragment,
+    _strip_params,
+    _percent_decode,
+    _percent_decode,
+    _backslash_to_slash,
+    _strip_params,
+    _merge_slashes,
+    _resolve_dots,
+    _strip_trailing_dots,
+)
+_REPEATED_SLASHES = re.compile(r"//+")
+_DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
+_TRAILING_DOT = re.compile(r"[^/.][. ]+(?:/|$)")
+#: Characters and sequences any of the steps acts on; a path with none of them has a single reading.
+_READING_TRIGGERS = re.compile(r"[%;\\#]|//|(?:^|/)\.|[. ](?:/|$)")
+#: Bounds on the work per request: a path with more segments, or more distinct readings, than any real client sends
+#: is not read at all but treated as reaching every route (so it is refused).
+_MAX_SEGMENTS = 64
+_MAX_READINGS = 16
+_MAX_ESCAPES = 2048  # percent-escapes decoded per path (Python's unquote costs about half a microsecond each)
+
+
+def path_readings(target: str) -> tuple[str, ...] | None:
+    """Every path a common server may route a request target's path as, the target's own path first; ``None`` for a
+    path too convoluted to read within bounds (it may mean anything).
+
+    The path is the target up to ``?``. Each step of :data:`_READING_STEPS` is applied or not, in order, so the
+    readings cover every subset of them — nginx, uvicorn/Starlette, Express, Go's net/http, Tomcat/Spring and IIS
+    each read one of these.
+    """
+    path = target.split("?", 1)[0]
+    if not _READING_TRIGGERS.search(path):
+        return (path,)
+    return _cached_readings(path) if len(path) <= 512 else _readings(path)
+
+
+@lru_cache(maxsize=4096)  # paths repeat; short ones only, so the cache stays small (hostile ones are long or new)
+def _cached_readings(path: str) -> tuple[str, ...] | None:
+    return _readings(path)
+
+
+def _readings(path: str) -> tuple[str, ...] | None:
+    if path.count("/") > _MAX_SEGMENTS:
+        return None
+    readings = [path]
+    seen = {path}
+    decoded: dict[str, str] = {}  # both decoding steps meet the same strings: decode each once
+    escapes = 0
+    for step in _READING_STEPS:
+        for reading in readings[:]:
+            if step is _percent_decode:
+                changed = decoded.get(reading, "")
+                if not changed:
+                    escapes += reading.count("%")
+                    if escapes > _MAX_ESCAPES:
+                        return None
+                    changed = decoded[reading] = _percent_decode(reading)
+            else:
+                changed = step(reading)
+            if changed not in seen:
+                if len(readings) == _MAX_READINGS:
+                    return None
+                seen.add(changed)
+                readings.append(changed)
+    return tuple(readings)
 
 
 def _decide_preflight(
@@ -471,8 +692,8 @@ def actual_headers(decision: Decision, response_header_names: Iterable[str] = ()
     wildcard is literal and the proxy lists the response's own header names instead.
     """
     policy = decision.policy
-    if not decision.allowed or policy is None:
-        return []
+    if policy is None or not (decision.allowed or decision.reason is Reason.PATH_AMBIGUOUS):
+        return []  # an ambiguous path's decision has a policy only when every route it reaches allows the origin
     headers = [("Access-Control-Allow-Origin", _allow_origin_value(decision, policy))]
     if policy.allow_credentials:
         headers.append(("Access-Control-Allow-Credentials", "true"))

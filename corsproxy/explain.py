@@ -135,6 +135,12 @@ def _reasoning(config: Config, d: Decision, origin: str) -> tuple[str, str]:
             f"remove it (corsproxy origins remove {d.matched}), move it to another --policy, or see "
             "`corsproxy check` for the exact reason",
         )
+    if reason is Reason.PATH_AMBIGUOUS:
+        return (
+            f"servers read this path as falling under different routes ({d.detail}): corsproxy answers 400 and "
+            "forwards nothing",
+            "send the path in its plain, normalised form (no '..', ';', '\\', encoded '/' or '.', repeated slashes)",
+        )
     assert policy is not None
     path = _policy_path(policy.name)
     if reason is Reason.METHOD_MALFORMED:

@@ -49,7 +49,20 @@ HOP_BY_HOP = frozenset(
 #: be believed (an upstream rate-limiting on ``X-Real-IP`` or logging ``Forwarded: for=``), so they are dropped and
 #: corsproxy writes its own ``X-Forwarded-*``.
 FORWARDING_FIELDS = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip", "forwarded"}
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "forwarded",
+        # Fields that make an upstream route another path than the request line's (Spring's X-Forwarded-Prefix,
+        # the X-Original-URL / X-Rewrite-URL of IIS URL Rewrite that Symfony and Zend once honoured): from a client
+        # they would move a request out from under the route corsproxy judged it by.
+        "x-forwarded-prefix",
+        "x-original-url",
+        "x-rewrite-url",
+    }
 )
 
 #: The WebSocket handshake fields of RFC 6455 §4.1: the proxy runs its own handshake with each side.
@@ -134,6 +147,10 @@ def request_headers(received: Sequence[Header], context: ForwardContext, websock
         if lower in drop or lower == "host" or lower in _ANSWERED_HERE:
             continue
         if websocket and lower in WEBSOCKET_HANDSHAKE_FIELDS:
+            continue
+        if "_" in lower and lower.replace("_", "-") in FORWARDING_FIELDS:
+            # WSGI and CGI servers map "-" and "_" alike (X_Forwarded_For is HTTP_X_FORWARDED_FOR to them): such a
+            # spelling is never a proxy's own, so it is dropped from anyone (nginx drops underscored names too).
             continue
         if lower in FORWARDING_FIELDS:
             if not trusted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,12 +25,13 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiDict
 from yarl import URL
 
 from corsproxy.config import Config, Limits, Upstream
 from corsproxy.decision import (
     CorsEngine,
+    CorsHeaders,
     Decision,
     DecisionCache,
     Kind,
@@ -196,26 +198,16 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     config = state.config  # one snapshot per request: a reload never mixes two configs in one answer
     engine = config.engine
     method = request.method
-    headers = request.headers
-    origins = headers.getall("Origin", ())
-    decision, cors_headers = state.decider().decide(
-        method,
-        origins,
-        headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
-        headers.getall("Access-Control-Request-Headers", ()),
-        _request_target(request),
-        state.store,
-        time.time(),
-        private_network=headers.get("Access-Control-Request-Private-Network") == "true",
-    )
+    decision, cors_headers = _decide(request, state)
     request[DECISION] = decision
     if cors_headers is not None:
         request[_CORS_HEADERS] = cors_headers
     oversized = _oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
-    if config.upstream.base_path and climbs_above_root(_request_target(request)):
-        return _error_response(400, "the request path climbs above the upstream's base path", decision)
+    refused_target = _refused_target(request.raw_path, _request_target(request), decision, config)
+    if refused_target is not None:
+        return _error_response(400, refused_target, decision)
     report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
     if decision.kind is Kind.PREFLIGHT and not report_only:
         # never forwarded, even if the upstream would redirect
@@ -223,6 +215,21 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     if engine.blocks(decision, method) and not report_only:
         return _error_response(403, f"request refused: {decision.reason.value}", decision)
     return await forward(request, state, decision, report_only)
+
+
+def _decide(request: web.Request, state: ProxyState) -> tuple[Decision, CorsHeaders | None]:
+    method = request.method
+    headers = request.headers
+    return state.decider().decide(
+        method,
+        headers.getall("Origin", ()),
+        headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
+        headers.getall("Access-Control-Request-Headers", ()),
+        _request_target(request),
+        state.store,
+        time.time(),
+        private_network=headers.get("Access-Control-Request-Private-Network") == "true",
+    )
 
 
 class _RequestBody:
@@ -270,7 +277,8 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     answered later, by :class:`_RequestBody`, once the CORS checks passed and the upstream is ready for the body."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return _text_response(417, f"unsupported expectation {expect!r}", [("Vary", "Origin")])
+        decision, _ = _decide(request, request.app[STATE])  # readable by an allowed origin, like every own error
+        return _error_response(417, f"unsupported expectation {expect!r}", decision)
     return None
 
 
@@ -280,6 +288,30 @@ def _request_target(request: web.Request) -> str:
     is chosen by nor the upstream can be picked by the client: the upstream comes from configuration only."""
     raw = request.raw_path
     return raw if raw.startswith("/") else request.rel_url.raw_path_qs
+
+
+_FRAGMENT_REFUSED = (
+    "the request target holds a fragment (#...), which is not part of an HTTP request target (RFC 9112 §3.2) and "
+    "which servers read differently: send the path without it"
+)
+_AMBIGUOUS_REFUSED = (
+    "ambiguous request path: common servers disagree on which resource it names (dot segments, ';' parameters, "
+    "backslashes, encoded '/', '\\' or '.', repeated slashes, case...): send it in its plain, normalised form"
+)
+_CLIMB_REFUSED = "the request path climbs above the upstream's base path"
+
+
+def _refused_target(raw_target: str, target: str, decision: Decision, config: Config) -> str | None:
+    """Why a request target is refused with 400 before anything else, or ``None``; for the handler and the preflight
+    fast path alike, so both answer the same request the same way. ``target`` is what would be forwarded (see
+    :func:`_request_target`), ``raw_target`` the request line's own."""
+    if "#" in raw_target:
+        return _FRAGMENT_REFUSED
+    if decision.reason is Reason.PATH_AMBIGUOUS:
+        return _AMBIGUOUS_REFUSED
+    if config.upstream.base_path and climbs_above_root(target):
+        return _CLIMB_REFUSED
+    return None
 
 
 def _oversized_head(
@@ -312,6 +344,42 @@ def _received_headers(request: web.Request) -> list[tuple[str, str]]:
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.raw_headers]
 
 
+class _FieldName(str):
+    """A header name that hashes and compares case-insensitively, as field names are (RFC 9110 §5.1).
+
+    ``ClientSession`` rebuilds the headers it is given, replacing a name the first time it sees it and adding it
+    after that, but "sees" with a case-sensitive set: ``X-Dup: a``, ``X-Dup: b``, ``x-dup: c`` left one line
+    ``x-dup: c``. Wrapped in this class the later spellings count as seen and are added, each line with its own
+    spelling, in order. Only names received in more than one spelling are wrapped (aiohttp's own ``Host`` check is
+    a case-sensitive set lookup too)."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+
+def _upstream_headers(lines: list[tuple[str, str]]) -> CIMultiDict[str] | MultiDict[str]:
+    """The header lines for the upstream request, so that the client library sends every one as given.
+
+    With names in several spellings the lines go in a case-sensitive ``MultiDict``, which keeps the
+    :class:`_FieldName` objects (a ``CIMultiDict`` turns keys into its own ``istr``). ``ws_connect`` copies its
+    headers into a ``CIMultiDict`` first, so a WebSocket handshake still merges such lines."""
+    spellings: dict[str, set[str]] = {}
+    for name, _ in lines:
+        spellings.setdefault(name.lower(), set()).add(name)
+    mixed = {lower for lower, names in spellings.items() if len(names) > 1}
+    if not mixed:
+        return CIMultiDict(lines)
+    return MultiDict((_FieldName(name) if name.lower() in mixed else name, value) for name, value in lines)
+
+
 @functools.lru_cache(maxsize=4)
 def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
     # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
@@ -340,7 +408,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
         return refusal
 
     url = URL(state.upstream_base + _request_target(request), encoded=True)  # byte-for-byte path and query
-    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state)))
+    headers = _upstream_headers(request_headers(_received_headers(request), _forward_context(request, state)))
     body = _RequestBody(request, limits.max_body_size) if request.body_exists else None
     started = time.monotonic()
     try:
@@ -412,8 +480,15 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
 
 
 async def _undo_invented_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` runs after aiohttp filled in its defaults and before the head is written."""
-    for name in request.get(_UPSTREAM_LACKS, ()):
+    """``on_response_prepare`` runs after aiohttp filled in its defaults and before the head is written.
+
+    A relayed response loses what the upstream did not send; corsproxy's own answers lose aiohttp's ``Server``
+    (it names the Python and aiohttp versions, and the preflight fast path sends none: both paths answer alike)."""
+    lacks = request.get(_UPSTREAM_LACKS)
+    if lacks is None:
+        response.headers.popall("Server", None)
+        return
+    for name in lacks:
         response.headers.popall(name, None)
 
 
@@ -471,7 +546,7 @@ async def _forward_websocket(
         for item in line.split(",")
         if item.strip()
     ]
-    headers = CIMultiDict(request_headers(_received_headers(request), _forward_context(request, state), True))
+    headers = _upstream_headers(request_headers(_received_headers(request), _forward_context(request, state), True))
     max_size = config.limits.max_body_size
     url = URL(state.upstream_base + _request_target(request), encoded=True)
     started = time.monotonic()
@@ -665,6 +740,8 @@ class PreflightResponder:
         )
         if decision.mode is Mode.REPORT_ONLY or cors_headers is None:
             return None
+        if _refused_target(path, path, decision, config) is not None:
+            return None  # the ordinary path answers 400 with the reason
         status = decision.policy.preflight_status if decision.allowed and decision.policy else 403
         head, body = self._serialized(status, cors_headers)
         if state.observers:
@@ -688,11 +765,12 @@ class PreflightResponder:
         if cached is not None:
             return cached
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK"))]
-        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors_headers)
         body = b""
         if status == 403:
             body = _REFUSED_BODY
+            # Where the ordinary path's text response has it: set when the response is built, before its headers.
             lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors_headers)
         if status != 204:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         if len(self._bytes) >= 4096:
@@ -732,6 +810,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._header_read_timeout = header_read_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._fast = fast
+        self._chunk_prefix = b""  # the start of the previous chunk received (bounded), see _keep_refused_head
+        self._refused_head = b""  # what arrived of a head the parser refused as too long, for handle_error
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -742,6 +822,7 @@ class GuardedRequestHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
         waiter = self._waiter
         if (
             self._fast is not None
@@ -751,24 +832,29 @@ class GuardedRequestHandler(web.RequestHandler):
             and self._payload_parser is None
             and not self._upgraded
         ):
-            self._data_received_fast(data, waiter, self._fast)
+            self._data_received_fast(data, waiter, self._fast, previous)
             return
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) > queued:
             self._fail_body_on_parse_error(self._messages[-1][0])
+            self._keep_refused_head(previous, data)
         if not self._awaiting_head():
             self._disarm_head_timer()
         elif self._head_timer is None:
             self._arm_head_timer()
 
-    def _data_received_fast(self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer) -> None:
+    def _data_received_fast(
+        self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer, previous: bytes = b""
+    ) -> None:
         """Parse with aiohttp's parser, answer leading preflights from bytes, wake aiohttp's loop for the rest."""
         self._waiter = None  # parse without waking the request loop: it only wakes for what is left
         try:
             super().data_received(data)
         finally:
             self._waiter = waiter
+        if self._messages:
+            self._keep_refused_head(previous, data)
         messages = self._messages
         answered = False
         while messages:
@@ -809,6 +895,13 @@ class GuardedRequestHandler(web.RequestHandler):
         elif self._head_timer is None:
             self._arm_head_timer()  # a partial head: the header-read timeout runs from its first byte
 
+    def _keep_refused_head(self, previous: bytes, data: bytes) -> None:
+        """Keep what arrived of a head the parser just refused as too long (the previous chunk's start and this
+        chunk, bounded): the parser exposes nothing of it, and handle_error needs its request line and Origin."""
+        error = getattr(self._messages[-1][0], "exc", None)
+        if isinstance(error, LineTooLong) and not self._refused_head:
+            self._refused_head = previous + data[:_REFUSED_HEAD_MAX]
+
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
@@ -817,18 +910,38 @@ class GuardedRequestHandler(web.RequestHandler):
         if isinstance(exc, LineTooLong):
             if PROXY_LINES.admit("head_too_large"):
                 log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
-            response = web.Response(status=431, text="request header fields too large\n", headers=_VARY_ONLY)
-            response.force_close()
-            return response
-        if isinstance(exc, HttpProcessingError) and status == 400:
+            status = 414 if _line_is_target(exc) else 431
+            headers: list[tuple[str, str]] = [("Vary", "Origin")]
+            judged = _judge_refused_head(self._refused_head, exc, self._app_state())
+            if judged is not None:
+                status, decision = judged
+                headers += actual_headers(decision)
+            text = "request line too long\n" if status == 414 else "request header fields too large\n"
+            response = _BareResponse(status=status, text=text, headers=headers)
+        elif isinstance(exc, HttpProcessingError) and status == 400:
             # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
             if PROXY_LINES.admit("malformed_request"):
                 detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
                 log.info("malformed request from %s refused with 400: %s", request.remote, detail)
-            response = web.Response(status=400, text="malformed request\n", headers=_VARY_ONLY)
-            response.force_close()
-            return response
-        return super().handle_error(request, status, exc, message)
+            response = _BareResponse(status=400, text="malformed request\n", headers=_VARY_ONLY)
+        elif isinstance(exc, ConnectionResetError | BrokenPipeError) and (
+            self.transport is None or self.transport.is_closing()
+        ):
+            # The client went away while its answer was being written ("Cannot write to closing transport"): an
+            # everyday event, counted as a client abort (499) by the observers, not an error with a traceback.
+            log.debug("client %s went away mid-response: %s %s: %s", request.remote, request.method, request.path, exc)
+            response = _BareResponse(status=500, text="client went away\n", headers=_VARY_ONLY)
+        else:
+            plain = super().handle_error(request, status, exc, message)
+            body = plain.body if isinstance(plain, web.Response) else None
+            response = _BareResponse(status=plain.status, body=body, headers=plain.headers)
+        response.force_close()
+        return response
+
+    def _app_state(self) -> ProxyState | None:
+        # The server's request handler is the application's bound ``_handle``: the one way to the app from here.
+        app = getattr(self._manager.request_handler if self._manager is not None else None, "__self__", None)
+        return app.get(STATE) if isinstance(app, web.Application) else None
 
     def _fail_body_on_parse_error(self, message: Any) -> None:
         """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
@@ -860,6 +973,81 @@ class GuardedRequestHandler(web.RequestHandler):
             if PROXY_LINES.admit("head_timeout"):
                 log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
             self.force_close()
+
+
+#: Bytes of a chunk's start kept between chunks, and of a refused head kept for its answer (see _keep_refused_head).
+_HEAD_PREFIX = 8192
+_REFUSED_HEAD_MAX = 1 << 18
+_REQUEST_LINE_START = re.compile(rb"(?:\A|(?<=\r\n))([A-Z]{1,20}) (?=[/*]|https?://)")
+
+
+def _line_is_target(exc: LineTooLong) -> bool:
+    """Whether the line the parser refused is a request target (414) rather than a header field (431), from the
+    start of it that the exception carries: a target begins with "/" or "*", a field name never does."""
+    start = _refused_line(exc)
+    return start.startswith((b"/", b"*")) or bool(_REQUEST_LINE_START.match(start))
+
+
+def _refused_line(exc: LineTooLong) -> bytes:
+    line = exc.args[0] if exc.args else b""
+    return bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode("latin-1", "replace")
+
+
+def _judge_refused_head(head: bytes, exc: LineTooLong, state: ProxyState | None) -> tuple[int, Decision] | None:
+    """For a head over the parser's ceiling: 414 or 431, and the decision for its request line and the header lines
+    that arrived complete — so the refusal is readable by an allowed origin like corsproxy's other answers. ``None``
+    when no request line is found in what arrived (the answer then varies only)."""
+    if state is None or not head:
+        return None
+    probe = _refused_line(exc).removesuffix(b"...")[:64]
+    overflow = head.find(probe) if probe else -1
+    if overflow < 0:
+        overflow = len(head)
+    starts = list(_REQUEST_LINE_START.finditer(head, 0, overflow + 1))
+    if not starts:
+        return None
+    start = starts[-1]
+    method = start[1].decode("ascii")
+    target_start = start.end()
+    line_end = head.find(b"\r\n", target_start)
+    if 0 <= line_end < overflow:
+        status = 431  # the request line was complete: a header field is too long
+        target = head[target_start:line_end].rsplit(b" ", 1)[0]
+    else:
+        status = 414
+        target = head[target_start : head.find(b" ", target_start) if b" " in head[target_start:] else len(head)]
+        line_end = head.find(b"\r\n", target_start)
+    fields: dict[str, list[str]] = {}
+    if line_end >= 0:
+        head_end = head.find(b"\r\n\r\n", line_end)
+        block = head[line_end + 2 : head_end if head_end >= 0 else len(head)]
+        lines = block.split(b"\r\n")
+        if head_end < 0:
+            lines = lines[:-1]  # the last line may be cut short
+        for field in lines:
+            name, colon, value = field.partition(b":")
+            if colon and len(field) <= 2 * _HEAD_PREFIX:
+                fields.setdefault(name.strip().lower().decode("latin-1"), []).append(value.strip().decode("latin-1"))
+    decision, _ = state.decider().decide(
+        method,
+        fields.get("origin", []),
+        fields.get("access-control-request-method", []) if method == "OPTIONS" else [],
+        fields.get("access-control-request-headers", []),
+        target.decode("latin-1"),
+        state.store,
+        time.time(),
+    )
+    return status, decision
+
+
+class _BareResponse(web.Response):
+    """corsproxy's answer to a message it could not handle (unparsable, or a handler that failed). The app's
+    ``on_response_prepare`` never runs for those, so aiohttp's ``Server`` header (Python and aiohttp versions) is
+    removed here, where aiohttp fills in its defaults."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Server", None)
 
 
 class _GuardedServer(web.Server):

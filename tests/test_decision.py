@@ -192,17 +192,17 @@ PREFLIGHTS: dict[str, tuple[Preflight, Reason, dict[str, str]]] = {
     ),
     "path parameter cannot skip the route": (
         Preflight(["https://anyone.example.net"], ["GET"], path="/public/..;/admin"),
-        Reason.ORIGIN_NOT_ALLOWED,
+        Reason.PATH_AMBIGUOUS,  # servers read it under /public/ or outside it: refused (400)
         REFUSED,
     ),
     "backslashes are separators": (
         Preflight(["https://anyone.example.net"], ["GET"], path="/public\\..\\admin"),
-        Reason.ORIGIN_NOT_ALLOWED,
+        Reason.PATH_AMBIGUOUS,  # servers read it under /public/ or outside it: refused (400)
         REFUSED,
     ),
     "dot segments cannot reach another route": (
         Preflight(["https://anyone.example.net"], ["GET"], path="/public/..%2Fadmin"),
-        Reason.ORIGIN_NOT_ALLOWED,
+        Reason.PATH_AMBIGUOUS,  # servers read it under /public/ or outside it: refused (400)
         REFUSED,
     ),
 }

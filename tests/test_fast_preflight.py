@@ -1,22 +1,42 @@
-"""The preflight fast path (PreflightResponder) must answer exactly like the ordinary handler: same status, same
-headers (aiohttp's own ``Server`` and the ``Date`` value aside), same body — for every case of the decision table —
-and keep HTTP/1.1 semantics: pipelined requests answered in order, keep-alive kept, observers told."""
+"""The preflight fast path (PreflightResponder) must answer exactly like the ordinary handler: the same bytes (the
+``Date`` value aside) — status line, header names, values and order, body — for every case of the decision table and
+for hostile targets, whether a request is the first on its connection or a later one; and keep HTTP/1.1 semantics:
+pipelined requests answered in order, keep-alive kept, observers told."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
 
 from corsproxy.config import parse_config
-from corsproxy.proxy import STATE, Outcome, ProxyRunner, create_app
+from corsproxy.proxy import STATE, FastAnswer, Outcome, ProxyRunner, create_app
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 Runner = Callable[..., Any]
+#: The answers each fast-path proxy (by port) wrote from the fast path itself, so a test can tell which path answered.
+FAST_ANSWERS: dict[int, list[bytes]] = {}
+
+
+def count_fast_answers(runner: web.AppRunner, port: int) -> None:
+    """Record every answer the runner's preflight fast path writes (the responder is wrapped, not replaced)."""
+    server: Any = runner.server
+    fast: FastAnswer = server._fast
+    answers = FAST_ANSWERS[port] = []
+
+    def counting(message: RawRequestMessage, protocol: web.RequestHandler) -> bytes | None:
+        answer = fast(message, protocol)
+        if answer is not None:
+            answers.append(answer)
+        return answer
+
+    server._fast = counting
 
 
 @pytest.fixture
@@ -36,6 +56,7 @@ async def proxies(tmp_path: Path) -> AsyncIterator[tuple[int, int, list[Outcome]
         ports.append(runner.addresses[0][1])
         if fast:
             app[STATE].observers.append(seen.append)
+            count_fast_answers(runner, ports[-1])
     try:
         yield ports[0], ports[1], seen
     finally:
@@ -77,21 +98,40 @@ def _request(case: Preflight) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _comparable(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k not in ("Date", "Server")}
+_DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+
+
+async def _raw_answers(port: int, payload: bytes, responses: int) -> list[bytes]:
+    """The exact bytes of ``responses`` answers on one connection, each with its ``Date`` value blanked."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        out = []
+        for _ in range(responses):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            match = re.search(rb"\r\nContent-Length: (\d+)\r\n", head, re.IGNORECASE)
+            body = await asyncio.wait_for(reader.readexactly(int(match[1])), 5) if match else b""
+            assert len(_DATE.findall(head)) == 1, head
+            out.append(_DATE.sub(b"\r\nDate: -\r\n", head) + body)
+        return out
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 @pytest.mark.parametrize("case", [c for c, _, _ in PREFLIGHTS.values()], ids=PREFLIGHTS.keys())
 async def test_fast_path_answers_like_the_handler(proxies: tuple[int, int, list[Outcome]], case: Preflight) -> None:
     fast_port, plain_port, seen = proxies
-    ((fast_status, fast_headers, fast_body),) = await _exchange(fast_port, _request(case))
-    ((plain_status, plain_headers, plain_body),) = await _exchange(plain_port, _request(case))
-    assert fast_status == plain_status
-    assert _comparable(fast_headers) == _comparable(plain_headers)
-    assert fast_body == plain_body
-    assert "Date" in fast_headers
-    assert "Server" not in fast_headers and "Server" in plain_headers  # the fast path answered, not aiohttp
-    assert len(seen) == 1 and seen[0].status == int(fast_status.split()[1])  # observers see fast answers too
+    # Twice on one connection: the first request of a connection can reach either path (aiohttp's request loop
+    # may not be waiting yet), a later one takes the fast path whenever it can.
+    fast = await _raw_answers(fast_port, _request(case) * 2, 2)
+    plain = await _raw_answers(plain_port, _request(case) * 2, 2)
+    assert fast == plain  # byte for byte: status line, every header in order, body
+    assert b"\r\nServer:" not in fast[0]  # neither path names aiohttp's or Python's version
+    refused_target = fast[0].startswith(b"HTTP/1.1 400")
+    assert bool(FAST_ANSWERS[fast_port]) is not refused_target  # a refused target is left to the ordinary path
+    assert len(seen) == 2 and seen[0].status == int(fast[0].split()[1])  # observers see fast answers too
 
 
 async def test_pipelined_requests_are_answered_in_order(proxies: tuple[int, int, list[Outcome]]) -> None:
@@ -128,7 +168,7 @@ async def test_unusual_preflights_take_the_ordinary_path(proxies: tuple[int, int
     fast_port, _, _ = proxies
     http10 = b"OPTIONS /x HTTP/1.0\r\nOrigin: https://app.example.com\r\nAccess-Control-Request-Method: PUT\r\n\r\n"
     ((status, headers, _),) = await _exchange(fast_port, http10)
-    assert status.startswith(b"HTTP/1.0 204") and "Server" in headers  # aiohttp answered it
+    assert status.startswith(b"HTTP/1.0 204") and not FAST_ANSWERS[fast_port]  # aiohttp answered it
     close = _request(Preflight(["https://app.example.com"], ["PUT"])).replace(
         b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"
     )
@@ -178,3 +218,59 @@ async def test_oversized_preflight_head_gets_431_on_both_paths(proxies: tuple[in
         ((status, headers, _),) = await _exchange(port, big)
         assert status.split()[1] == b"431"
         assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+@pytest.fixture
+async def based_proxies(tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
+    """The decision-table config with an upstream base path, served with and without the fast path."""
+    runners: list[web.AppRunner] = []
+    for fast in (True, False):
+        data = {
+            **CONFIG,
+            "store": {"path": str(tmp_path / f"db-{fast}")},
+            "upstream": {"url": "http://127.0.0.1:9/base"},
+        }
+        runner = ProxyRunner(
+            create_app(parse_config(data, env={})), fast_preflights=fast, access_log=None, handle_signals=False
+        )
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        if fast:
+            count_fast_answers(runner, runner.addresses[0][1])
+    try:
+        yield runners[0].addresses[0][1], runners[1].addresses[0][1]
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/../x", b"400"),
+        ("/%2e%2e/x", b"400"),
+        ("/..;/x", b"400"),
+        ("/a/..\\..\\x", b"400"),
+        ("/public/..;/x", b"400"),
+        ("/api/x#frag", b"400"),
+        ("/a/../x", b"204"),
+        ("/x", b"204"),
+    ],
+)
+@pytest.mark.parametrize("origin", ["https://app.example.com", "https://evil.example.net"])
+async def test_hostile_targets_get_the_same_answer_on_both_paths(
+    based_proxies: tuple[int, int], path: str, status: bytes, origin: str
+) -> None:
+    """First on a connection and later on it, fast path or not: one answer per request (a refused target is
+    refused whichever path reads it)."""
+    fast_port, plain_port = based_proxies
+    warm = _request(Preflight(["https://app.example.com"], ["PUT"]))
+    request = _request(Preflight([origin], ["PUT"], path=path))
+    fast = await _raw_answers(fast_port, request + warm + request, 3)
+    plain = await _raw_answers(plain_port, request + warm + request, 3)
+    assert fast == plain
+    assert fast[0] == fast[2]
+    expected = status if status == b"400" or origin == "https://app.example.com" else b"403"
+    assert fast[0].split()[1] == expected
+    assert all(b"\r\nServer:" not in answer for answer in fast)

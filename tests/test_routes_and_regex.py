@@ -62,7 +62,7 @@ TRUTH_TABLE = {
     "store origin on admin route via dot segments": (
         "/public/../admin/x",
         "https://anyone.example.org",
-        Reason.ORIGIN_NOT_ALLOWED,
+        Reason.PATH_AMBIGUOUS,  # nginx reads /admin/x, Express /public/..: refused, never judged by /public/
         None,
         Mode.ENFORCE,
     ),
