@@ -1,12 +1,17 @@
-"""Shared fixtures: a real upstream on loopback, the real proxy app in front of it, a real LMDB in ``tmp_path``."""
+"""Shared fixtures: a real upstream on loopback, the real proxy app in front of it, a real LMDB in ``tmp_path``,
+``corsproxy serve`` as a real subprocess, and real filesystems for the store's failure cases.
+
+The helpers these are built on live in :mod:`tests.support`; test modules import helpers from there, and get
+fixtures only from here.
+"""
 
 from __future__ import annotations
 
-import copy
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,37 +22,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from corsproxy.config import Config, parse_config
 from corsproxy.proxy import create_app
-from tests.upstream import make_upstream_app
-
-BASE_CONFIG: dict[str, Any] = {
-    "listen": {"host": "127.0.0.1", "port": 0},
-    "upstream": {"url": "http://127.0.0.1:9", "connect_timeout": 2, "read_timeout": 5},
-    "cors": {
-        "allow_origins": ["https://app.example.com", "https://*.example.org", "http://localhost:*"],
-        "allow_methods": ["GET", "POST", "PUT", "DELETE"],
-        "allow_headers": ["content-type", "authorization", "x-api-key"],
-        "expose_headers": ["x-request-id"],
-        "allow_credentials": True,
-        "max_age": 600,
-    },
-}
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``override`` into a copy of ``base``; a ``None`` value deletes the key."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+from corsproxy.store import OriginStore
+from tests.support.config import BASE_CONFIG, REPO, ConfigData, WriteConfig, merge
+from tests.support.inprocess import ProxyFactory
+from tests.support.serve import Server
+from tests.support.upstream import ThreadedUpstream, make_upstream_app
 
 
 @pytest.fixture
-def config_data(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+def config_data(tmp_path: Path) -> ConfigData:
     """Build a config document: BASE_CONFIG with the store in ``tmp_path``, merged with overrides."""
 
     def build(**override: Any) -> dict[str, Any]:
@@ -58,7 +41,7 @@ def config_data(tmp_path: Path) -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture
-def write_config(tmp_path: Path, config_data: Callable[..., dict[str, Any]]) -> Callable[..., Path]:
+def write_config(tmp_path: Path, config_data: ConfigData) -> WriteConfig:
     """Write a config file to ``tmp_path`` and return its path."""
 
     def write(name: str = "config.yaml", **override: Any) -> Path:
@@ -71,16 +54,14 @@ def write_config(tmp_path: Path, config_data: Callable[..., dict[str, Any]]) -> 
 
 @pytest.fixture
 async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    """:func:`tests.support.upstream.make_upstream_app` on loopback, in the test's event loop."""
     return await aiohttp_server(make_upstream_app())
-
-
-ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest.fixture
 def make_proxy(
     upstream: TestServer,
-    config_data: Callable[..., dict[str, Any]],
+    config_data: ConfigData,
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
 ) -> ProxyFactory:
     """Start the real proxy in front of the test upstream; keyword arguments override config keys."""
@@ -93,14 +74,68 @@ def make_proxy(
     return start
 
 
-def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
-    """Run ``python -m corsproxy`` as a real subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "corsproxy", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
+# -- a proxy in another process --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream_thread() -> Iterator[ThreadedUpstream]:
+    """The test upstream on its own thread and event loop, for a proxy that runs as a subprocess."""
+    with ThreadedUpstream() as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, upstream_thread: ThreadedUpstream) -> Iterator[Server]:
+    """One 2-worker server per test module, with an admin token and a watched origins file.
+
+    Shared by the tests of one module for speed: only tests that do not depend on what another test wrote use it
+    (each writes under origins of its own)."""
+    tmp = tmp_path_factory.mktemp("served")
+    (tmp / "origins.txt").write_text("https://fleet.example.com note=from-the-file\n")
+    server = Server(tmp, upstream_thread.port, origins_file={"path": str(tmp / "origins.txt"), "poll_interval": 0.2})
+    server.start()
+    yield server
+    server.stop()
+
+
+# -- the store's failure cases ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store_held_open(tmp_path: Path) -> Iterator[Path]:
+    """The store open in another process (as a serving worker holds it)."""
+    path = tmp_path / "db"
+    OriginStore(path).close()
+    code = (
+        "import sys, time; from corsproxy.store import OriginStore\n"
+        f"s = OriginStore({str(path)!r}); len(s); print('open', flush=True); time.sleep(60)\n"
     )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
+        yield path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 2 MiB tmpfs needs root")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=False, capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

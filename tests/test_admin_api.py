@@ -8,19 +8,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_workers_harness import (
-    OTHER_TOKEN,
-    TOKEN,
-    Server,
-    ThreadedUpstream,
-    free_port,
-    origin_path,
-    served,
-    upstream_thread,
-)
-
-__all__ = ["served", "upstream_thread"]  # fixtures, imported for pytest
+from tests.support.config import run_cli
+from tests.support.net import free_port
+from tests.support.serve import OTHER_TOKEN, TOKEN, Server, origin_path
+from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"  # listed in the config's cors.allow_origins
 
@@ -56,7 +47,7 @@ def test_auth_on_every_protected_endpoint(served: Server, token: str | None, sta
 def test_auth_rejects_other_schemes_and_guards_writes(served: Server) -> None:
     basic = served.admin("GET", "/origins", token=None)
     assert basic.status == 401
-    from tests.test_workers_harness import request
+    from tests.support.net import request
 
     response = request(served.admin_port, "GET", "/origins", headers={"Authorization": f"Basic {TOKEN}"})
     _error(response, 401)
@@ -311,7 +302,7 @@ def test_browsers_cannot_drive_the_admin_api(tmp_path: Path, upstream_thread: Th
     """CSRF and DNS rebinding: a web page can make a browser send a simple POST to 127.0.0.1:9090, or rebind its own
     name to it. Requests marked as coming from a page are refused, and without a token only loopback Hosts are
     served (the README's token-less loopback set-up stays usable from curl)."""
-    from tests.test_workers_harness import request
+    from tests.support.net import request
 
     server = Server(tmp_path, upstream_thread.port, workers=1, env={"CORSPROXY_ADMIN_TOKEN": ""}).start()
     try:

@@ -12,19 +12,10 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from tests.conftest import BASE_CONFIG, merge
-from tests.test_store_space_storage import tiny_fs
-from tests.test_workers_harness import (
-    TOKEN,
-    Response,
-    Server,
-    ThreadedUpstream,
-    origin_path,
-    request,
-    upstream_thread,
-)
-
-__all__ = ["tiny_fs", "upstream_thread"]  # fixtures, imported for pytest
+from tests.support.config import BASE_CONFIG, merge
+from tests.support.net import Response, request
+from tests.support.serve import TOKEN, Server, origin_path
+from tests.support.upstream import ThreadedUpstream
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import run_cli
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.config import REPO, run_cli
+from tests.support.net import free_port
+from tests.support.serve import Demo, Server
 
 
 def test_check_ok(write_config: Callable[..., Path]) -> None:
@@ -143,51 +138,6 @@ def test_import_regex(write_config: Callable[..., Path], tmp_path: Path) -> None
     assert "https://www.example.com" in listed and "https://example.com" in listed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _serve(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corsproxy", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **env},
-        cwd=REPO,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-async def _wait_ready(port: int, proc: subprocess.Popen[str]) -> None:
-    for _ in range(200):
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError("server did not start listening within 10 s")
-
-
 async def _preflight(session: aiohttp.ClientSession, port: int, origin: str) -> aiohttp.ClientResponse:
     headers: Any = {"Origin": origin, "Access-Control-Request-Method": "GET"}
     async with session.options(f"http://127.0.0.1:{port}/x", headers=headers) as response:
@@ -195,13 +145,16 @@ async def _preflight(session: aiohttp.ClientSession, port: int, origin: str) -> 
         return response
 
 
-async def test_serve_honours_an_origin_added_by_the_cli(
-    write_config: Callable[..., Path], upstream: TestServer
-) -> None:
-    path = str(write_config(upstream={"url": f"http://127.0.0.1:{upstream.port}"}))
-    port = _free_port()
-    with _serve(["serve", "--config", path], {"CORSPROXY_PORT": str(port)}) as proc:
-        await _wait_ready(port, proc)
+async def test_serve_honours_an_origin_added_by_the_cli(tmp_path: Path, upstream: TestServer) -> None:
+    assert upstream.port is not None
+    port = free_port()
+    # The port comes from the environment (CORSPROXY_PORT wins over listen.port); no admin listener, text logs.
+    server = Server(
+        tmp_path, upstream.port, workers=None, port=port, env={"CORSPROXY_PORT": str(port)}, admin=None, logging=None
+    )
+    server.data["listen"]["port"] = 0
+    path = str(server.config_path)
+    with server.start():
         async with aiohttp.ClientSession() as session:
             assert (await _preflight(session, port, "https://late.example.net")).status == 403
             add = await asyncio.to_thread(run_cli, "origins", "add", "https://late.example.net", "-c", path)
@@ -212,9 +165,8 @@ async def test_serve_honours_an_origin_added_by_the_cli(
             ) as r:
                 assert r.status == 200
                 assert r.headers["Access-Control-Allow-Origin"] == "https://late.example.net"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0
+        assert server.stop(signal.SIGTERM) == 0
+    output = server.log_text()
     assert f"listening on http://127.0.0.1:{port}" in output
     assert "3 origin(s) in the store" in output
 
@@ -227,9 +179,8 @@ def test_serve_refuses_a_bad_config(write_config: Callable[..., Path]) -> None:
 
 
 async def test_demo(tmp_path: Path) -> None:
-    port = _free_port()
-    with _serve(["demo", "--port", str(port)], {}) as proc:
-        await _wait_ready(port, proc)
+    with Demo(tmp_path, env={"PYTHONPATH": str(REPO)}) as demo:
+        port = demo.port
         async with aiohttp.ClientSession() as session:
             assert (await _preflight(session, port, "https://app.example.com")).status == 204
             assert (await _preflight(session, port, "https://evil-example.com")).status == 403

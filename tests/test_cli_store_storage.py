@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_store_space_storage import REPO, store_held_open, tiny_fs
-
-__all__ = ["store_held_open", "tiny_fs"]  # fixtures, imported for pytest
+from tests.support.config import REPO, run_cli
 
 
 def _lines(path: Path, count: int, note: str = "n" * 60) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,11 +19,10 @@ import pytest
 
 import corsproxy
 from corsproxy.cli import DEMO_CONFIG, _parser
-from tests.test_workers_harness import TOKEN, Server, ThreadedUpstream, upstream_thread, wait_until
-
-__all__ = ["upstream_thread"]
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.config import REPO
+from tests.support.net import Response, free_port, request, wait_until
+from tests.support.serve import TOKEN, Demo, Server
+from tests.support.upstream import ThreadedUpstream
 
 
 def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
@@ -169,37 +169,20 @@ def test_demo_port_taken_fails_before_starting(occupied: int, tmp_path: Path) ->
 
 
 def test_demo_runs_outside_the_checkout(tmp_path: Path) -> None:
-    from tests.test_workers_harness import free_port, request
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corsproxy", "demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-    )
-    try:
-
-        def answered() -> Any:
-            assert proc.poll() is None, proc.communicate()[0]
-            try:
-                return request(
-                    port,
-                    "OPTIONS",
-                    "/x",
-                    headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"},
-                )
-            except OSError:
-                return None
-
-        response = wait_until(answered, timeout=30, what="the demo")
+    with Demo(tmp_path) as demo:
+        headers = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"}
+        response = wait_until(lambda: _answer(demo.port, headers), timeout=30, what="the demo")
         assert response.status == 204
-    finally:
-        proc.terminate()
-        output, _ = proc.communicate(timeout=20)
-    assert "Unclosed" not in output
+        demo.stop(signal.SIGTERM)
+    assert "Unclosed" not in demo.output()
     assert not (tmp_path / "var").exists()  # the demo's store is a temporary one
+
+
+def _answer(port: int, headers: dict[str, str]) -> Response | None:
+    try:
+        return request(port, "OPTIONS", "/x", headers=headers)
+    except OSError:
+        return None
 
 
 # -- reload ---------------------------------------------------------------------------------------------------------
@@ -247,8 +230,6 @@ def test_reload_without_an_admin_listener_says_what_to_do(write_config: Callable
 
 
 def test_reload_with_nothing_running_says_so(write_config: Callable[..., Path]) -> None:
-    from tests.test_workers_harness import free_port
-
     path = write_config(admin={"listen": {"host": "127.0.0.1", "port": free_port()}})
     result = _cli("reload", "-c", str(path), env={"CORSPROXY_ADMIN_TOKEN": TOKEN})
     assert result.returncode == 2 and "is `corsproxy serve` running?" in result.stderr

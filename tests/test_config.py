@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, load_config, parse_config
-from tests.conftest import BASE_CONFIG, merge
+from tests.support.config import BASE_CONFIG, merge
 
 
 def _errors(data: dict[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ import yaml
 
 from corsproxy.admin import load_tokens
 from corsproxy.config import load_config
-from tests.conftest import BASE_CONFIG, merge
+from tests.support.config import BASE_CONFIG, merge
 
 TOKEN = "relative-token-0123456789abcdef"
 

@@ -10,7 +10,7 @@ import pytest
 
 from corsproxy.config import Config, ConfigError, parse_config
 from corsproxy.decision import Kind, Reason, StaticOriginSet, actual_headers, merge_vary, preflight_headers
-from tests.conftest import BASE_CONFIG, merge
+from tests.support.config import BASE_CONFIG, merge
 
 CONFIG: dict[str, Any] = merge(
     BASE_CONFIG,

@@ -40,7 +40,15 @@ def test_cache_answers_like_the_engine(config: Config, store: OriginStore, case:
 
 def test_cache_sees_writes_from_the_store(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine)
-    args = ("GET", ["https://new.example.net"], [], [], "/", store, 0.0)
+    args: tuple[str, list[str], list[str], list[str], str, OriginStore, float] = (
+        "GET",
+        ["https://new.example.net"],
+        [],
+        [],
+        "/",
+        store,
+        0.0,
+    )
     assert cache.decide(*args)[0].reason is Reason.ORIGIN_NOT_ALLOWED
     store.put("https://new.example.net", OriginRecord(), "test")
     decision, headers = cache.decide(*args)
@@ -53,10 +61,13 @@ def test_cache_sees_writes_from_the_store(config: Config, store: OriginStore) ->
 def test_cached_allow_ends_at_the_entry_expiry(config: Config, store: OriginStore) -> None:
     store.put("https://trial.example.net", OriginRecord(expires=100.0), "test")
     cache = DecisionCache(config.engine)
-    args = ["GET", ["https://trial.example.net"], [], [], "/", store]
-    assert cache.decide(*args, 50.0)[0].reason is Reason.ALLOWED  # type: ignore[arg-type]
-    assert cache.decide(*args, 99.0)[0].reason is Reason.ALLOWED  # type: ignore[arg-type]
-    assert cache.decide(*args, 100.0)[0].reason is Reason.ORIGIN_EXPIRED  # type: ignore[arg-type]
+
+    def at(now: float) -> Reason:
+        return cache.decide("GET", ["https://trial.example.net"], [], [], "/", store, now)[0].reason
+
+    assert at(50.0) is Reason.ALLOWED
+    assert at(99.0) is Reason.ALLOWED
+    assert at(100.0) is Reason.ORIGIN_EXPIRED
 
 
 def test_cache_is_bounded(config: Config, store: OriginStore) -> None:

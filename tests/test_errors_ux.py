@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import DEFAULT_CONFIG_PATH, ConfigError, parse_config
-from tests.conftest import BASE_CONFIG, merge, run_cli
+from tests.support.config import BASE_CONFIG, merge, run_cli
 
 
 def _problems(data: dict[str, Any]) -> list[str]:

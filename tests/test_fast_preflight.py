@@ -6,6 +6,7 @@ pipelined requests answered in order, keep-alive kept, observers told."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
-from corsproxy.config import parse_config
-from corsproxy.proxy import STATE, FastAnswer, Outcome, ProxyRunner, create_app
+from corsproxy.proxy import FastAnswer, Outcome
+from tests.support.inprocess import serve_proxy
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 Runner = Callable[..., Any]
@@ -42,26 +43,17 @@ def count_fast_answers(runner: web.AppRunner, port: int) -> None:
 @pytest.fixture
 async def proxies(tmp_path: Path) -> AsyncIterator[tuple[int, int, list[Outcome]]]:
     """The same config served twice: with the fast path (as `serve` does) and without it."""
-    runners: list[web.AppRunner] = []
-    ports: list[int] = []
     seen: list[Outcome] = []
-    for fast in (True, False):
-        data = {**CONFIG, "store": {"path": str(tmp_path / f"db-{fast}")}, "debug_reason_header": True}
-        app = create_app(parse_config(data, env={}))
-        runner = ProxyRunner(app, fast_preflights=fast, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        ports.append(runner.addresses[0][1])
-        if fast:
-            app[STATE].observers.append(seen.append)
-            count_fast_answers(runner, ports[-1])
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        ports: list[int] = []
+        for fast in (True, False):
+            data = {**CONFIG, "store": {"path": str(tmp_path / f"db-{fast}")}, "debug_reason_header": True}
+            proxy = await stack.enter_async_context(serve_proxy(data, fast_preflights=fast))
+            ports.append(proxy.port)
+            if fast:
+                proxy.state.observers.append(seen.append)
+                count_fast_answers(proxy.runner, proxy.port)
         yield ports[0], ports[1], seen
-    finally:
-        for runner in runners:
-            await runner.cleanup()
 
 
 async def _exchange(port: int, payload: bytes, responses: int = 1) -> list[tuple[bytes, dict[str, str], bytes]]:
@@ -147,11 +139,8 @@ async def test_pipelined_requests_are_answered_in_order(proxies: tuple[int, int,
 async def test_keep_alive_survives_fast_answers(tmp_path: Path) -> None:
     """The header-read timer must not treat an answered, idle keep-alive connection as a slow head."""
     data = {**CONFIG, "store": {"path": str(tmp_path / "db")}, "limits": {"header_read_timeout": 0.3}}
-    runner = ProxyRunner(create_app(parse_config(data, env={})), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    async with serve_proxy(data) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         request = _request(Preflight(["https://app.example.com"], ["PUT"]))
         for _ in range(3):
             writer.write(request)
@@ -160,8 +149,6 @@ async def test_keep_alive_survives_fast_answers(tmp_path: Path) -> None:
             await asyncio.sleep(0.5)  # longer than header_read_timeout, shorter than idle_timeout
         writer.close()
         await writer.wait_closed()
-    finally:
-        await runner.cleanup()
 
 
 async def test_unusual_preflights_take_the_ordinary_path(proxies: tuple[int, int, list[Outcome]]) -> None:
@@ -223,26 +210,19 @@ async def test_oversized_preflight_head_gets_431_on_both_paths(proxies: tuple[in
 @pytest.fixture
 async def based_proxies(tmp_path: Path) -> AsyncIterator[tuple[int, int]]:
     """The decision-table config with an upstream base path, served with and without the fast path."""
-    runners: list[web.AppRunner] = []
-    for fast in (True, False):
-        data = {
-            **CONFIG,
-            "store": {"path": str(tmp_path / f"db-{fast}")},
-            "upstream": {"url": "http://127.0.0.1:9/base"},
-        }
-        runner = ProxyRunner(
-            create_app(parse_config(data, env={})), fast_preflights=fast, access_log=None, handle_signals=False
-        )
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        if fast:
-            count_fast_answers(runner, runner.addresses[0][1])
-    try:
-        yield runners[0].addresses[0][1], runners[1].addresses[0][1]
-    finally:
-        for runner in runners:
-            await runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        ports: list[int] = []
+        for fast in (True, False):
+            data = {
+                **CONFIG,
+                "store": {"path": str(tmp_path / f"db-{fast}")},
+                "upstream": {"url": "http://127.0.0.1:9/base"},
+            }
+            proxy = await stack.enter_async_context(serve_proxy(data, fast_preflights=fast))
+            ports.append(proxy.port)
+            if fast:
+                count_fast_answers(proxy.runner, proxy.port)
+        yield ports[0], ports[1]
 
 
 @pytest.mark.parametrize(

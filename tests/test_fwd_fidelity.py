@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.raw_upstream import RawConnection, RawUpstream, raw_exchange, running_proxy
+from tests.support.inprocess import running_proxy
+from tests.support.net import raw_exchange
+from tests.support.raw_upstream import RawConnection, RawUpstream
 
 ALLOWED = "https://app.example.com"
 

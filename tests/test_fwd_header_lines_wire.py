@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_CONFIG, merge
-from tests.raw_upstream import RawUpstream, raw_exchange, running_proxy
+from tests.support.config import BASE_CONFIG, merge
+from tests.support.inprocess import running_proxy
+from tests.support.net import raw_exchange
+from tests.support.raw_upstream import RawUpstream
 
 
 def _config(tmp_path: Path, upstream_port: int, **override: object) -> dict[str, object]:

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.raw_upstream import RawUpstream, raw_exchange, running_proxy
+from tests.support.inprocess import running_proxy
+from tests.support.net import raw_exchange
+from tests.support.raw_upstream import RawUpstream
 
 H = b"Host: p\r\n"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: p\r\n\r\n"

@@ -10,28 +10,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
+
+from tests.support.serve import Server
 
 SIZE = (1 << 30) if os.environ.get("CORSPROXY_SLOW") == "1" else (256 << 20)
 RSS_GROWTH_BOUND = 64 << 20
 PIECE = bytes(range(256)) * 256  # 64 KiB, the same pattern tests/upstream.py's /download sends
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss(pid: int) -> int:
@@ -78,32 +68,20 @@ class Sampler:
 
 
 @pytest.fixture
-def proxy_process(
-    upstream: TestServer, config_data: Callable[..., dict[str, Any]], tmp_path: Path
-) -> Iterator[tuple[int, int]]:
-    """``python -m corsproxy serve`` with one worker; yields (listen port, worker pid)."""
-    port = free_port()
-    data = config_data(
-        listen={"host": "127.0.0.1", "port": port},
-        upstream={"url": f"http://127.0.0.1:{upstream.port}", "read_timeout": 60},
-        limits={"max_body_size": 0, "header_read_timeout": 1},
+def proxy_process(upstream: TestServer, tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """``python -m corsproxy serve`` with one worker; yields (listen port, arbiter pid)."""
+    assert upstream.port is not None
+    server = Server(
+        tmp_path,
+        upstream.port,
+        workers=1,
+        admin=None,
+        logging=None,
+        upstream={"read_timeout": 60},
+        limits={"max_body_size": 0, "header_read_timeout": 1, "drain_timeout": None},
     )
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(data))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corsproxy", "serve", "--config", str(path), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield port, process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with server.start(wait=False):
+        yield server.port, server.pid
 
 
 async def wait_ready(port: int, pid: int) -> int:

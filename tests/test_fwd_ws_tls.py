@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.raw_upstream import running_proxy
+from tests.support.inprocess import running_proxy
 
 ALLOWED = "https://app.example.com"
 HANDSHAKES = web.AppKey("handshakes", list)

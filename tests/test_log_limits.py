@@ -14,11 +14,10 @@ import pytest
 
 from corsproxy.config import ConfigError, parse_config
 from corsproxy.log_limit import LineLimiter
-from tests.conftest import BASE_CONFIG, merge
-from tests.test_metrics import scrape, value
-from tests.test_workers_harness import Server, ThreadedUpstream, upstream_thread, wait_until
-
-__all__ = ["upstream_thread"]
+from tests.support.config import BASE_CONFIG, merge
+from tests.support.net import wait_until
+from tests.support.serve import Server, scrape, value
+from tests.support.upstream import ThreadedUpstream
 
 EVIL = "https://evil.example.net"
 APP = "https://app.example.com"

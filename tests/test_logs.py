@@ -13,9 +13,9 @@ from corsproxy.decision import Decision, Kind, Reason
 from corsproxy.log_limit import LineLimiter
 from corsproxy.proxy import Outcome
 from corsproxy.request_log import JsonFormatter, RequestLog, TextFormatter, log_dict_config, wants_json
-from tests.test_workers_harness import Server, ThreadedUpstream, served, upstream_thread, wait_until
-
-__all__ = ["served", "upstream_thread"]
+from tests.support.net import wait_until
+from tests.support.serve import Server
+from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"
 FIELDS = {"time", "client", "method", "path", "origin", "decision", "reason", "status", "bytes", "upstream_ms"}

@@ -11,29 +11,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corsproxy.decision import Decision, Kind, Reason
 from corsproxy.metrics import MULTIPROC_ENV, Metrics
-from corsproxy.proxy import STATE, Outcome
+from corsproxy.proxy import Outcome
 from corsproxy.server import _StoreErrorCounter
-from tests.conftest import ProxyFactory
-from tests.test_workers_harness import Server, ThreadedUpstream, free_port, served, upstream_thread, wait_until
-
-__all__ = ["served", "upstream_thread"]
+from tests.support.inprocess import ProxyFactory, client_state
+from tests.support.net import free_port, wait_until
+from tests.support.serve import Server, scrape, value
+from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"
-
-
-def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = server.admin("GET", "/metrics")
-    assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    samples = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_request_counters_add_up_across_workers(served: Server) -> None:
@@ -160,7 +145,7 @@ async def test_a_store_error_is_counted_without_a_middleware(
         client = await make_proxy()
         assert (await client.get("/api", headers={"Origin": "https://app.example.com"})).status == 200
         assert value(_samples(metrics), "corsproxy_store_read_errors_total") == 0
-        client.server.app[STATE].store.close()
+        client_state(client).store.close()
         response = await client.get("/api", headers={"Origin": "https://other.example.com"})  # not in the cache
         assert response.status == 500
         assert value(_samples(metrics), "corsproxy_store_read_errors_total") == 1

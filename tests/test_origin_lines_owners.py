@@ -12,10 +12,8 @@ import pytest
 
 from corsproxy.origin_lines import KEEP, format_line, parse_edits, split_words
 from corsproxy.store import OriginRecord, OriginStore
-from tests.conftest import run_cli
-from tests.test_workers_harness import Server, origin_path, served, upstream_thread
-
-__all__ = ["served", "upstream_thread"]
+from tests.support.config import run_cli
+from tests.support.serve import Server, origin_path
 
 NOW = 1_800_000_000.0
 # Characters that broke or could break a line-based format: line breaks of every kind (str.splitlines() splits on

@@ -12,17 +12,10 @@ import pytest
 from corsproxy.config import parse_config
 from corsproxy.origins_file import OriginsFileWatcher, applied, parse_origins_file
 from corsproxy.store import OriginRecord, OriginStore
-from tests.conftest import BASE_CONFIG
-from tests.test_workers_harness import (
-    Server,
-    ThreadedUpstream,
-    origin_path,
-    served,
-    upstream_thread,
-    wait_until,
-)
-
-__all__ = ["served", "upstream_thread"]
+from tests.support.config import BASE_CONFIG
+from tests.support.net import wait_until
+from tests.support.serve import Server, origin_path
+from tests.support.upstream import ThreadedUpstream
 
 SAFETY = parse_config(BASE_CONFIG, env={}).safety
 

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.raw_upstream import RawUpstream, raw_exchange, running_proxy
+from tests.support.inprocess import running_proxy
+from tests.support.net import raw_exchange
+from tests.support.raw_upstream import RawUpstream
 
 ALLOWED = "https://app.example.com"
 REFUSED = "https://evil.example.net"
 
 
 def _config(tmp_path: Path, upstream_port: int) -> dict[str, object]:
-    from tests.conftest import BASE_CONFIG, merge
+    from tests.support.config import BASE_CONFIG, merge
 
     return merge(
         BASE_CONFIG,

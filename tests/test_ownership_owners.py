@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import merge, run_cli
-from tests.test_workers_harness import Server, ThreadedUpstream, origin_path, upstream_thread, wait_until
-
-__all__ = ["upstream_thread"]
+from tests.support.config import merge, run_cli
+from tests.support.net import wait_until
+from tests.support.serve import Server, origin_path
+from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"  # in the base config's cors.allow_origins
 FLEET = "https://fleet.example.com"  # in the origins file

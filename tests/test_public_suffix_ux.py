@@ -14,7 +14,8 @@ import pytest
 
 from corsproxy.config import ConfigError, parse_config
 from corsproxy.store import OriginRecord, OriginStore
-from tests.conftest import BASE_CONFIG, ProxyFactory, merge, run_cli
+from tests.support.config import BASE_CONFIG, merge, run_cli
+from tests.support.inprocess import ProxyFactory
 
 CREDENTIALED = {"allow_credentials": True}
 PUBLIC = {"allow_credentials": False}

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
-from tests.conftest import run_cli
+from tests.support.config import REPO, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 WIDENED = "a corsproxy port wildcard :* matches every port"
 
 PORTS = {

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_workers_harness import Response, Server, ThreadedUpstream, upstream_thread, wait_until
-
-__all__ = ["upstream_thread"]
+from tests.support.net import Response, wait_until
+from tests.support.serve import Server
+from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"
 

@@ -18,7 +18,7 @@ import pytest
 
 from corsproxy.config import Config, ConfigError, parse_config
 from corsproxy.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
-from tests.conftest import BASE_CONFIG, merge
+from tests.support.config import BASE_CONFIG, merge
 
 #: The configuration of the report: a public route, a restrictive one, a report-only one; the default policy is
 #: credentialed for https://app.example.com.

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from corsproxy.config import parse_config
-from corsproxy.proxy import ProxyRunner, create_app
-from tests.conftest import merge
-from tests.raw_upstream import RawUpstream
+from tests.support.config import merge
+from tests.support.inprocess import running_proxy
+from tests.support.raw_upstream import RawUpstream
 from tests.test_route_escape import ROUTED
 
 EVIL = "https://evil.com"
@@ -29,18 +27,8 @@ async def proxy(tmp_path: Path, upstream_port: int, fast: bool, **override: Any)
         ROUTED,
         {"store": {"path": str(tmp_path / f"db-{fast}")}, "upstream": {"url": f"http://127.0.0.1:{upstream_port}"}},
     )
-    runner = ProxyRunner(
-        create_app(parse_config(merge(data, override), env={})),
-        fast_preflights=fast,
-        access_log=None,
-        handle_signals=False,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
+    async with running_proxy(merge(data, override), fast_preflights=fast) as port:
+        yield port
 
 
 async def _ask(port: int, request: str) -> tuple[int, dict[str, str], bytes]:

@@ -9,7 +9,8 @@ import pytest
 
 from corsproxy.config import ConfigError, parse_config
 from corsproxy.decision import Reason, StaticOriginSet
-from tests.conftest import BASE_CONFIG, ProxyFactory, merge
+from tests.support.config import BASE_CONFIG, merge
+from tests.support.inprocess import ProxyFactory
 
 ROUTES: list[dict[str, Any]] = [
     {"path": "/admin/", "allow_origins": ["https://admin.example.com"]},

@@ -9,7 +9,7 @@ import pytest
 from corsproxy.config import parse_config
 from corsproxy.decision import Mode, Reason, StaticOriginSet
 from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
-from tests.conftest import BASE_CONFIG, merge
+from tests.support.config import BASE_CONFIG, merge
 
 ROUTED: dict[str, Any] = merge(
     BASE_CONFIG,

@@ -84,13 +84,9 @@ def test_reconcile_takes_over_or_defers_and_leaves_unwanted_entries_alone(store:
         ["https://conf.example.com"],
         [("https://cli.example.com", "cli")],
     )
-    assert store.get("https://cli.example.com") == OriginRecord(
-        "other",
-        None,
-        "file",
-        store.get("https://cli.example.com").added,
-        "",  # type: ignore[union-attr]
-    )
+    taken = store.get("https://cli.example.com")
+    assert taken is not None
+    assert taken == OriginRecord("other", None, "file", taken.added, "")
     assert store.get("https://conf.example.com").source == "config"  # type: ignore[union-attr]
     # Unchanged: nothing written (no audit noise on every start).
     before = len(store.history())

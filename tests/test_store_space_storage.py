@@ -8,11 +8,9 @@ really full.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +25,8 @@ from corsproxy.store import (
     compact,
     removal_reserve,
 )
+from tests.support.config import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SMALL_MAP = 1 << 20  # store.map_size_mb: 1, the smallest the config accepts
 NOTE = "n" * 100
 
@@ -149,28 +147,6 @@ def test_compact_shrinks_the_file_and_keeps_every_entry(tmp_path: Path) -> None:
         store.put("https://after.example.com", OriginRecord(), "cli:test")
 
 
-@pytest.fixture
-def store_held_open(tmp_path: Path) -> Iterator[Path]:
-    """The store open in another process (as a serving worker holds it)."""
-    path = tmp_path / "db"
-    OriginStore(path).close()
-    code = (
-        "import sys, time; from corsproxy.store import OriginStore\n"
-        f"s = OriginStore({str(path)!r}); len(s); print('open', flush=True); time.sleep(60)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
-        yield path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 def test_compact_is_refused_while_another_process_has_the_store_open(store_held_open: Path) -> None:
     size = (store_held_open / "data.mdb").stat().st_size
     with pytest.raises(StoreError, match="open in another process"):
@@ -179,24 +155,6 @@ def test_compact_is_refused_while_another_process_has_the_store_open(store_held_
 
 
 # -- a really full filesystem -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 2 MiB tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=False, capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 _FILL_DISK = """
@@ -281,7 +239,7 @@ async def test_an_origins_file_the_store_cannot_hold_is_one_log_line_and_its_rev
 
     from corsproxy.config import parse_config
     from corsproxy.origins_file import OriginsFileWatcher
-    from tests.conftest import BASE_CONFIG
+    from tests.support.config import BASE_CONFIG
 
     safety = parse_config(BASE_CONFIG, env={}).safety
     listed = tmp_path / "origins.txt"

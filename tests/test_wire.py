@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
-from corsproxy.proxy import STATE
 from corsproxy.store import OriginRecord
-from tests.conftest import ProxyFactory
-from tests.upstream import RECEIVED
+from tests.support.inprocess import ProxyFactory, client_state
+from tests.support.upstream import RECEIVED
 
 ALLOWED = "https://app.example.com"
 REFUSED = "https://evil-example.com"
@@ -127,7 +127,7 @@ async def test_large_upload_streams_intact(make_proxy: ProxyFactory) -> None:
     block = bytes(range(256)) * 4096  # 1 MiB
     digest = hashlib.sha256()
 
-    async def body():  # type: ignore[no-untyped-def]
+    async def body() -> AsyncIterator[bytes]:
         for _ in range(48):
             digest.update(block)
             yield block
@@ -161,14 +161,14 @@ async def test_origin_added_to_the_store_is_honoured_on_the_next_request(make_pr
     client = await make_proxy()
     before = await client.options("/x", headers=_preflight("https://new.example.net"))
     assert before.status == 403
-    client.server.app[STATE].store.put("https://new.example.net", OriginRecord(), "test")
+    client_state(client).store.put("https://new.example.net", OriginRecord(), "test")
     after = await client.options("/x", headers=_preflight("https://new.example.net"))
     assert after.status == 204
 
 
 async def test_expired_origin_is_refused(make_proxy: ProxyFactory) -> None:
     client = await make_proxy()
-    client.server.app[STATE].store.put("https://gone.example.net", OriginRecord(expires=1.0), "test")
+    client_state(client).store.put("https://gone.example.net", OriginRecord(expires=1.0), "test")
     response = await client.options("/x", headers=_preflight("https://gone.example.net"))
     assert response.status == 403
 
@@ -253,7 +253,7 @@ async def test_ipv6_upstream(config_data: Any, aiohttp_client: Any) -> None:
 
     from corsproxy.config import parse_config
     from corsproxy.proxy import create_app
-    from tests.upstream import make_upstream_app
+    from tests.support.upstream import make_upstream_app
 
     server = Server(make_upstream_app(), host="::1")
     try:
@@ -274,7 +274,7 @@ async def test_ipv6_upstream(config_data: Any, aiohttp_client: Any) -> None:
 async def test_observers_see_every_request_with_its_true_size(make_proxy: ProxyFactory) -> None:
     client = await make_proxy()
     seen: list[Any] = []
-    client.server.app[STATE].observers.append(seen.append)
+    client_state(client).observers.append(seen.append)
     refused = await client.options("/x", headers=_preflight(REFUSED))
     body = await refused.read()
     await (await client.get("/cookies", headers={"Origin": ALLOWED})).read()

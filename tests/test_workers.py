@@ -15,18 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_workers_harness import (
-    Response,
-    Server,
-    ThreadedUpstream,
-    origin_path,
-    request,
-    upstream_thread,
-    wait_until,
-)
-
-__all__ = ["upstream_thread"]
+from tests.support.config import run_cli
+from tests.support.net import Response, request, wait_until
+from tests.support.serve import Server, origin_path
+from tests.support.upstream import ThreadedUpstream
 
 
 def _worker_pids(server: Server) -> set[int]:

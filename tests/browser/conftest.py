@@ -31,13 +31,13 @@ from tests.browser.chromium import async_playwright, launch_options, unavailable
 from tests.browser.servers import (
     Servers,
     bound_socket,
-    closed_port,
     make_browser_upstream_app,
     make_page_app,
     port_of,
     start_proxy,
 )
-from tests.upstream import RECEIVED
+from tests.support.net import free_port
+from tests.support.upstream import RECEIVED
 
 if TYPE_CHECKING:  # playwright may be missing locally: then the suite skips instead of failing to import
     from playwright.async_api import Browser, BrowserContext
@@ -108,7 +108,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         )
         dead_port, _ = await start_proxy(
             servers,
-            {**common, "upstream": {"url": f"http://127.0.0.1:{closed_port()}", "connect_timeout": 2}},
+            {**common, "upstream": {"url": f"http://127.0.0.1:{free_port()}", "connect_timeout": 2}},
             tmp / "dead-origins.lmdb",
         )
         yield World(

@@ -7,6 +7,7 @@ endpoints only a browser needs: one that sets a cookie, and one whose answer the
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ from aiohttp import web
 
 from corsproxy.config import parse_config
 from corsproxy.decision import Decision, Kind
-from corsproxy.proxy import STATE, Outcome, ProxyRunner, create_app
-from tests.upstream import RECEIVED, echo, status, upstream_cors
+from corsproxy.proxy import Outcome, create_app
+from tests.support.inprocess import RunningProxy, serve_proxy
+from tests.support.upstream import RECEIVED, echo, status, upstream_cors
 
 #: The cookie the upstream sets through the proxy. HttpOnly: the page's script can only learn it was *sent* from the
 #: upstream's echo, never by reading ``document.cookie``.
@@ -87,29 +89,27 @@ def port_of(sock: socket.socket) -> int:
     return port
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, read, released): the upstream of the proxy that must answer 502."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return port_of(sock)
-
-
 @dataclass
 class Servers:
     """Every runner of one browser-test module, and the ports the test cases build URLs from."""
 
     runners: list[web.AppRunner] = field(default_factory=list)
+    proxies: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
-    async def serve(self, app: web.Application, *socks: socket.socket, proxy: bool = False) -> web.AppRunner:
-        # The proxy is served as `corsproxy serve` serves it: ProxyRunner, so preflights take the fast path.
-        runner = ProxyRunner(app, handle_signals=False) if proxy else web.AppRunner(app, handle_signals=False)
+    async def serve(self, app: web.Application, *socks: socket.socket) -> web.AppRunner:
+        runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
         for sock in socks:
             await web.SockSite(runner, sock).start()
         return runner
 
+    async def serve_proxy(self, app: web.Application, sock: socket.socket) -> RunningProxy:
+        # The proxy is served as `corsproxy serve` serves it: ProxyRunner, so preflights take the fast path.
+        return await self.proxies.enter_async_context(serve_proxy(app, sock=sock))
+
     async def close(self) -> None:
+        await self.proxies.aclose()
         for runner in reversed(self.runners):
             await runner.cleanup()
         self.runners.clear()
@@ -134,9 +134,7 @@ class ProxyLog:
 async def start_proxy(servers: Servers, data: dict[str, Any], store: Path) -> tuple[int, ProxyLog]:
     """The real proxy (``parse_config`` + ``create_app``) on a loopback socket; returns its port and decision log."""
     config = parse_config({**data, "store": {"path": str(store)}}, env={})  # env={}: ignore the developer's CORSPROXY_*
-    app = create_app(config)
-    sock = bound_socket()
-    await servers.serve(app, sock, proxy=True)
+    proxy = await servers.serve_proxy(create_app(config), bound_socket())
     log = ProxyLog()
-    app[STATE].observers.append(log)
-    return port_of(sock), log
+    proxy.state.observers.append(log)
+    return proxy.port, log

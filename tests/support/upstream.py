@@ -1,14 +1,19 @@
 """A real upstream API for tests: an aiohttp app with endpoints that exercise the forwarder.
 
-Started on loopback by pytest-aiohttp's ``aiohttp_server``; nothing here is a mock, it is a small real server.
+Started on loopback by pytest-aiohttp's ``aiohttp_server`` (the ``upstream`` fixture), or on its own event loop on a
+thread (:class:`ThreadedUpstream`) for a proxy that runs in another process; nothing here is a mock, it is a small
+real server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 
 from aiohttp import web
+
+from tests.support.net import free_port
 
 RECEIVED = web.AppKey("received", list)
 
@@ -118,3 +123,38 @@ def make_upstream_app() -> web.Application:
     app.router.add_get("/drip", drip)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
+
+
+class ThreadedUpstream:
+    """:func:`make_upstream_app`, served by its own event loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._runner = web.AppRunner(make_upstream_app(), access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        self._loop.run_until_complete(start())
+        self._ready.set()
+        self._loop.run_forever()
+        assert self._runner is not None
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    def __enter__(self) -> ThreadedUpstream:
+        self._thread.start()
+        assert self._ready.wait(10), "upstream did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

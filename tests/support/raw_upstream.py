@@ -7,17 +7,10 @@ Real sockets on loopback, no HTTP library on this side: what the proxy sent is w
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from aiohttp import web
-
-from corsproxy.config import parse_config
-from corsproxy.proxy import ProxyRunner, create_app
-
-__all__ = ["OK", "RawConnection", "RawUpstream", "Received", "raw_exchange", "running_proxy"]
+__all__ = ["OK", "RawConnection", "RawUpstream", "Received"]
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -163,41 +156,3 @@ class RawUpstream:
             connection.closed.set()
             writer.close()
             self._tasks.discard(task)
-
-
-async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes to ``127.0.0.1:port`` and read until the peer closes (or ``timeout``): the client side of a
-    smuggling probe."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        chunks = bytearray()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (left := deadline - loop.time()) > 0:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), left)
-            except (TimeoutError, ConnectionError):
-                break
-            if not chunk:
-                break
-            chunks += chunk
-        return bytes(chunks)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-@contextlib.asynccontextmanager
-async def running_proxy(config: dict[str, Any]) -> AsyncIterator[int]:
-    """The real proxy, served by :class:`ProxyRunner` (header-read timeout included) on a loopback port."""
-    runner = ProxyRunner(create_app(parse_config(config, env={})), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield runner.addresses[0][1]
-    finally:
-        await runner.cleanup()
