@@ -13,6 +13,7 @@ state (the config snapshot and the open LMDB store) and reuses the one validatio
     GET    /explain?origin=&method=&headers=&path=
     GET    /audit?origin=&limit=
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
+    GET    /console/                          the operator console (:mod:`corsproxy.console`, its own sign-in)
 
 Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; an unexpected failure is a 500 with no stack
 trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work.
@@ -473,7 +474,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Application:
-    app = web.Application(middlewares=[_json_errors, _auth], client_max_size=max_body)
+    from corsproxy import console  # imports this module: loaded here, not at the top
+
+    # console_gate takes /console/ (authenticated by its own session and CSRF token) before _auth sees it.
+    app = web.Application(middlewares=[_json_errors, console.console_gate, _auth], client_max_size=max_body)
     app[ADMIN] = ctx
     r = app.router
     r.add_get("/origins", list_origins)
@@ -487,4 +491,5 @@ def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Applica
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
     r.add_post("/reload", reload)
+    console.mount_console(app)  # the operator console at /console/
     return app
