@@ -105,7 +105,10 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_sign_out_ends_it(console_ser
         assert answer.status == 200, answer.body
         assert answer.json()["csrf"] == console.csrf
     assert console.call("DELETE", "api/session").status == 200
-    assert console.call("GET", "api/session").status == 401
+    assert console.call("GET", "api/session").json() == {
+        "signed_in": False,
+        "reason": "the session has ended (expired or signed out): sign in again",
+    }
     assert console.call("GET", "api/overview").status == 401
 
 
@@ -157,7 +160,8 @@ def test_a_session_is_bound_to_the_host_it_was_issued_for(console_server: Server
     assert console.sign_in().status == 201
     rebound = Console(console_server, host=f"localhost:{console_server.admin_port}")
     rebound.cookie, rebound.csrf = console.cookie, console.csrf
-    assert rebound.call("GET", "api/session").status == 401
+    assert rebound.call("GET", "api/refusals").status == 401
+    assert rebound.call("GET", "api/session").json()["signed_in"] is False
 
 
 def test_the_session_cookie_opens_nothing_on_the_admin_api(console_server: Server) -> None:

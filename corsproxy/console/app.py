@@ -179,8 +179,11 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         raise _refuse("console writes come from the console's page, which sends Origin; use the admin API from tools")
     if not ctx.tokens and not admin._loopback_host(request.host):
         raise _refuse(f"Host {request.host!r} is not a loopback name; without a token only loopback is served")
+    # GET session answers "signed out" itself (the page asks it on load; a 401 would be a console error each time).
     public = (
-        navigation or path.startswith(PREFIX + "static/") or (path == _API + "session" and request.method == "POST")
+        navigation
+        or path.startswith(PREFIX + "static/")
+        or (path == _API + "session" and request.method in ("GET", "HEAD", "POST"))
     )
     if not public:
         session = await _session(request)
@@ -248,6 +251,7 @@ async def static(request: web.Request) -> web.Response:
 
 def _session_json(session: dict[str, Any]) -> dict[str, Any]:
     return {
+        "signed_in": True,
         "actor": f"admin:{session['name']}",
         "csrf": session["csrf"],
         "expires": session["expires"],
@@ -298,7 +302,13 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(_session_json(request[_SESSION]))
+    try:
+        session = await _session(request)
+    except admin.AdminError as exc:
+        if exc.status != 401:
+            raise
+        return web.json_response({"signed_in": False, "reason": exc.reason})
+    return web.json_response(_session_json(session))
 
 
 async def sign_out(request: web.Request) -> web.Response:

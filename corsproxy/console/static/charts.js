@@ -66,15 +66,15 @@ export function lineChart({ id, title, series, start, step, unit }) {
     svg.append(el("text", { class: "empty", x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data in this window yet"));
   }
   names.forEach((name, index) => {
+    const values = series[name];
     let d = "";
-    let pen = false;
-    series[name].forEach((v, i) => {
-      if (v === null) {
-        pen = false;
-        return;
-      }
-      d += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
-      pen = true;
+    values.forEach((v, i) => {
+      if (v === null) return;
+      const joined = i > 0 && values[i - 1] !== null;
+      d += `${joined ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+      // A value with no neighbour would be a zero-length line: mark it with a dot so it can be seen.
+      const alone = !joined && (i + 1 >= values.length || values[i + 1] === null);
+      if (alone) svg.append(el("circle", { class: `dot s${index % 8}`, cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 3 }));
     });
     if (d) svg.append(el("path", { class: `line s${index % 8}`, d, "data-series": name }));
   });

@@ -466,6 +466,7 @@ async function origins(params, gen) {
     if (button.dataset.armed !== "yes") {
       button.dataset.armed = "yes";
       button.textContent = "Confirm removal";
+      button.setAttribute("aria-label", "Confirm removal of " + entry.origin);
       return;
     }
     const { ok, data } = await api("DELETE", "origins/" + encodeURIComponent(entry.origin));
@@ -697,7 +698,7 @@ async function start() {
   document.getElementById("sign-out").addEventListener("click", () => signOut().catch(() => {}));
   window.addEventListener("hashchange", route);
   const { ok, data } = await api("GET", "session");
-  if (ok) signedIn(data);
+  if (ok && data.signed_in) signedIn(data);
   else signedOut("");
 }
 
