@@ -45,7 +45,7 @@ UNAUTHORIZED = "error: Failed to load resource: the server responded with a stat
 class ConsoleWorld:
     server: Server
     app_origin: str  # a page origin the proxy refuses until the console allows it
-    evil_origin: str  # another site, hostile to the operator
+    evil_port: int  # pages hostile to the operator: http://127.0.0.1:PORT (same site) and http://evil.localhost:PORT
     tmp: Path
     config_path: Path
 
@@ -89,7 +89,7 @@ async def world(
         yield ConsoleWorld(
             server=server,
             app_origin=f"http://127.0.0.1:{port_of(page)}",
-            evil_origin=f"http://evil.localhost:{port_of(evil)}",
+            evil_port=port_of(evil),
             tmp=tmp,
             config_path=server.config_path,
         )
@@ -160,7 +160,8 @@ async def shoot(page: Page, tmp_path: Path, name: str, width: int = 1280) -> Non
     await page.set_viewport_size({"width": width, "height": 900})
     await page.wait_for_timeout(100)  # a layout pass after the resize
     path = tmp_path / f"{name}-{width}.png"
-    await page.screenshot(path=str(path), full_page=True)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=str(path), full_page=width > 600)  # a phone: the first screenful
     print(f"screenshot: {path}")
 
 
@@ -299,6 +300,7 @@ async def test_a_refused_origin_appears_and_allow_lets_its_next_preflight_throug
     await shoot(page, tmp_path, "allow-review")
     await page.get_by_role("button", name="Commit").click()
     await result.get_by_text(f"Added {world.app_origin}").wait_for()
+    assert "null" not in await result.inner_text()
 
     seen = await page_fetch(app, world.proxy + "/api/things", init)
     assert seen.readable and seen.status == 200, seen
@@ -520,6 +522,7 @@ async def test_audit_shows_what_the_cli_shows_filtered_by_origin_and_actor(
     expected = [[e["time"], e["action"], e["origin"], e["actor"]] for e in reversed(cli)]  # newest first
     assert [cells[:4] for cells in shown] == expected
     assert "note: 1d → 2d" in shown[0][4]
+    assert "null" not in await page.locator("#audit-result").inner_text()
     await shoot(page, tmp_path, "audit")
     await shoot(page, tmp_path, "audit", 390)
 
@@ -535,15 +538,18 @@ async def test_audit_shows_what_the_cli_shows_filtered_by_origin_and_actor(
 # -- another site -------------------------------------------------------------------------------------------------
 
 
+# Another port of 127.0.0.1 is the same *site* as the console (ports do not make sites): SameSite=Strict does not
+# keep the session cookie from its requests, so only the Origin, Sec-Fetch-Site and CSRF checks stand in its way.
+@pytest.mark.parametrize("host", ["127.0.0.1", "evil.localhost"], ids=["same-site", "cross-site"])
 async def test_a_page_on_another_origin_can_neither_write_nor_read(
-    context: tuple[BrowserContext, Watch], world: ConsoleWorld
+    context: tuple[BrowserContext, Watch], world: ConsoleWorld, host: str
 ) -> None:
     ctx, watch = context
     console = await signed_in_page(ctx, watch, world)  # the operator is signed in, in the same browser
     await console.get_by_role("heading", name="Overview", level=1).wait_for()
     before = await asyncio.to_thread(world.server.admin, "GET", "/audit?limit=1000")
     evil = await ctx.new_page()
-    await evil.goto(world.evil_origin + "/")
+    await evil.goto(f"http://{host}:{world.evil_port}/")
     target = world.console + "api/origins/" + quote("https://attacker.example.net", safe="")
     attempts = {
         "cors-put": (target, {"method": "PUT", "credentials": "include", "body": "{}"}),
@@ -563,13 +569,15 @@ async def test_a_page_on_another_origin_can_neither_write_nor_read(
         # Nothing readable: a CORS error, or for no-cors requests an error too (Cross-Origin-Resource-Policy:
         # same-origin blocks even the opaque answer); that the server refused them is checked below.
         assert seen.blocked_by_cors, (name, seen)
-    # A form post, the classic CSRF: a top-level navigation with the Strict cookie withheld and the Origin checked.
+    # A form post, the classic CSRF: a top-level navigation (with the cookie, from the same site) and its Origin.
     await evil.set_content(
         f'<form method="post" action="{world.console}api/reload"><button>go</button></form>', wait_until="load"
     )
-    async with evil.expect_navigation():
+    async with evil.expect_request(lambda r: r.url.endswith("/api/reload")) as posted, evil.expect_navigation():
         await evil.get_by_role("button", name="go").click()
     assert "forbidden" in (await evil.content())
+    sent_cookie = "corsproxy_console=" in (await (await posted.value).all_headers()).get("cookie", "")
+    assert sent_cookie == (host == "127.0.0.1")  # same site: the browser did send the session
     after = await asyncio.to_thread(world.server.admin, "GET", "/audit?limit=1000")
     assert after.json() == before.json()
     assert not any("reload of" in line.get("message", "") for line in world.server.logs())

@@ -61,7 +61,7 @@ export function lineChart({ id, title, series, start, step, unit }) {
   svg.append(el("text", { class: "tick", x: PAD.left - 6, y: PAD.top + 4, "text-anchor": "end" }, formatNumber(top, "")));
   svg.append(el("text", { class: "tick", x: PAD.left - 6, y: PAD.top + plotH, "text-anchor": "end" }, "0"));
   svg.append(el("text", { class: "tick", x: PAD.left, y: H - 6 }, clock(start)));
-  svg.append(el("text", { class: "tick", x: W - PAD.right, y: H - 6, "text-anchor": "end" }, clock(start + points * step)));
+  svg.append(el("text", { class: "tick", x: W - PAD.right, y: H - 6, "text-anchor": "end" }, clock(start + points * step) + " UTC"));
   if (!names.length) {
     svg.append(el("text", { class: "empty", x: W / 2, y: H / 2, "text-anchor": "middle" }, "no data in this window yet"));
   }

@@ -56,11 +56,28 @@ function messageBox(id) {
   return h("div", { id, class: "message", role: "status" });
 }
 
-function show(box, ok, title, lines = []) {
-  box.replaceChildren(
-    h("p", { class: ok ? "ok" : "error" }, title),
-    lines.length ? h("ul", {}, lines.map((line) => h("li", {}, line))) : null,
+// A table whose cells carry their column's name, so that a narrow screen can show each row as a small card.
+function table(attrs, columns, rows) {
+  const body = h("tbody", {}, rows);
+  for (const row of body.rows) {
+    [...row.cells].forEach((cell, index) => cell.setAttribute("data-label", columns[index] || ""));
+  }
+  return h(
+    "table",
+    { ...attrs, class: "stack" },
+    h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
+    body,
   );
+}
+
+// replaceChildren() would turn a null into the text "null": leave the empty ones out.
+function fill(node, ...children) {
+  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
+
+function show(box, ok, title, lines = []) {
+  fill(box, h("p", { class: ok ? "ok" : "error" }, title));
+  if (lines.length) box.append(h("ul", {}, lines.map((line) => h("li", {}, line))));
   box.setAttribute("role", ok ? "status" : "alert");
 }
 
@@ -121,7 +138,7 @@ function signedOut(reason = "") {
   document.getElementById("nav").hidden = true;
   document.getElementById("who").hidden = true;
   document.getElementById("sign-out").hidden = true;
-  view().replaceChildren();
+  fill(view());
   document.getElementById("sign-in").hidden = false;
   document.getElementById("sign-in-error").textContent = reason;
   document.getElementById("token").focus();
@@ -171,7 +188,7 @@ function route() {
     else link.removeAttribute("aria-current");
   }
   const screen = { overview, refusals, origins, explain, audit, configuration }[name];
-  view().replaceChildren();
+  fill(view());
   screen(params, generation).catch((error) => {
     if (!(error instanceof SignedOut)) view().append(h("p", { class: "error", role: "alert" }, String(error)));
   });
@@ -229,7 +246,7 @@ async function overview(params, gen) {
     const reloads = data.reloads || {};
     const file = data.origins_file || {};
     const warnings = data.config.warnings || [];
-    status.replaceChildren(
+    fill(status,
       h("section", { class: "card", id: "card-store" }, h("h2", {}, "Origin store"), h("p", { class: "big" }, data.store.entries.toLocaleString("en")), h("p", { class: "muted" }, "entries in " + data.store.path)),
       h(
         "section",
@@ -264,7 +281,7 @@ async function overview(params, gen) {
     const { data } = await api("GET", "series" + query({ window: span }));
     if (gen !== generation) return;
     const common = { start: data.start, step: data.step };
-    charts.replaceChildren(
+    fill(charts,
       lineChart({ id: "chart-requests", title: "Requests per second, by kind and decision", series: data.requests, unit: "/s", ...common }),
       lineChart({ id: "chart-refusals", title: "Refusals per second, by reason", series: data.refusals, unit: "/s", ...common }),
       lineChart({ id: "chart-status", title: "Upstream responses per second, by status class", series: data.status, unit: "/s", ...common }),
@@ -297,10 +314,10 @@ async function refusals(params, gen) {
     if (key === shown) return; // unchanged: keep the DOM (and the keyboard focus) as it is
     shown = key;
     if (!data.groups.length) {
-      list.replaceChildren(h("p", { class: "muted", id: "no-refusals" }, "No refused requests recorded yet."));
+      fill(list, h("p", { class: "muted", id: "no-refusals" }, "No refused requests recorded yet."));
       return;
     }
-    list.replaceChildren(
+    fill(list,
       ...data.groups.map((group) =>
         h(
           "section",
@@ -317,14 +334,10 @@ async function refusals(params, gen) {
           h(
             "div",
             { class: "table-wrap" },
-            h(
-              "table",
+            table(
               {},
-              h("thead", {}, h("tr", {}, ["Time", "Kind", "Method", "Path", "Reason", "Count", ""].map((c) => h("th", { scope: "col" }, c)))),
-              h(
-                "tbody",
-                {},
-                group.requests.map((r) =>
+              ["Time", "Kind", "Method", "Path", "Reason", "Count", ""],
+              group.requests.map((r) =>
                   h(
                     "tr",
                     {},
@@ -354,7 +367,6 @@ async function refusals(params, gen) {
                     ),
                   ),
                 ),
-              ),
             ),
           ),
         ),
@@ -377,7 +389,7 @@ async function origins(params, gen) {
     field("Search (the start of an origin; the scheme may be left out)", search),
     h("button", { type: "submit" }, "Search"),
   );
-  const table = h("div", { id: "origin-table", class: "table-wrap" });
+  const tableBox = h("div", { id: "origin-table", class: "table-wrap" });
   const pager = h("div", { class: "row pager" });
   const timing = h("p", { class: "muted", id: "page-timing" });
 
@@ -399,7 +411,7 @@ async function origins(params, gen) {
     h("div", { class: "row" }, checkButton, commitButton),
     result,
   );
-  view().append(searchForm, timing, table, pager, addForm);
+  view().append(addForm, searchForm, timing, tableBox, pager);
   focusHeading();
 
   let checked = null; // the body that passed Check; Commit sends exactly it
@@ -458,7 +470,7 @@ async function origins(params, gen) {
     fNote.value = entry.note || "";
     checked = null;
     commitButton.disabled = true;
-    result.replaceChildren();
+    fill(result);
     fOrigin.focus();
   }
 
@@ -505,18 +517,13 @@ async function origins(params, gen) {
         ),
       ),
     );
-    table.replaceChildren(
+    fill(tableBox,
       rows.length
-        ? h(
-            "table",
-            { id: "origins-table" },
-            h("thead", {}, h("tr", {}, ["Origin", "Policy", "Expires", "Source", "Note", ""].map((c) => h("th", { scope: "col" }, c)))),
-            h("tbody", {}, rows),
-          )
+        ? table({ id: "origins-table" }, ["Origin", "Policy", "Expires", "Source", "Note", ""], rows)
         : h("p", { class: "muted" }, search.value.trim() ? "No entry starts with that." : "The store is empty."),
     );
     const page = cursors.length;
-    pager.replaceChildren(
+    fill(pager,
       h("button", { type: "button", class: "secondary", id: "page-prev", disabled: page <= 1, onclick: () => { cursors.pop(); load(cursors[cursors.length - 1]); } }, "Previous"),
       h("span", { id: "page-number" }, `page ${page}`),
       h("button", { type: "button", class: "secondary", id: "page-next", disabled: !data.next, onclick: () => { cursors.push(data.next); load(data.next); } }, "Next"),
@@ -532,7 +539,6 @@ async function origins(params, gen) {
   const add = params.get("add");
   if (add) {
     fOrigin.value = add;
-    addForm.scrollIntoView();
     fOrigin.focus();
     await check();
   }
@@ -574,11 +580,11 @@ async function explain(params, gen) {
     );
     if (gen !== generation) return;
     if (!ok) {
-      out.replaceChildren(h("p", { class: "error", role: "alert" }, problem(data)));
+      fill(out, h("p", { class: "error", role: "alert" }, problem(data)));
       return;
     }
     const row = (name, value, id) => [h("dt", {}, name), h("dd", { id }, value)];
-    out.replaceChildren(
+    fill(out,
       h(
         "section",
         { class: "card" },
@@ -628,17 +634,16 @@ async function audit(params, gen) {
     const { ok, data } = await api("GET", "audit" + query({ origin: origin.value.trim(), actor: actor.value.trim(), limit: 200 }));
     if (gen !== generation) return;
     if (!ok) {
-      out.replaceChildren(h("p", { class: "error", role: "alert" }, problem(data)));
+      fill(out, h("p", { class: "error", role: "alert" }, problem(data)));
       return;
     }
     const events = data.events.slice().reverse(); // newest first
-    out.replaceChildren(
+    fill(out,
       events.length
-        ? h(
-            "table",
+        ? table(
             { id: "audit-table" },
-            h("thead", {}, h("tr", {}, ["Time", "Action", "Origin", "Actor", "Change"].map((c) => h("th", { scope: "col" }, c)))),
-            h("tbody", {}, events.map((e) => h("tr", {}, h("td", {}, e.time), h("td", {}, e.action), h("td", { class: "origin" }, e.origin), h("td", {}, e.actor), h("td", {}, change(e))))),
+            ["Time", "Action", "Origin", "Actor", "Change"],
+            events.map((e) => h("tr", {}, h("td", {}, e.time), h("td", {}, e.action), h("td", { class: "origin" }, e.origin), h("td", {}, e.actor), h("td", {}, change(e)))),
           )
         : h("p", { class: "muted" }, "No audit events match."),
       data.scanned ? h("p", { class: "muted" }, `The actor filter searched the newest ${data.scanned} events.`) : null,
