@@ -146,3 +146,16 @@ def test_the_recorder_flushes_on_its_own_and_once_more_when_stopped(tmp_path: Pa
         return count
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_hostile_long_requests_still_fit_an_lmdb_key(tmp_path: Path) -> None:
+    db = ConsoleDB.shared(tmp_path / "console")
+    try:
+        recorder = ConsoleRecorder(db)
+        origin = "https://" + "a" * 250 + ".example.net"
+        recorder.observe(outcome(Reason.ORIGIN_NOT_ALLOWED, origin, path="/" + "é" * 5000))
+        recorder.flush()
+        (row,) = db.refusals()  # written, not lost to a "key too long" error
+        assert row.origin == origin and row.path.startswith("/éé") and row.count == 1
+    finally:
+        db.release()

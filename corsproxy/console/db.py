@@ -69,8 +69,19 @@ class Refusal:
         }
 
 
+#: LMDB's largest key (its default build); a longer one would fail the whole write.
+_MAX_KEY = 511
+
+
 def _refusal_key(key: RefusalKey) -> bytes:
-    return "\0".join(key).encode("utf-8", "replace")
+    origin, kind, method, path, reason, headers = key
+    parts = [origin[:300], kind, method[:32], path, reason, headers[:100]]
+    raw = "\0".join(parts).encode("utf-8", "replace")
+    while len(raw) > _MAX_KEY and parts[3]:  # the path gives way (only hostile paths are this long)
+        excess = len(raw) - _MAX_KEY  # bytes; a character is 1 to 4 of them, so cut no more than needed
+        parts[3] = parts[3][: len(parts[3]) - max(1, excess // 4)]
+        raw = "\0".join(parts).encode("utf-8", "replace")
+    return raw[:_MAX_KEY]
 
 
 def merge_bucket(into: dict[str, Any], add: Mapping[str, Any]) -> None:

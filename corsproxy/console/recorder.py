@@ -34,6 +34,8 @@ FLUSH_INTERVAL = 0.5
 #: Distinct refused (origin, method, path, reason) rows one worker buffers between flushes; more are only counted.
 MAX_PENDING = 1000
 _SESSION_PURGE_EVERY = 60.0
+#: Characters of a refused request's path the console keeps (the shared list is keyed by it; LMDB keys are short).
+_MAX_PATH = 200
 _ALLOWED, _NO_ORIGIN, _SAME_ORIGIN = Reason.ALLOWED, Reason.NO_ORIGIN, Reason.SAME_ORIGIN
 
 
@@ -46,6 +48,9 @@ class ConsoleRecorder:
         self._refusals: dict[RefusalKey, list[float]] = {}
         self._buckets: dict[int, dict[str, Any]] = {}
         self._warned = False
+        #: The clock refusals are stamped with, advanced by :meth:`run` each interval (one ``time.time()`` per
+        #: interval instead of one per refused request; the Refusals screen shows seconds).
+        self.now = time.time()
 
     def observe(self, outcome: Outcome) -> None:
         decision = outcome.decision
@@ -53,11 +58,21 @@ class ConsoleRecorder:
         if reason is _ALLOWED or reason is _NO_ORIGIN or reason is _SAME_ORIGIN:
             return
         # The query string may carry secrets (API keys in URLs): the console keeps the path only.
-        path = outcome.path.split("?", 1)[0][:512]
-        method = (decision.request_method or outcome.method)[:32]
-        headers = ",".join(decision.request_headers)[:256]
-        key = (decision.origin or "", decision.kind.value, method, path, reason.value, headers)
-        now = time.time()
+        path = outcome.path
+        if "?" in path:
+            path = path.partition("?")[0]
+        if len(path) > _MAX_PATH:
+            path = path[:_MAX_PATH]
+        headers = decision.request_headers
+        key = (
+            decision.origin or "",
+            decision.kind.value,
+            decision.request_method or outcome.method,
+            path,
+            reason.value,
+            ",".join(headers) if headers else "",
+        )
+        now = self.now
         row = self._refusals.get(key)
         if row is not None:
             row[0] += 1
@@ -115,6 +130,7 @@ class ConsoleRecorder:
         try:
             while True:
                 await asyncio.sleep(FLUSH_INTERVAL)
+                self.now = time.time()
                 refusals, self._refusals = self._refusals, {}
                 buckets, self._buckets = self._buckets, {}
                 if refusals or buckets:
