@@ -189,7 +189,8 @@ async def test_sign_in_wrong_token_and_sign_out(
     assert not await ctx.cookies()
     await shoot(page, tmp_path, "sign-in-refused")
 
-    await sign_in(page)
+    await token.fill(TOKEN)
+    await token.press("Enter")  # the keyboard alone signs in
     nav = page.get_by_role("navigation", name="Console sections")
     await nav.wait_for()
     entries = await nav.get_by_role("link").all_inner_texts()
@@ -627,6 +628,13 @@ async def test_configuration_is_redacted_checked_and_reloaded_and_the_session_su
     await page.locator("#config-result .ok").get_by_text("is valid").wait_for()
     await shoot(page, tmp_path, "configuration")
     await shoot(page, tmp_path, "configuration", 390)
+    before_reload = "https://before-reload.example.net"
+    await asyncio.to_thread(world.server.proxy, "GET", "/", {"Origin": before_reload})
+    await page.get_by_role("link", name="Refusals").click()
+    await page.locator(f'section.refusal-group[data-origin="{before_reload}"]').wait_for()
+    await page.get_by_role("link", name="Configuration").click()
+    await page.get_by_role("button", name="Check the file").click()
+    await page.locator("#config-result .ok").get_by_text("is valid").wait_for()
     booted = len(world.server.booted_pids())
     await reload_button.click()
     await page.locator("#config-result .ok").get_by_text("Reloading").wait_for()
@@ -636,7 +644,8 @@ async def test_configuration_is_redacted_checked_and_reloaded_and_the_session_su
     # The session lives in the shared console environment: the new workers know it.
     await page.reload()
     await page.get_by_role("navigation", name="Console sections").wait_for()
-    refused_listed = page.get_by_role("link", name="Refusals")
-    await refused_listed.click()
-    await page.locator(f'section.refusal-group[data-origin="{world.app_origin}"]').wait_for()
+    await page.get_by_role("link", name="Refusals").click()
+    await page.locator(f'section.refusal-group[data-origin="{before_reload}"]').wait_for()  # kept too
+    await page.get_by_role("link", name="Overview").click()
+    await page.locator("#card-config").get_by_text("reloads: 1 applied, 0 refused").wait_for()
     assert watch.errors == []
