@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from corsproxy import admin
 from corsproxy.config import Config, ConfigError, load_config
@@ -325,6 +324,9 @@ async def sign_out(request: web.Request) -> web.Response:
 
 def _counter_totals(text: str) -> dict[str, dict[str, float]]:
     """``metric name -> {label value -> total}`` for the rare-event counters the overview shows."""
+    # Imported here: prometheus-client must not be loaded before serve sets its multiprocess directory.
+    from prometheus_client.parser import text_string_to_metric_families
+
     wanted = {"corsproxy_reloads": "result", "corsproxy_origins_file_syncs": "result"}
     out: dict[str, dict[str, float]] = {name: {} for name in wanted}
     for family in text_string_to_metric_families(text):
@@ -747,4 +749,7 @@ def mount_console(app: web.Application) -> None:
         ("POST", _API + "reload", reload),
     ]
     for method, path, handler in routes:
-        app.router.add_route(method, path, handler)
+        if method == "GET":
+            app.router.add_get(path, handler)  # and HEAD
+        else:
+            app.router.add_route(method, path, handler)

@@ -558,7 +558,7 @@ async function explain(params, gen) {
   const form = h(
     "form",
     { class: "card", id: "explain-form" },
-    h("p", { class: "muted" }, "The server's own decision engine on the running configuration and store, as `corsproxy explain` runs it."),
+    h("p", { class: "muted" }, "The server's own decision engine on the running configuration and store, as ", h("code", {}, "corsproxy explain"), " runs it."),
     h(
       "div",
       { class: "grid" },
