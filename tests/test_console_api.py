@@ -25,8 +25,6 @@ from tests.test_workers_harness import (
 
 __all__ = ["upstream_thread"]  # a fixture, imported for pytest
 
-pytestmark = pytest.mark.filterwarnings("error")
-
 
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory: pytest.TempPathFactory, upstream_thread: ThreadedUpstream) -> Any:

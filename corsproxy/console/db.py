@@ -207,10 +207,6 @@ class ConsoleDB:
         out.sort(key=lambda r: r.last, reverse=True)
         return out[:limit]
 
-    def clear_refusals(self) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.drop(self._refusals, delete=False)
-
     # -- chart series -------------------------------------------------------------------------------------------
 
     def add_series(self, buckets: Mapping[int, Mapping[str, Any]], now: float) -> None:
