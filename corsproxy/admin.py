@@ -13,6 +13,7 @@ state (the config snapshot and the open LMDB store); every write goes through th
     GET    /explain?origin=&method=&headers=&path=
     GET    /audit?origin=&limit=
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
+    GET    /console/                          the operator console (:mod:`corsproxy.console`, its own sign-in)
 
 Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; a write the store has no room for is a 507
 naming the setting to change, a store that cannot be written a 503; an unexpected failure is a 500 with no stack
@@ -604,7 +605,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Application:
-    app = web.Application(middlewares=[_json_errors, _auth], client_max_size=max_body)
+    from corsproxy import console  # imports this module: loaded here, not at the top
+
+    # console_gate takes /console/ (authenticated by its own session and CSRF token) before _auth sees it.
+    app = web.Application(middlewares=[_json_errors, console.console_gate, _auth], client_max_size=max_body)
     app[ADMIN] = ctx
     r = app.router
     r.add_get("/origins", list_origins)
@@ -618,4 +622,5 @@ def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Applica
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
     r.add_post("/reload", reload)
+    console.mount_console(app)  # the operator console at /console/
     return app

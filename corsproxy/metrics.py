@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -154,6 +155,10 @@ class Metrics:
         self._upstream_errors: dict[str, int] = {}
         self._durations: dict[Any, list[float]] = {}
         self._upstream_latencies: list[float] = _empty_histogram()
+        #: Sees each batch just before it is folded in (the console's charts): requests, status classes, request
+        #: durations by kind, upstream latencies. It must copy what it keeps; it runs on the flushing thread.
+        self.on_flush: Callable[[dict[Any, int], dict[int, int], dict[Any, list[float]], list[float]], None] | None
+        self.on_flush = None
 
     def observe(self, outcome: Outcome) -> None:
         decision = outcome.decision
@@ -184,6 +189,8 @@ class Metrics:
     def flush(self) -> None:
         """Fold what :meth:`observe` counted since the last call into the prometheus-client objects (a scrape reads
         those). Cheap when nothing happened; call it on the thread that calls :meth:`observe`."""
+        if self.on_flush is not None:
+            self.on_flush(self._requests, self._status_classes, self._durations, self._upstream_latencies)
         if self._requests:
             requests, self._requests = self._requests, {}
             for (kind, reason), count in requests.items():

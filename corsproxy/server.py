@@ -397,7 +397,11 @@ async def _worker_runtime(
         os.kill(application.arbiter_pid, signal.SIGHUP)  # the arbiter validates again and restarts workers on it
 
     admin_runner: web.AppRunner | None = None
+    stop_console: Callable[[], Awaitable[None]] | None = None
     if application.admin_socket is not None:
+        from corsproxy.console import start_recorder
+
+        stop_console = start_recorder(state, metrics)  # refusals and chart counts for the console at /console/
         ctx = AdminContext(
             proxy=app,
             tokens=load_tokens(config.admin),
@@ -440,6 +444,8 @@ async def _worker_runtime(
         with contextlib.suppress(asyncio.CancelledError):
             await flusher
         metrics.flush()  # the proxy has drained (cleanup runs after aiohttp's shutdown): nothing counted is lost
+        if stop_console is not None:
+            await stop_console()  # after the last metrics flush, which hands the console its last counts
         aiohttp_server_log.removeFilter(store_errors)
         if watcher_task is not None:
             watcher_task.cancel()
