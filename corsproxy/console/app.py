@@ -44,6 +44,7 @@ from corsproxy.config import Config, ConfigError, load_config
 from corsproxy.console.db import SERIES_STEP, ConsoleDB, console_db_path
 from corsproxy.decision import Reason
 from corsproxy.origin_lines import parse_entry
+from corsproxy.origin_writes import DECLARED_SOURCES, Declarations, DeclaredElsewhere
 from corsproxy.origins_file import applied as origins_file_applied
 from corsproxy.store import OriginRecord, OriginStore
 
@@ -542,11 +543,20 @@ async def check_origin(request: web.Request) -> web.Response:
     try:
         options = admin._validate_put(body, config)
         try:
-            entry, warnings = parse_entry(origin.strip(), config.safety, **options)
+            entry, warnings = parse_entry(
+                origin.strip(),
+                config.safety,
+                policy=options["policy"],
+                expires=options["expires"],
+                ttl=options["ttl"],
+                note=options["note"] or "",
+            )
         except ValueError as exc:
             raise admin.AdminError(400, "invalid origin entry", str(exc), field="origin") from None
         current = state.store.get(entry.key)
-        admin._conflict(entry.key, current, "change")
+        if current is not None and current.source in DECLARED_SOURCES:
+            where = Declarations.of(config).where(current.source)
+            raise admin._conflict(DeclaredElsewhere(entry.key, current.source, where))
     except admin.AdminError as exc:
         return web.json_response({"ok": False, "field": exc.field, "error": exc.error, "reason": exc.reason})
     return web.json_response(
