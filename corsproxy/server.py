@@ -277,6 +277,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         self._serving = False  # some worker has reported ready
         self._failed_boots = 0
         self._respawn_not_before = 0.0
+        self._retiring: set[int] = set()  # told to drain by a reload: neither counted nor signalled again
 
     # -- workers ----------------------------------------------------------------------------------------------------
 
@@ -329,9 +330,19 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
     def manage_workers(self) -> None:
         if self._failed_boots and any(self._ready(pid) for pid in self.WORKERS):
             self._failed_boots = 0
-        if len(self.WORKERS) < self.num_workers and time.monotonic() < self._respawn_not_before:
+        if len(self.WORKERS) - len(self._retiring & self.WORKERS.keys()) < self.num_workers and (
+            time.monotonic() < self._respawn_not_before
+        ):
             return  # a worker just failed to boot: do not fork a crash loop
-        super().manage_workers()
+        # Workers a reload told to drain stay out of gunicorn's count: it would otherwise send them a second SIGTERM
+        # (asyncio then writes to its closed wakeup fd: "Exception ignored ... [Errno 9]") and not replace a new
+        # worker that died while they drain.
+        retiring = {pid: self.WORKERS.pop(pid) for pid in list(self._retiring) if pid in self.WORKERS}
+        self._retiring = set(retiring)
+        try:
+            super().manage_workers()
+        finally:
+            self.WORKERS.update(retiring)
         if not self._serving:
             any(self._ready(pid) for pid in self.WORKERS)
 
@@ -357,7 +368,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         except OSError as exc:
             self._refuse(path, f"admin listener {_bind_address(config.admin.host, config.admin.port or 0)}: {exc}")
             return
-        old_pids = list(self.WORKERS)
+        old_pids = [pid for pid in self.WORKERS if pid not in self._retiring]
         old_listeners = list(self.LISTENERS)
         old_address = self.cfg.address
         listeners_changed = False
@@ -381,6 +392,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         if problem is not None:
             for pid in new_pids:
                 self.kill_worker(pid, signal.SIGTERM)  # they drain like any worker: nothing they took is lost
+            self._retiring.update(new_pids)
             if listeners_changed:
                 for listener in self.LISTENERS:
                     listener.close()
@@ -396,6 +408,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         app.commit_config()
         for pid in old_pids:
             self.kill_worker(pid, signal.SIGTERM)  # they stop accepting and finish their requests
+        self._retiring.update(old_pids)
         self._await_stopped_accepting(old_pids, time.monotonic() + 10.0)
         self.log.info(
             "reloaded %s: %d new worker(s) serve it; the old ones finish their requests and exit", path, len(new_pids)
