@@ -675,11 +675,6 @@ async def _worker_runtime(
     loop = asyncio.get_running_loop()
     flusher = asyncio.create_task(_flush_metrics(metrics))
 
-    async def stopped_accepting(_app: web.Application) -> None:
-        # on_shutdown runs once this worker's sites are closed: the arbiter waits for it before it reports a reload.
-        await asyncio.to_thread(_write_boot_status, application.runtime_dir, os.getpid(), "draining")
-
-    app.on_shutdown.append(stopped_accepting)
     store_errors = _StoreErrorCounter(metrics)
     aiohttp_server_log = logging.getLogger("aiohttp.server")
     aiohttp_server_log.addFilter(store_errors)
@@ -709,14 +704,25 @@ async def _worker_runtime(
             on_reload_refused=lambda: metrics.reloads.labels("refused").inc(),
         )
 
-        async def draining(_app: web.Application) -> None:
-            ctx.draining = True  # /readyz says 503 while this worker finishes its requests
-
-        app.on_shutdown.append(draining)
         admin_runner = web.AppRunner(create_admin_app(ctx), access_log=None, shutdown_timeout=5.0)
         await admin_runner.setup()
-        await web.SockSite(admin_runner, application.admin_socket).start()
+        admin_site = web.SockSite(admin_runner, application.admin_socket)
+        await admin_site.start()
 
+        async def draining(_app: web.Application) -> None:
+            # Stop taking admin connections too (requests in progress finish): after a reload, the new workers
+            # answer probes and writes, instead of a draining worker saying 503 or serving the old configuration.
+            await admin_site.stop()
+            ctx.draining = True  # /readyz says 503 to a probe that reached this worker just before
+
+        app.on_shutdown.append(draining)
+
+    async def stopped_accepting(_app: web.Application) -> None:
+        # on_shutdown runs once this worker's proxy sites are closed, and (appended last) after its admin site is:
+        # the arbiter waits for this before it reports a reload applied.
+        await asyncio.to_thread(_write_boot_status, application.runtime_dir, os.getpid(), "draining")
+
+    app.on_shutdown.append(stopped_accepting)
     watcher_task: asyncio.Task[None] | None = None
     if config.origins_file.path:
 
@@ -813,6 +819,8 @@ def serve(config: Config, workers: int) -> int:
     # A full store fails the start with its reason; an import holding the writer lock delays it.
     try:
         reconcile_store(config)
+    except StoreError as exc:
+        raise ConfigError([f"store.path: {exc}"], config.source) from None
     except lmdb.Error as exc:
         raise ConfigError([f"store.path: {config.store.path}: {_describe(exc)}"], config.source) from None
     owner = os.getpid()

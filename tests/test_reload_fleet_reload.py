@@ -273,3 +273,24 @@ def test_metric_files_do_not_pile_up_across_reloads_and_totals_hold(server: Serv
 
 def _live_files(directory: Path) -> int:
     return len(list(directory.glob("*.db")))
+
+
+def test_after_a_reload_every_admin_request_reaches_a_new_worker(server: Server) -> None:
+    """The old workers stop taking admin connections when they start to drain, like proxied ones: probes and writes
+    after the reload meet the new configuration, not a draining worker's 503."""
+    before = server.booted_pids()
+    slow: list[Response] = []
+    in_flight = threading.Thread(
+        target=lambda: slow.append(server.proxy("GET", "/slow?seconds=3", headers={"Origin": APP}, timeout=20))
+    )
+    in_flight.start()  # keeps one old worker draining for a while after the reload
+    time.sleep(0.3)
+    assert server.admin("POST", "/reload").json()["status"] == "applied"
+    new = server.booted_pids() - before
+    assert len(new) == 2
+    for _ in range(20):
+        health = server.admin("GET", "/healthz", token=None)
+        assert health.status == 200 and health.json()["pid"] in new
+        assert server.admin("GET", "/readyz", token=None).status == 200
+    in_flight.join(20)
+    assert slow and slow[0].status == 200  # and the old worker finished its request
