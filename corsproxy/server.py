@@ -278,6 +278,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         self._failed_boots = 0
         self._respawn_not_before = 0.0
         self._retiring: set[int] = set()  # told to drain by a reload: neither counted nor signalled again
+        self.stale_sockets: list[Any] = []
 
     # -- workers ----------------------------------------------------------------------------------------------------
 
@@ -381,6 +382,8 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
                 # New listening sockets beside the old ones, which the old workers keep serving until the switch.
                 self.LISTENERS = sock.create_sockets(self.cfg, self.log)
                 listeners_changed = True
+            # What the new workers must not inherit (see _post_fork): the sockets this reload replaces.
+            self.stale_sockets = [*(old_listeners if listeners_changed else ()), *app.replaced_admin_socket()]
             new_pids = [self.spawn_worker() for _ in range(self.cfg.workers)]
             deadline = time.monotonic() + self.timeout
             problem = self._await_ready(new_pids, deadline)
@@ -389,6 +392,8 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         except Exception as exc:  # pragma: no cover - a bug, but never the arbiter's end
             self.log.exception("reload failed")
             problem = _describe(exc)
+        finally:
+            self.stale_sockets = []
         if problem is not None:
             for pid in new_pids:
                 self.kill_worker(pid, signal.SIGTERM)  # they drain like any worker: nothing they took is lost
@@ -536,6 +541,13 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
         if previous is not None and previous[1] is not None and previous[1] is not self.admin_socket:
             previous[1].close()  # this process's copy; draining workers keep theirs until they exit
 
+    def replaced_admin_socket(self) -> list[socket.socket]:
+        """The admin socket :meth:`set_config` replaced (open until the commit), if it replaced one."""
+        previous = self._previous
+        if previous is None or previous[1] is None or previous[1] is self.admin_socket:
+            return []
+        return [previous[1]]
+
     def rollback_config(self) -> None:
         previous, self._previous = self._previous, None
         if previous is None:
@@ -586,6 +598,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
             "loglevel": config.logging.level,
             "accesslog": None,
             "child_exit": _child_exit,
+            "post_fork": _post_fork,
             "forwarded_allow_ips": "",
         }
         if config.listen.tls_cert and config.listen.tls_key:
@@ -619,6 +632,15 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
 
         app.cleanup_ctx.append(runtime)  # after the proxy's own: the store is open when it runs
         return ProxyRunner(app, access_log=None, shutdown_timeout=config.limits.drain_timeout)
+
+
+def _post_fork(server: Any, worker: Any) -> None:
+    """In a worker forked during a reload that changes a listening address: close its copies of the sockets being
+    replaced. Left open, the old port would stay bound after the switch, its connections queued with no one to
+    accept them (clients hang instead of being refused)."""
+    for stale in getattr(server, "stale_sockets", ()):
+        with contextlib.suppress(OSError):
+            stale.close()
 
 
 def _child_exit(server: Any, worker: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 from corsproxy.store import OriginRecord, OriginStore
 from tests.conftest import merge
-from tests.test_workers_harness import Response, Server, ThreadedUpstream, upstream_thread, wait_until
+from tests.test_workers_harness import Response, Server, ThreadedUpstream, free_port, upstream_thread, wait_until
 
 __all__ = ["upstream_thread"]
 
@@ -294,3 +295,34 @@ def test_after_a_reload_every_admin_request_reaches_a_new_worker(server: Server)
         assert server.admin("GET", "/readyz", token=None).status == 200
     in_flight.join(20)
     assert slow and slow[0].status == 200  # and the old worker finished its request
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_reload_that_moves_the_ports_closes_the_old_ones_and_a_refused_one_keeps_them(
+    server: Server, tmp_path: Path
+) -> None:
+    old_port, old_admin = server.port, server.admin_port
+    new_port, new_admin = free_port(), free_port()
+    moved = {"listen": {"port": new_port}, "admin": {"listen": {"port": new_admin}}}
+    broken = tmp_path / "broken-store"
+    broken.mkdir()
+    (broken / "data.mdb").write_bytes(b"not LMDB\n" * 1000)
+    server.write_config(merge(server.data, {**moved, "store": {"path": str(broken)}}))
+    assert server.admin("POST", "/reload").status == 409  # the workers could not start: nothing moves
+    assert _preflight(server).status == 204
+    wait_until(lambda: _refused(new_port) and _refused(new_admin), what="the new ports to be released")
+
+    server.write_config(merge(server.data, moved))
+    assert server.admin("POST", "/reload").json()["status"] == "applied"
+    server.port, server.admin_port = new_port, new_admin
+    assert _preflight(server).status == 204
+    assert server.admin("GET", "/healthz", token=None).status == 200
+    # No process keeps the old sockets open (the new workers were forked while the arbiter still held them).
+    wait_until(lambda: _refused(old_port) and _refused(old_admin), what="the old ports to be closed")
