@@ -279,6 +279,7 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
         self._respawn_not_before = 0.0
         self._retiring: set[int] = set()  # told to drain by a reload: neither counted nor signalled again
         self.stale_sockets: list[Any] = []
+        self._reloading = False
 
     # -- workers ----------------------------------------------------------------------------------------------------
 
@@ -293,40 +294,49 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
             self._serving = True
         return ready
 
-    def _forget_exited(self) -> None:
+    def _forget_exited(self) -> list[str]:
+        """Clean up after workers that exited; the reasons of those that died before they were ready (a boot
+        failure, or a crash such as SIGBUS while starting), leaving out workers that were told to stop."""
+        failed: list[str] = []
         for pid in [pid for pid in self._spawned if pid not in self.WORKERS]:
             worker = self._spawned.pop(pid)
             with contextlib.suppress(OSError, ValueError):
                 worker.tmp.close()  # gunicorn skips this when a boot failure halts its reap
             status = _read_boot_status(self.app.runtime_dir, pid)
             if status not in ("ready", "draining"):
-                self._exit_reasons[pid] = (status or "").removeprefix("failed: ") or "it exited before it was ready"
+                reason = (status or "").removeprefix("failed: ") or "it exited before it was ready"
+                self._exit_reasons[pid] = reason
+                if pid not in self._retiring:
+                    failed.append(reason)
+            self._retiring.discard(pid)
             with contextlib.suppress(OSError):
                 _boot_status_path(self.app.runtime_dir, pid).unlink()
             _child_exit(self, worker)  # idempotent: gunicorn may have called it already
         while len(self._exit_reasons) > 64:  # bounded: only the latest matter
             self._exit_reasons.pop(next(iter(self._exit_reasons)))
+        return failed
 
     def reap_workers(self) -> None:
+        failed: list[str] = []
+        halted: HaltServer | None = None
         while True:
             try:
                 super().reap_workers()
-                return
-            except HaltServer as exc:
-                self._forget_exited()
-                reasons = "; ".join(dict.fromkeys(self._exit_reasons.values()))
-                if not (self._serving or any(self._ready(pid) for pid in self.WORKERS)):
-                    raise HaltServer(f"{exc.reason} {reasons}".strip(), exc.exit_status) from None
-                delay = _RESPAWN_BACKOFF[min(self._failed_boots, len(_RESPAWN_BACKOFF) - 1)]
-                self._failed_boots += 1
-                self._respawn_not_before = time.monotonic() + delay
-                self.log.error(
-                    "a worker failed to start (%s); the running workers keep serving; next attempt in %gs",
-                    reasons or exc.reason,
-                    delay,
-                )
+                break
+            except HaltServer as exc:  # gunicorn's answer to a boot failure: decided below instead
+                halted = exc
             finally:
-                self._forget_exited()
+                failed += self._forget_exited()
+        reasons = "; ".join(dict.fromkeys(failed))
+        if halted is not None and not (self._serving or any(self._ready(pid) for pid in self.WORKERS)):
+            raise HaltServer(f"{halted.reason} {reasons}".strip(), halted.exit_status)
+        if failed and not self._reloading:  # (a reload reports its own new workers' failures)
+            delay = _RESPAWN_BACKOFF[min(self._failed_boots, len(_RESPAWN_BACKOFF) - 1)]
+            self._failed_boots += 1
+            self._respawn_not_before = time.monotonic() + delay
+            self.log.error(
+                "a worker failed to start (%s); the running workers keep serving; next attempt in %gs", reasons, delay
+            )
 
     def manage_workers(self) -> None:
         if self._failed_boots and any(self._ready(pid) for pid in self.WORKERS):
@@ -350,6 +360,13 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
     # -- reload -----------------------------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        self._reloading = True
+        try:
+            self._reload()
+        finally:
+            self._reloading = False
+
+    def _reload(self) -> None:
         app = self.app
         path = app.config.source
         try:

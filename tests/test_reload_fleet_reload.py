@@ -8,6 +8,7 @@ reconciled with it; otherwise the running workers keep serving and the refusal i
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import threading
@@ -326,3 +327,22 @@ def test_a_reload_that_moves_the_ports_closes_the_old_ones_and_a_refused_one_kee
     assert server.admin("GET", "/healthz", token=None).status == 200
     # No process keeps the old sockets open (the new workers were forked while the arbiter still held them).
     wait_until(lambda: _refused(old_port) and _refused(old_admin), what="the old ports to be closed")
+
+
+def test_a_replacement_worker_that_cannot_boot_never_halts_the_arbiter(server: Server, tmp_path: Path) -> None:
+    """Outside any reload: a worker dies, and its replacement cannot open the store. The other worker keeps serving,
+    the arbiter retries with a backoff, and once the store is fixed the fleet is whole again."""
+    data = tmp_path / "origins.lmdb" / "data.mdb"
+    good = data.with_name("data.mdb.good")
+    data.rename(good)  # the running workers keep the file they have open
+    data.write_bytes(b"not LMDB\n" * 1000)
+    victim = min(server.booted_pids())
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "a worker failed to start" in server.log_text(), timeout=30, what="a failed replacement")
+    assert server.proc is not None and server.proc.poll() is None  # the arbiter is alive
+    for _ in range(10):
+        assert _preflight(server).status == 204
+    good.replace(data)
+    booted = len(server.booted_pids())
+    wait_until(lambda: len(server.booted_pids()) > booted, timeout=60, what="a replacement once the store is back")
+    assert _preflight(server).status == 204
