@@ -639,7 +639,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
 
         config = self.config
         metrics = Metrics()
-        # No middleware: aiohttp then skips its middleware chain on every request (issue 6). No reconcile: the
+        # No middleware: aiohttp then skips its middleware chain on every request. No reconcile: the
         # arbiter does it in one place, so no worker's start waits for LMDB's writer lock.
         app = create_app(config, reconcile=False)
 
