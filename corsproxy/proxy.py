@@ -889,6 +889,7 @@ class GuardedRequestHandler(web.RequestHandler):
 #: answer instead; only connections nobody is using are closed, and the old worker exits soon after a reload.
 DRAIN_IDLE_GRACE = 2.0
 _DRAIN_TICK = 0.05
+_DRAIN_SETTLE = 0.25
 
 
 async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
@@ -921,15 +922,22 @@ class _GuardedServer(web.Server):
         self._guard_timeout = header_read_timeout
         self._guard_kwargs = handler_kwargs
         self._fast = fast
+        self._guard_draining = False
 
     def __call__(self) -> web.RequestHandler:
-        return GuardedRequestHandler(
+        handler = GuardedRequestHandler(
             self, loop=self._guard_loop, header_read_timeout=self._guard_timeout, fast=self._fast, **self._guard_kwargs
         )
+        if self._guard_draining:
+            # Accepted just before the listening socket closed, connected after the drain began: it drains too
+            # (else its keep-alive answers would keep it busy until the drain timeout cut it mid-request).
+            handler.begin_drain()
+        return handler
 
     def pre_shutdown(self) -> None:
         # Called once the listening sockets stopped accepting. aiohttp would close every idle connection here, racing
         # the requests clients are sending on them; drain them instead (GuardedRequestHandler.begin_drain).
+        self._guard_draining = True
         for connection in self._connections:
             if isinstance(connection, GuardedRequestHandler):
                 connection.begin_drain()
@@ -942,10 +950,22 @@ class _GuardedServer(web.Server):
         left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else 0.0)
-        while self._connections and loop.time() < deadline:
-            now = loop.time()
+        quiet_since: float | None = None
+        while (now := loop.time()) < deadline:
+            if not self._connections:
+                # A connection the kernel handed over just before the listening socket closed may not have reached
+                # connection_made yet (the event loop builds its transport a few iterations later): exiting now
+                # would reset it with its request unread. Stay until no connection has appeared for a moment.
+                if quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= _DRAIN_SETTLE:
+                    break
+            else:
+                quiet_since = None
             for connection in list(self._connections):
                 if isinstance(connection, GuardedRequestHandler):
+                    if not connection.draining:
+                        connection.begin_drain()
                     connection.drain_tick(now, DRAIN_IDLE_GRACE)
             await asyncio.sleep(_DRAIN_TICK)
         await super().shutdown(max(0.0, deadline - loop.time()))
