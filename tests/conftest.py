@@ -26,6 +26,7 @@ from corsproxy.store import OriginStore
 from tests.support.config import BASE_CONFIG, REPO, ConfigData, WriteConfig, merge
 from tests.support.inprocess import ProxyFactory
 from tests.support.serve import Server
+from tests.support.tls import make_certificates
 from tests.support.upstream import ThreadedUpstream, make_upstream_app
 
 
@@ -72,6 +73,12 @@ def make_proxy(
         return await aiohttp_client(create_app(config))
 
     return start
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it, in ``tmp_path``."""
+    return make_certificates(tmp_path)
 
 
 # -- a proxy in another process --------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -119,24 +118,6 @@ async def test_websocket_upstream_refusal_passed_on(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(f"http://127.0.0.1:{port}/no-such-socket", origin=ALLOWED)
         assert refused.value.status == 404
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def certificates(tmp_path: Path) -> Path:
-    """A throw-away CA and a server certificate for 127.0.0.1 signed by it."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=corsproxy test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=tmp_path)  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1", cwd=tmp_path)  # fmt: skip
-    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=tmp_path)  # fmt: skip
-    return tmp_path
 
 
 async def hello(request: web.Request) -> web.Response:

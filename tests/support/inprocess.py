@@ -1,23 +1,34 @@
 """The real proxy in the test's own event loop, served as ``corsproxy serve`` serves it: by its
 :class:`~corsproxy.proxy.ProxyRunner` (header-read timeout, 431 past the parser's ceiling, the preflight fast path
-unless turned off) on a loopback socket.
+unless turned off) on a loopback socket; and the admin app in front of it, as a worker serves it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from corsproxy.admin import AdminContext, create_admin_app
 from corsproxy.config import Config, parse_config
 from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
 
-__all__ = ["ProxyFactory", "RunningProxy", "client_state", "proxy_app", "running_proxy", "serve_proxy"]
+__all__ = [
+    "ProxyFactory",
+    "RunningAdmin",
+    "RunningProxy",
+    "client_state",
+    "proxy_app",
+    "running_proxy",
+    "serve_admin",
+    "serve_proxy",
+]
 
 #: The ``make_proxy`` fixture: the proxy app behind pytest-aiohttp's test client, from keyword config overrides.
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -74,3 +85,30 @@ async def running_proxy(config: Config | dict[str, Any], **options: Any) -> Asyn
     """:func:`serve_proxy` for a test that needs only the port."""
     async with serve_proxy(config, **options) as proxy:
         yield proxy.port
+
+
+@dataclass(frozen=True)
+class RunningAdmin:
+    context: AdminContext
+    runner: web.AppRunner
+    port: int
+
+
+@contextlib.asynccontextmanager
+async def serve_admin(
+    proxy: RunningProxy,
+    tokens: Mapping[str, str],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    **context: Any,
+) -> AsyncIterator[RunningAdmin]:
+    """:func:`create_admin_app` for ``proxy`` (whose store is open: its app has started) on a free loopback port;
+    ``context`` sets further :class:`AdminContext` fields."""
+    ctx = AdminContext(proxy=proxy.app, tokens=tokens, **context)
+    runner = web.AppRunner(create_admin_app(ctx), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        yield RunningAdmin(ctx, runner, int(runner.addresses[0][1]))
+    finally:
+        await runner.cleanup()
