@@ -24,7 +24,7 @@ from corsproxy.config import Config, parse_config
 from corsproxy.proxy import create_app
 from corsproxy.store import OriginStore
 from tests.support.config import BASE_CONFIG, REPO, ConfigData, WriteConfig, merge
-from tests.support.inprocess import ProxyFactory
+from tests.support.inprocess import ProxyFactory, ThreadedAdmin
 from tests.support.serve import Server
 from tests.support.tls import make_certificates
 from tests.support.upstream import ThreadedUpstream, make_upstream_app
@@ -103,6 +103,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, upstream_thread: ThreadedUp
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def admin_api(tmp_path: Path, upstream_thread: ThreadedUpstream) -> Iterator[ThreadedAdmin]:
+    """An admin API of this test's own: the proxy and its admin app in this process (on a thread, for blocking
+    clients), a fresh store in ``tmp_path``, and an origins file declaring ``https://fleet.example.com``."""
+    with ThreadedAdmin(
+        tmp_path, upstream_thread.port, origins_file="https://fleet.example.com note=from-the-file\n"
+    ) as api:
+        yield api
 
 
 # -- the store's failure cases ---------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""The admin API of a real ``corsproxy serve`` (2 workers): auth, every endpoint's success and error paths."""
+"""The admin API: auth, every endpoint's success and error paths.
+
+Each endpoint test gets an admin API of its own (``admin_api``: the proxy and its admin app in this process, a fresh
+store in ``tmp_path``, the origins file applied), so no test sees another's writes and the order never matters.
+What needs the real process — the metrics of two workers behind auth, readiness, the admin port apart from the
+proxied one, refusals at start — runs on a real ``corsproxy serve`` (``served`` only for tests that write nothing).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import pytest
 
 from tests.support.config import run_cli
 from tests.support.net import free_port
-from tests.support.serve import OTHER_TOKEN, TOKEN, Server, origin_path
+from tests.support.serve import OTHER_TOKEN, TOKEN, Clients, Server, origin_path
 from tests.support.upstream import ThreadedUpstream
 
 APP = "https://app.example.com"  # listed in the config's cors.allow_origins
@@ -31,17 +37,20 @@ def _error(response: Any, status: int, field: str | None = None) -> dict[str, An
 # -- authentication -----------------------------------------------------------------------------------------------
 
 
+PROTECTED = ["/origins", origin_path(APP), "/audit", f"/explain?origin={APP}", "/metrics"]
+
+
+@pytest.mark.parametrize("path", PROTECTED, ids=["list", "entry", "audit", "explain", "metrics"])
 @pytest.mark.parametrize(
     ("token", "status"),
     [pytest.param(None, 401, id="no-token"), pytest.param("wrong-token", 401, id="wrong-token"), (TOKEN, 200)],
 )
-def test_auth_on_every_protected_endpoint(served: Server, token: str | None, status: int) -> None:
-    for path in ("/origins", origin_path(APP), "/audit", f"/explain?origin={APP}", "/metrics"):
-        response = served.admin("GET", path, token=token)
-        assert response.status == status, (path, response.body)
-        if status == 401:
-            assert response.headers["WWW-Authenticate"] == 'Bearer realm="corsproxy-admin"'
-            _error(response, 401)
+def test_auth_on_every_protected_endpoint(served: Server, path: str, token: str | None, status: int) -> None:
+    response = served.admin("GET", path, token=token)
+    assert response.status == status, (path, response.body)
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="corsproxy-admin"'
+        _error(response, 401)
 
 
 def test_auth_rejects_other_schemes_and_guards_writes(served: Server) -> None:
@@ -67,25 +76,28 @@ def test_health_endpoints_need_no_token(served: Server) -> None:
 # -- origins ------------------------------------------------------------------------------------------------------
 
 
-def test_list_pages_with_a_cursor_and_filters(served: Server) -> None:
-    listing = served.admin("GET", "/origins").json()
+def test_list_pages_with_a_cursor_and_filters(admin_api: Clients) -> None:
+    listing = admin_api.admin("GET", "/origins").json()
     keys = [item["origin"] for item in listing["origins"]]
     assert APP in keys and "https://fleet.example.com" in keys
     assert keys == sorted(keys)
-    first = served.admin("GET", "/origins?limit=1").json()
+    first = admin_api.admin("GET", "/origins?limit=1").json()
     assert len(first["origins"]) == 1 and first["next"] == keys[0]
-    second = served.admin("GET", f"/origins?limit=1&after={first['next']}").json()
+    second = admin_api.admin("GET", f"/origins?limit=1&after={first['next']}").json()
     assert second["origins"][0]["origin"] == keys[1]
-    filtered = served.admin("GET", "/origins?filter=fleet").json()
+    filtered = admin_api.admin("GET", "/origins?filter=fleet").json()
     assert [item["origin"] for item in filtered["origins"]] == ["https://fleet.example.com"]
     assert filtered["origins"][0]["source"] == "file"
     assert filtered["next"] is None
-    for bad in ("0", "abc", "100000"):
-        _error(served.admin("GET", f"/origins?limit={bad}"), 400, "limit")
 
 
-def test_get_one_origin(served: Server) -> None:
-    got = served.admin("GET", origin_path(APP))
+@pytest.mark.parametrize("limit", ["0", "abc", "100000"])
+def test_list_limit_out_of_range(admin_api: Clients, limit: str) -> None:
+    _error(admin_api.admin("GET", f"/origins?limit={limit}"), 400, "limit")
+
+
+def test_get_one_origin(admin_api: Clients) -> None:
+    got = admin_api.admin("GET", origin_path(APP))
     assert got.status == 200
     assert got.json() | {"added": None} == {
         "origin": APP,
@@ -97,28 +109,28 @@ def test_get_one_origin(served: Server) -> None:
         "expired": False,
     }
     # Non-canonical spellings find the canonical entry (the same canonicalisation as the config).
-    assert served.admin("GET", origin_path("HTTPS://APP.example.com:443")).json()["origin"] == APP
-    _error(served.admin("GET", origin_path("https://nowhere.example.com")), 404, "origin")
-    _error(served.admin("GET", origin_path("https://app.example.com/path")), 400, "origin")
+    assert admin_api.admin("GET", origin_path("HTTPS://APP.example.com:443")).json()["origin"] == APP
+    _error(admin_api.admin("GET", origin_path("https://nowhere.example.com")), 404, "origin")
+    _error(admin_api.admin("GET", origin_path("https://app.example.com/path")), 400, "origin")
 
 
-def test_put_creates_then_replaces(served: Server) -> None:
+def test_put_creates_then_replaces(admin_api: Clients) -> None:
     key = "https://put.example.com"
-    created = served.admin("PUT", origin_path(key), body={"note": "partner", "ttl": "7d"})
+    created = admin_api.admin("PUT", origin_path(key), body={"note": "partner", "ttl": "7d"})
     assert created.status == 201, created.body
     body = created.json()
     assert body["origin"] == key and body["created"] is True and body["note"] == "partner"
     assert body["expires"] is not None and body["source"] == "admin:admin"
     assert created.headers["Location"] == origin_path(key)
-    replaced = served.admin("PUT", origin_path(key), body={"note": "renewed"})
+    replaced = admin_api.admin("PUT", origin_path(key), body={"note": "renewed"})
     assert replaced.status == 200
     # Fields left out are kept: the expiry stays, the source stays.
     assert replaced.json()["created"] is False and replaced.json()["expires"] == body["expires"]
     assert replaced.json()["note"] == "renewed" and replaced.json()["source"] == "admin:admin"
-    cleared = served.admin("PUT", origin_path(key), body={"expires": "never"})
+    cleared = admin_api.admin("PUT", origin_path(key), body={"expires": "never"})
     assert cleared.status == 200 and cleared.json()["expires"] is None and cleared.json()["note"] == "renewed"
     # A pattern, written with the CLI's own syntax.
-    pattern = served.admin("PUT", origin_path("https://*.partners.example.com"), body={})
+    pattern = admin_api.admin("PUT", origin_path("https://*.partners.example.com"), body={})
     assert pattern.status == 201 and pattern.json()["origin"] == "https://*.partners.example.com"
 
 
@@ -139,102 +151,104 @@ def test_put_creates_then_replaces(served: Server) -> None:
         pytest.param("^https://.*$", {}, "origin", id="regex"),
     ],
 )
-def test_put_validation_errors(served: Server, origin: str, body: dict[str, Any], field: str) -> None:
-    _error(served.admin("PUT", origin_path(origin), body=body), 400, field)
-    assert served.admin("GET", "/origins?filter=v.example.com").json()["origins"] == []
+def test_put_validation_errors(admin_api: Clients, origin: str, body: dict[str, Any], field: str) -> None:
+    _error(admin_api.admin("PUT", origin_path(origin), body=body), 400, field)
+    assert admin_api.admin("GET", "/origins?filter=v.example.com").json()["origins"] == []
 
 
-def test_put_body_must_be_a_json_object(served: Server) -> None:
-    _error(served.admin("PUT", origin_path("https://b.example.com"), raw=b"{not json"), 400, "body")
-    _error(served.admin("PUT", origin_path("https://b.example.com"), raw=b"[1, 2]"), 400, "body")
+def test_put_body_must_be_a_json_object(admin_api: Clients) -> None:
+    _error(admin_api.admin("PUT", origin_path("https://b.example.com"), raw=b"{not json"), 400, "body")
+    _error(admin_api.admin("PUT", origin_path("https://b.example.com"), raw=b"[1, 2]"), 400, "body")
 
 
-def test_declared_origins_conflict(served: Server) -> None:
-    body = _error(served.admin("PUT", origin_path(APP), body={"note": "mine now"}), 409, "origin")
+def test_declared_origins_conflict(admin_api: Clients) -> None:
+    body = _error(admin_api.admin("PUT", origin_path(APP), body={"note": "mine now"}), 409, "origin")
     assert body["source"] == "config"
-    _error(served.admin("DELETE", origin_path("https://fleet.example.com")), 409, "origin")
-    assert served.admin("GET", origin_path(APP)).json()["note"] == ""
+    _error(admin_api.admin("DELETE", origin_path("https://fleet.example.com")), 409, "origin")
+    assert admin_api.admin("GET", origin_path(APP)).json()["note"] == ""
 
 
-def test_delete(served: Server) -> None:
+def test_delete(admin_api: Clients) -> None:
     key = "https://gone.example.com"
-    assert served.admin("PUT", origin_path(key), body={}).status == 201
-    removed = served.admin("DELETE", origin_path(key))
+    assert admin_api.admin("PUT", origin_path(key), body={}).status == 201
+    removed = admin_api.admin("DELETE", origin_path(key))
     assert removed.status == 200 and removed.json()["removed"] == key
-    _error(served.admin("DELETE", origin_path(key)), 404, "origin")
-    _error(served.admin("DELETE", origin_path("not an origin")), 400, "origin")
+    _error(admin_api.admin("DELETE", origin_path(key)), 404, "origin")
+    _error(admin_api.admin("DELETE", origin_path("not an origin")), 400, "origin")
 
 
-def test_import_all_or_nothing_with_per_line_errors(served: Server) -> None:
+def test_import_all_or_nothing_with_per_line_errors(admin_api: Clients) -> None:
     text = "# partners\nhttps://imp1.example.com note='first one'\n\nhttps://imp2.example.com/path\nnull\n"
-    refused = _error(served.admin("POST", "/origins/import", raw=text.encode()), 400, "body")
+    refused = _error(admin_api.admin("POST", "/origins/import", raw=text.encode()), 400, "body")
     assert [item["line"] for item in refused["refused"]] == [4, 5]
     assert all(item["reason"] for item in refused["refused"])
-    assert served.admin("GET", "/origins?filter=imp1").json()["origins"] == []
+    assert admin_api.admin("GET", "/origins?filter=imp1").json()["origins"] == []
 
-    partial = served.admin("POST", "/origins/import?partial=true", raw=text.encode())
+    partial = admin_api.admin("POST", "/origins/import?partial=true", raw=text.encode())
     assert partial.status == 200
     assert partial.json()["added"] == 1 and len(partial.json()["refused"]) == 2
-    assert served.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
+    assert admin_api.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
 
-    good = served.admin("POST", "/origins/import", raw=b"https://imp1.example.com\nhttps://imp3.example.com ttl=1d\n")
+    good = admin_api.admin(
+        "POST", "/origins/import", raw=b"https://imp1.example.com\nhttps://imp3.example.com ttl=1d\n"
+    )
     assert good.status == 200
     # imp1's line gives no note: its note is kept, so nothing changes.
     assert good.json() == {"added": 1, "replaced": 0, "unchanged": 1, "declared": [], "refused": [], "warnings": []}
-    assert served.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
+    assert admin_api.admin("GET", origin_path("https://imp1.example.com")).json()["note"] == "first one"
     # An origin the config declares: a line equal to it changes nothing (an export reads back) ...
-    same = served.admin("POST", "/origins/import", raw=f"{APP}\n".encode())
+    same = admin_api.admin("POST", "/origins/import", raw=f"{APP}\n".encode())
     assert same.status == 200 and same.json()["declared"] == [APP]
     # ... one that would change it is refused by name, never taken over.
-    clash = _error(served.admin("POST", "/origins/import", raw=f"{APP} note=mine\n".encode()), 400, "body")
+    clash = _error(admin_api.admin("POST", "/origins/import", raw=f"{APP} note=mine\n".encode()), 400, "body")
     assert clash["refused"][0]["origin"] == APP and "cors.allow_origins in" in clash["refused"][0]["reason"]
-    assert served.admin("GET", origin_path(APP)).json()["source"] == "config"
+    assert admin_api.admin("GET", origin_path(APP)).json()["source"] == "config"
 
 
 # -- explain, audit -----------------------------------------------------------------------------------------------
 
 
-def test_explain(served: Server) -> None:
-    allowed = served.admin("GET", f"/explain?origin={APP}&method=PUT&headers=content-type&path=/api").json()
+def test_explain(admin_api: Clients) -> None:
+    allowed = admin_api.admin("GET", f"/explain?origin={APP}&method=PUT&headers=content-type&path=/api").json()
     assert allowed["allowed"] is True and allowed["kind"] == "preflight" and allowed["matched"] == APP
-    refused = served.admin("GET", f"/explain?origin={APP}&method=PATCH").json()
+    refused = admin_api.admin("GET", f"/explain?origin={APP}&method=PATCH").json()
     assert refused["allowed"] is False and refused["reason"] == "method_not_allowed" and "PATCH" in refused["fix"]
-    stranger = served.admin("GET", "/explain?origin=https://evil.example.net").json()
+    stranger = admin_api.admin("GET", "/explain?origin=https://evil.example.net").json()
     assert stranger["reason"] == "origin_not_allowed" and stranger["kind"] == "actual"
-    _error(served.admin("GET", "/explain"), 400, "origin")
-    _error(served.admin("GET", f"/explain?origin={APP}&path=api"), 400, "path")
+    _error(admin_api.admin("GET", "/explain"), 400, "origin")
+    _error(admin_api.admin("GET", f"/explain?origin={APP}&path=api"), 400, "path")
 
 
-def test_audit_records_admin_writes_with_the_actor(served: Server) -> None:
+def test_audit_records_admin_writes_with_the_actor(admin_api: Clients) -> None:
     key = "https://audited.example.com"
-    served.admin("PUT", origin_path(key), body={"note": "v1"})
-    served.admin("PUT", origin_path(key), body={"note": "v2"})
-    served.admin("DELETE", origin_path(key))
-    events = served.admin("GET", f"/audit?origin={key}").json()["events"]
+    admin_api.admin("PUT", origin_path(key), body={"note": "v1"})
+    admin_api.admin("PUT", origin_path(key), body={"note": "v2"})
+    admin_api.admin("DELETE", origin_path(key))
+    events = admin_api.admin("GET", f"/audit?origin={key}").json()["events"]
     assert [(e["action"], e["actor"]) for e in events] == [
         ("add", "admin:admin"),
         ("replace", "admin:admin"),
         ("remove", "admin:admin"),
     ]
     assert events[1]["old"]["note"] == "v1" and events[1]["new"]["note"] == "v2" and events[2]["new"] is None
-    everything = served.admin("GET", "/audit?limit=1000").json()["events"]
+    everything = admin_api.admin("GET", "/audit?limit=1000").json()["events"]
     sources = {e["actor"] for e in everything}
     assert {"config", "file", "admin:admin"} <= sources
-    assert len(served.admin("GET", "/audit?limit=2").json()["events"]) == 2
-    _error(served.admin("GET", "/audit?limit=0"), 400, "limit")
-    _error(served.admin("GET", "/audit?origin=bad%20origin"), 400, "origin")
+    assert len(admin_api.admin("GET", "/audit?limit=2").json()["events"]) == 2
+    _error(admin_api.admin("GET", "/audit?limit=0"), 400, "limit")
+    _error(admin_api.admin("GET", "/audit?origin=bad%20origin"), 400, "origin")
     # The CLI shows the same trail, from the same store.
-    cli = run_cli("origins", "history", "--config", str(served.config_path), "--origin", key)
+    cli = run_cli("origins", "history", "--config", str(admin_api.config_path), "--origin", key)
     assert cli.returncode == 0 and cli.stdout.count("\n") == 3
 
 
-def test_unknown_paths_and_methods_are_json(served: Server) -> None:
-    not_found = _error(served.admin("GET", "/nothing-here"), 404)
+def test_unknown_paths_and_methods_are_json(admin_api: Clients) -> None:
+    not_found = _error(admin_api.admin("GET", "/nothing-here"), 404)
     assert "/nothing-here" in not_found["reason"]
-    not_allowed = served.admin("POST", "/healthz")
+    not_allowed = admin_api.admin("POST", "/healthz")
     _error(not_allowed, 405)
     assert "GET" in not_allowed.headers["Allow"]
-    _error(served.admin("PATCH", origin_path(APP), body={}), 405)
+    _error(admin_api.admin("PATCH", origin_path(APP), body={}), 405)
 
 
 def test_admin_is_not_on_the_proxied_port(served: Server) -> None:
@@ -271,31 +285,52 @@ def test_named_tokens_and_readiness_reason(tmp_path: Path, upstream_thread: Thre
         assert server.stop(signal.SIGTERM) == 0
 
 
-def test_refuses_to_start_with_an_unusable_admin_setup(tmp_path: Path) -> None:
-    empty = tmp_path / "tokens"
-    empty.write_text("# nobody\n")
-    server = Server(
-        tmp_path, free_port(), workers=1, env={"CORSPROXY_ADMIN_TOKEN": ""}, admin={"token_file": str(empty)}
-    )
-    server.write_config()
-    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
-    assert result.returncode == 2 and "no token" in result.stderr
+@pytest.mark.parametrize(
+    ("tokens", "admin", "message"),
+    [
+        pytest.param(
+            "# nobody\n",
+            {"listen": {"host": "127.0.0.1", "port": "{admin_port}"}, "token_file": "{tokens}"},
+            "no token",
+            id="token-file-without-tokens",
+        ),
+        pytest.param(
+            "# nobody\n",
+            {"listen": {"host": "0.0.0.0", "port": "{admin_port}"}},
+            "not a loopback address",
+            id="token-less-on-a-public-address",
+        ),
+        pytest.param(
+            "short\n",
+            {"listen": {"host": "127.0.0.1", "port": "{admin_port}"}, "token_file": "{tokens}"},
+            "shorter than 16",
+            id="short-token",
+        ),
+        pytest.param(
+            "# nobody\n",
+            {"listen": {"host": "127.0.0.1", "port": "{port}"}},
+            "also the proxied port",
+            id="admin-port-is-the-proxied-port",
+        ),
+    ],
+)
+def test_refuses_to_start_with_an_unusable_admin_setup(
+    tmp_path: Path, tokens: str, admin: dict[str, Any], message: str
+) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(tokens)
+    server = Server(tmp_path, free_port(), workers=1, env={"CORSPROXY_ADMIN_TOKEN": ""})
+    values = {"tokens": str(token_file), "admin_port": server.admin_port, "port": server.port}
 
-    server.data["admin"] = {"listen": {"host": "0.0.0.0", "port": server.admin_port}}
-    server.write_config()
-    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
-    assert result.returncode == 2 and "not a loopback address" in result.stderr
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return values[value[1:-1]] if isinstance(value, str) and value.startswith("{") else value
 
-    empty.write_text("short\n")
-    server.data["admin"] = {"listen": {"host": "127.0.0.1", "port": server.admin_port}, "token_file": str(empty)}
+    server.data["admin"] = fill(admin)  # "{name}" strings stand for the values only known here
     server.write_config()
     result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
-    assert result.returncode == 2 and "shorter than 16" in result.stderr
-
-    server.data["admin"] = {"listen": {"host": "127.0.0.1", "port": server.port}}
-    server.write_config()
-    result = run_cli("serve", "--config", str(server.config_path), env=server.env, timeout=20)
-    assert result.returncode == 2 and "also the proxied port" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_browsers_cannot_drive_the_admin_api(tmp_path: Path, upstream_thread: ThreadedUpstream) -> None:

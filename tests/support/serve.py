@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.config import BASE_CONFIG, REPO, merge
 from tests.support.net import Response, free_port, request, wait_until
 
-__all__ = ["OTHER_TOKEN", "TOKEN", "Demo", "Samples", "Server", "origin_path", "scrape", "value"]
+__all__ = ["OTHER_TOKEN", "TOKEN", "Clients", "Demo", "Samples", "Server", "origin_path", "scrape", "value"]
 
 #: Prometheus samples by (name, sorted labels).
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -59,7 +59,28 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
         return proc.wait(5)
 
 
-class Server:
+class Clients:
+    """Blocking clients for a running proxy's ``port`` and its admin listener's ``admin_port``."""
+
+    port: int
+    admin_port: int
+    config_path: Path
+
+    def admin(
+        self, method: str, path: str, *, token: str | None = TOKEN, body: Any = None, raw: bytes | None = None
+    ) -> Response:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        data: bytes | None = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        return request(self.admin_port, method, path, headers=headers, body=data)
+
+    def proxy(self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Response:
+        return request(self.port, method, path, headers=headers, **kw)
+
+
+class Server(Clients):
     """``python -m corsproxy serve`` in a subprocess, with its config in ``tmp``; logs go to ``tmp/serve.log``.
 
     By default: ``workers`` workers, an admin listener with :data:`TOKEN`, JSON logs. Keyword arguments are merged
@@ -151,21 +172,6 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    # -- clients ------------------------------------------------------------------------------------------------
-
-    def admin(
-        self, method: str, path: str, *, token: str | None = TOKEN, body: Any = None, raw: bytes | None = None
-    ) -> Response:
-        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        data: bytes | None = raw
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        return request(self.admin_port, method, path, headers=headers, body=data)
-
-    def proxy(self, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any) -> Response:
-        return request(self.port, method, path, headers=headers, **kw)
 
     # -- logs ---------------------------------------------------------------------------------------------------
 
