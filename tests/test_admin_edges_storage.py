@@ -85,35 +85,39 @@ def small(tmp_path_factory: pytest.TempPathFactory, upstream_thread: ThreadedUps
     server.stop()
 
 
-def test_same_origin_fetches_are_refused_like_any_page(small: Server) -> None:
+@pytest.mark.parametrize("site", ["same-origin", "same-site", "cross-site"])
+def test_same_origin_fetches_are_refused_like_any_page(small: Server, site: str) -> None:
     """After DNS rebinding the attacker's page is same-origin with the admin API: only `none` (typed URL, curl) is
     served."""
-    for site in ("same-origin", "same-site", "cross-site"):
-        headers = {**AUTH, "Sec-Fetch-Site": site}
-        _error(request(small.admin_port, "GET", "/origins", headers=headers), 403)
-        put = request(small.admin_port, "PUT", origin_path("https://csrf.example.com"), headers=headers, body="{}")
-        _error(put, 403)
-        _error(request(small.admin_port, "GET", "/healthz", headers={"Sec-Fetch-Site": site}), 403)
+    headers = {**AUTH, "Sec-Fetch-Site": site}
+    _error(request(small.admin_port, "GET", "/origins", headers=headers), 403)
+    put = request(small.admin_port, "PUT", origin_path("https://csrf.example.com"), headers=headers, body="{}")
+    _error(put, 403)
+    _error(request(small.admin_port, "GET", "/healthz", headers={"Sec-Fetch-Site": site}), 403)
     assert small.admin("GET", origin_path("https://csrf.example.com")).status == 404
     assert request(small.admin_port, "GET", "/origins", headers={**AUTH, "Sec-Fetch-Site": "none"}).status == 200
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
-def test_token_free_endpoints_answer_only_hosts_a_rebinding_page_cannot_send(small: Server, path: str) -> None:
+@pytest.mark.parametrize(
+    "host", ["evil.example.net:{port}", "evil.example.net", "127.0.0.1.evil.example.net:{port}"], ids=str
+)
+def test_token_free_endpoints_refuse_hosts_a_rebinding_page_sends(small: Server, path: str, host: str) -> None:
     port = small.admin_port
-    for host in (f"evil.example.net:{port}", "evil.example.net", f"127.0.0.1.evil.example.net:{port}"):
-        body = _error(request(port, "GET", path, headers={"Host": host}), 403)
-        assert "admin.allowed_hosts" in body["reason"]
-    for host in (
-        f"127.0.0.1:{port}",
-        f"localhost:{port}",
-        f"[::1]:{port}",
-        f"10.1.2.3:{port}",
-        "corsproxy-admin.internal",
-    ):
-        response = request(port, "GET", path, headers={"Host": host})
-        assert response.status in (200, 503), (host, response.body)  # 503 only if the upstream is down
-        assert "error" not in response.json()
+    body = _error(request(port, "GET", path, headers={"Host": host.format(port=port)}), 403)
+    assert "admin.allowed_hosts" in body["reason"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "10.1.2.3:{port}", "corsproxy-admin.internal"],
+    ids=str,
+)
+def test_token_free_endpoints_answer_hosts_a_rebinding_page_cannot_send(small: Server, path: str, host: str) -> None:
+    response = request(small.admin_port, "GET", path, headers={"Host": host.format(port=small.admin_port)})
+    assert response.status in (200, 503), (host, response.body)  # 503 only if the upstream is down
+    assert "error" not in response.json()
 
 
 def test_start_up_log_names_the_admin_listener_and_its_auth_mode(small: Server) -> None:

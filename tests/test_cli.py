@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.support.config import REPO, run_cli
@@ -69,12 +70,12 @@ REFUSED_ADDS = {
 }
 
 
-def test_origins_add_refusals(write_config: Callable[..., Path]) -> None:
+@pytest.mark.parametrize(("args", "message"), list(REFUSED_ADDS.values()), ids=list(REFUSED_ADDS))
+def test_origins_add_refusals(write_config: Callable[..., Path], args: list[str], message: str) -> None:
     path = str(write_config())
-    for name, (args, message) in REFUSED_ADDS.items():
-        result = run_cli("origins", "add", *args, "-c", path)
-        assert result.returncode == 2, name
-        assert message in result.stderr, (name, result.stderr)
+    result = run_cli("origins", "add", *args, "-c", path)
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
     assert "https://a.example.com" not in run_cli("origins", "list", "-c", path).stdout
 
 

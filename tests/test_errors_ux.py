@@ -101,13 +101,12 @@ def test_cli_unknown_policy_gets_a_did_you_mean(write_config: Callable[..., Path
 
 
 @pytest.mark.skipif(Path(DEFAULT_CONFIG_PATH).exists(), reason=f"{DEFAULT_CONFIG_PATH} exists on this machine")
-def test_no_config_anywhere_says_how_to_give_one(tmp_path: Path) -> None:
-    env = {"CORSPROXY_CONFIG": ""}
-    for argv in (["check"], ["origins", "list"]):
-        result = run_cli(*argv, env=env)
-        assert result.returncode == 2
-        assert DEFAULT_CONFIG_PATH in result.stderr
-        assert "--config FILE" in result.stderr and "CORSPROXY_CONFIG" in result.stderr
+@pytest.mark.parametrize("argv", [["check"], ["origins", "list"]], ids=["check", "origins-list"])
+def test_no_config_anywhere_says_how_to_give_one(tmp_path: Path, argv: list[str]) -> None:
+    result = run_cli(*argv, env={"CORSPROXY_CONFIG": ""})
+    assert result.returncode == 2
+    assert DEFAULT_CONFIG_PATH in result.stderr
+    assert "--config FILE" in result.stderr and "CORSPROXY_CONFIG" in result.stderr
 
 
 def test_a_named_missing_config_gets_no_default_hint(tmp_path: Path) -> None:
