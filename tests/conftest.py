@@ -24,6 +24,7 @@ from corsproxy.config import Config, parse_config
 from corsproxy.proxy import create_app
 from corsproxy.store import OriginStore
 from tests.support.config import BASE_CONFIG, REPO, ConfigData, WriteConfig, merge
+from tests.support.fs import tmpfs
 from tests.support.inprocess import ProxyFactory, ThreadedAdmin
 from tests.support.serve import Server
 from tests.support.tls import make_certificates
@@ -143,16 +144,5 @@ def store_held_open(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a 2 MiB tmpfs needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=False, capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "size=2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.config import REPO, run_cli
+from tests.support.fs import tmpfs
 
 
 def _lines(path: Path, count: int, note: str = "n" * 60) -> Path:
@@ -145,18 +146,7 @@ def test_output_to_a_closed_pipe_ends_quietly(many_origins: str, command: list[s
 
 
 def test_check_refuses_a_store_on_a_read_only_filesystem(tmp_path: Path, write_config: Callable[..., Path]) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=False, capture_output=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
         check = run_cli("check", "--config", str(write_config(store={"path": str(mount / "store")})))
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
     assert check.returncode == 2, check.stdout
     assert f"store.path: {mount} is on a read-only filesystem" in check.stderr

@@ -182,8 +182,8 @@ def test_demo_runs_outside_the_checkout(tmp_path: Path) -> None:
         headers = {"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"}
         response = wait_until(lambda: _answer(demo.port, headers), timeout=30, what="the demo")
         assert response.status == 204
-        demo.stop(signal.SIGTERM)
-    assert "Unclosed" not in demo.output()
+        demo.stop(signal.SIGTERM, timeout=20)
+    assert "Unclosed" not in demo.log_text()
     assert not (tmp_path / "var").exists()  # the demo's store is a temporary one
 
 

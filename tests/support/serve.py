@@ -35,11 +35,6 @@ def origin_path(origin: str) -> str:
     return "/origins/" + quote(origin, safe="")
 
 
-def _spawn(args: list[str], log: IO[bytes], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
-    """``python -m corsproxy ARGS`` with stdout and stderr in ``log``."""
-    return subprocess.Popen([sys.executable, "-m", "corsproxy", *args], stdout=log, stderr=log, env=env, cwd=cwd)
-
-
 def _accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -48,15 +43,54 @@ def _accepts(port: int) -> bool:
     return True
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
-    """Signal ``proc`` (unless it already ended) and wait for it; killed if it does not end within ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(5)
+class _Process:
+    """A ``python -m corsproxy`` subprocess whose stdout and stderr go to ``log_path``."""
+
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def _spawn(self, args: list[str], cwd: Path) -> None:
+        self._log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "corsproxy", *args]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=self.env, cwd=cwd)
+
+    def _still_running(self, what: str) -> None:
+        """Fail at once, with the log's end, if the process has exited (instead of waiting out a timeout)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the process (unless it already ended) and wait for it; killed if it does not end in ``timeout``."""
+        proc = self.proc
+        assert proc is not None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+        return code
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Clients:
@@ -80,7 +114,7 @@ class Clients:
         return request(self.port, method, path, headers=headers, **kw)
 
 
-class Server(Clients):
+class Server(Clients, _Process):
     """``python -m corsproxy serve`` in a subprocess, with its config in ``tmp``; logs go to ``tmp/serve.log``.
 
     By default: ``workers`` workers, an admin listener with :data:`TOKEN`, JSON logs. Keyword arguments are merged
@@ -124,26 +158,18 @@ class Server(Clients):
         }
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.env.pop("CORSPROXY_WORKERS", None)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def has_admin(self) -> bool:
         return "admin" in self.data
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def write_config(self, data: dict[str, Any] | None = None) -> None:
         self.config_path.write_text(yaml.safe_dump(self.data if data is None else data))
 
     def start(self, wait: bool = True) -> Server:
         self.write_config()
-        self._log = self.log_path.open("ab")
         workers = [] if self.workers is None else ["--workers", str(self.workers)]
-        self.proc = _spawn(["serve", "--config", str(self.config_path), *workers], self._log, self.env, self.tmp)
+        self._spawn(["serve", "--config", str(self.config_path), *workers], self.tmp)
         if wait:
             self.wait_ready()
         return self
@@ -153,9 +179,7 @@ class Server(Clients):
         listener: the proxied port accepting connections)."""
 
         def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"corsproxy exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            self._still_running("corsproxy")
             if len(self.booted_pids()) < (self.workers or 1):
                 return False
             if not self.has_admin:
@@ -170,13 +194,7 @@ class Server(Clients):
     def __enter__(self) -> Server:
         return self if self.proc is not None else self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- logs ---------------------------------------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def logs(self) -> list[dict[str, Any]]:
         lines = []
@@ -197,19 +215,6 @@ class Server(Clients):
     def request_logs(self) -> list[dict[str, Any]]:
         return [line for line in self.logs() if line.get("logger") == "corsproxy.request"]
 
-    # -- signals ------------------------------------------------------------------------------------------------
-
-    def send(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        code = _stop(self.proc, sig, timeout)
-        if self._log is not None:
-            self._log.close()
-        return code
-
 
 def scrape(server: Server) -> Samples:
     """GET /metrics from ``server``'s admin port, parsed (the response's type checked)."""
@@ -228,7 +233,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-class Demo:
+class Demo(_Process):
     """``python -m corsproxy demo --port PORT`` in a subprocess run in ``cwd``; its output goes to a log file beside
     (never inside) ``cwd``, so a test can check that the demo leaves nothing there."""
 
@@ -237,34 +242,16 @@ class Demo:
         self.port = free_port()
         self.log_path = cwd.parent / f"{cwd.name}-demo.log"
         self.env = {**os.environ, **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Demo:
-        self._log = self.log_path.open("ab")
-        self.proc = _spawn(["demo", "--port", str(self.port)], self._log, self.env, self.cwd)
+        self._spawn(["demo", "--port", str(self.port)], self.cwd)
 
         def listening() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the demo exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            self._still_running("the demo")
             return _accepts(self.port)
 
         wait_until(listening, timeout, what="the demo to listen")
         return self
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        code = _stop(self.proc, sig, timeout)
-        if self._log is not None:
-            self._log.close()
-        return code
-
     def __enter__(self) -> Demo:
         return self if self.proc is not None else self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
