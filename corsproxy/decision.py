@@ -510,6 +510,16 @@ def _percent_decode(path: str) -> str:
     return unquote(path) if "%" in path else path
 
 
+def _percent_u_decode(path: str) -> str:
+    # IIS (HTTP.sys accepts "%uXXXX" unless PercentUAllowed is turned off) decodes "%u002e" like "%2e", before it
+    # resolves dot segments: "/public/%u002e%u002e/admin" is "/admin" to it.
+    return _PERCENT_U.sub(_percent_u_char, path) if "%u" in path or "%U" in path else path
+
+
+def _percent_u_char(match: re.Match[str]) -> str:
+    return chr(int(match[1], 16))
+
+
 def _backslash_to_slash(path: str) -> str:
     return path.replace("\\", "/")  # IIS and servers on Windows
 
@@ -549,12 +559,14 @@ def _strip_trailing_dots(path: str) -> str:
 
 #: The steps common servers apply to a request path before they route it, in the order they apply them; a server
 #: applies some subset (Express and Go's RawPath routers none, Starlette decoding, nginx decoding + merging + dots,
-#: Tomcat parameters + decoding + merging + dots, IIS decoding + backslashes + merging + dots + trailing dots).
+#: Tomcat parameters + decoding + merging + dots, IIS "%u" and "%XX" decoding + backslashes + merging + dots + trailing
+#: dots).
 #: Decoding appears twice for servers behind another decoding hop; ``;`` parameters twice for servers that cut them
 #: after decoding (``%3b``).
 _READING_STEPS: tuple[Callable[[str], str], ...] = (
     _cut_fragment,
     _strip_params,
+    _percent_u_decode,
     _percent_decode,
     _percent_decode,
     _backslash_to_slash,
@@ -564,6 +576,7 @@ _READING_STEPS: tuple[Callable[[str], str], ...] = (
     _strip_trailing_dots,
 )
 _REPEATED_SLASHES = re.compile(r"//+")
+_PERCENT_U = re.compile(r"%[uU]([0-9a-fA-F]{4})")
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 _TRAILING_DOT = re.compile(r"[^/.][. ]+(?:/|$)")
 #: Characters and sequences any of the steps acts on; a path with none of them has a single reading.

@@ -1,0 +1,56 @@
+"""Route escapes found by attacking the ambiguous-path refusal: readings of a request path that a common server
+applies and that corsproxy's readings missed. Each is checked on the decision and on the wire (the real proxy, with
+and without the preflight fast path, in front of a raw upstream that records every byte)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corsproxy.config import parse_config
+from corsproxy.decision import Reason, StaticOriginSet
+from tests.raw_upstream import RawUpstream
+from tests.test_route_escape import ROUTED
+from tests.test_route_escape_wire import _ask, _get, _preflight, proxy
+
+APP = "https://app.example.com"
+EVIL = "https://evil.com"
+
+#: IIS (HTTP.sys, ``PercentUAllowed`` on by default) decodes ``%uXXXX`` like ``%XX``, then resolves dot segments:
+#: to it these are ``/admin/x``.
+PERCENT_U = [
+    ("/public/%u002e%u002e/admin/x", EVIL),  # judged under /public/ ("*") before
+    ("/x/%u002e%u002e/admin/x", APP),  # judged by the credentialed default policy before
+    ("/public/%U002E%U002E/admin/x", EVIL),
+    ("/public/..%u002fadmin/x", EVIL),
+    ("/public/..%u005cadmin/x", EVIL),
+    ("/public/%u002e%2e/admin/x", EVIL),
+    ("/%u0061dmin/x", APP),
+]
+
+
+@pytest.mark.parametrize(("path", "origin"), PERCENT_U)
+def test_percent_u_escapes_are_ambiguous(path: str, origin: str) -> None:
+    config = parse_config(ROUTED, env={})
+    store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
+    admin = next(route for route in config.engine.routes if route.prefix == "/admin/")
+    assert admin in config.engine.routes_for(path)
+    decision = config.engine.decide("GET", [origin], [], [], path, store, 0.0)
+    assert decision.reason is Reason.PATH_AMBIGUOUS
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "handler only"])
+@pytest.mark.parametrize(("path", "origin"), PERCENT_U[:2])
+async def test_percent_u_escapes_are_refused_on_the_wire(tmp_path: Path, fast: bool, path: str, origin: str) -> None:
+    async with RawUpstream() as upstream, proxy(tmp_path, upstream.port, fast) as port:
+        for request in (_get(path, origin), _preflight(path, origin)):
+            status, headers, body = await _ask(port, request)
+            assert status == 400, (request, status, body)
+            assert not [name for name in headers if name.lower().startswith("access-control-")]
+        assert upstream.received == []
+
+
+def test_a_plain_percent_u_free_path_keeps_one_reading() -> None:
+    config = parse_config(ROUTED, env={})
+    assert config.engine.routes_for("/public/%75x")[0] is config.engine.routes[0]
