@@ -54,3 +54,19 @@ async def test_percent_u_escapes_are_refused_on_the_wire(tmp_path: Path, fast: b
 def test_a_plain_percent_u_free_path_keeps_one_reading() -> None:
     config = parse_config(ROUTED, env={})
     assert config.engine.routes_for("/public/%75x")[0] is config.engine.routes[0]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast path", "handler only"])
+@pytest.mark.parametrize(
+    "path", ["/%u002e%u002e/secret", "/x/..%u002f..%u002fsecret", "/%u002e%2e/secret", "/%252e%252e/secret"]
+)
+async def test_percent_u_climb_above_the_base_path_is_refused(tmp_path: Path, fast: bool, path: str) -> None:
+    """With ``upstream.url`` ending in a base path, IIS resolves ``/base/%u002e%u002e/secret`` to ``/secret``."""
+    async with RawUpstream() as upstream:
+        override = {"routes": None, "upstream": {"url": f"http://127.0.0.1:{upstream.port}/base"}}
+        async with proxy(tmp_path, upstream.port, fast, **override) as port:
+            for request in (_get(path, APP), _preflight(path, APP)):
+                status, _, body = await _ask(port, request)
+                assert status == 400, (request, status, body)
+                assert b"climbs above" in body
+        assert upstream.received == []
