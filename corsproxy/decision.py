@@ -271,7 +271,7 @@ class CorsEngine:
         readings = path_readings(path)
         if readings is None:
             return (*routes, None)
-        if len(readings) == 1:
+        if len(readings) == 1 and readings[0].isascii():
             reading = readings[0]
             route = _first_match(routes, reading)
             if self._lowercase_prefixes and reading.lower() == reading:
@@ -280,7 +280,10 @@ class CorsEngine:
             return (route,) if folded is route else (route, folded)
         reached: list[Route | None] = []
         for reading in readings:
-            for route in (_first_match(routes, reading), _first_match_folded(routes, reading)):
+            found = [_first_match(routes, reading), _first_match_folded(routes, reading)]
+            if not reading.isascii():
+                found.append(_first_match_folded(routes, _simple_fold(reading)))
+            for route in found:
                 if not any(route is seen for seen in reached):
                     reached.append(route)  # all of them, not just two: the origin must be allowed under each
         return tuple(reached)
@@ -492,6 +495,20 @@ def _first_match_folded(routes: Sequence[Route], path: str) -> Route | None:
         if route.matches_folded(folded):
             return route
     return None
+
+
+def _simple_fold(path: str) -> str:
+    """``path`` folded one character at a time, as case-insensitive servers compare (Java's ``equalsIgnoreCase``,
+    .NET's invariant casing, NTFS's upcase table): "ı" (U+0131) and "ſ" (U+017F) upper-case to "I" and "S", "İ"
+    (U+0130) lower-cases to "i" — none of which ``str.lower`` gives."""
+    return "".join(map(_fold_char, path))
+
+
+@lru_cache(maxsize=1024)
+def _fold_char(char: str) -> str:
+    upper = char.upper()
+    lower = (upper if len(upper) == 1 else char).lower()
+    return lower[0] if lower else char  # "İ".lower() is "i" + U+0307: the simple mapping is its first character
 
 
 def _cut_fragment(path: str) -> str:

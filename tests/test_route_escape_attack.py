@@ -70,3 +70,29 @@ async def test_percent_u_climb_above_the_base_path_is_refused(tmp_path: Path, fa
                 assert status == 400, (request, status, body)
                 assert b"climbs above" in body
         assert upstream.received == []
+
+
+#: Case-insensitive servers compare with per-character simple case mappings (Java's ``equalsIgnoreCase``, .NET's
+#: invariant casing, NTFS's upcase table): "ı" (U+0131) upper-cases to "I" and "İ" (U+0130) lower-cases to "i", so
+#: to them these name ``/admin/x``. Python's ``str.lower`` leaves "ı" alone and turns "İ" into "i" + U+0307.
+UNICODE_CASE = [
+    ("/adm%C4%B1n/x", APP),  # judged by the credentialed default policy before
+    ("/ADM%C4%B0N/x", APP),
+    ("/publ%C4%B1c/..%2fadm%C4%B1n/x", EVIL),
+]
+
+
+@pytest.mark.parametrize(("path", "origin"), UNICODE_CASE)
+def test_unicode_case_mappings_reach_the_route(path: str, origin: str) -> None:
+    config = parse_config(ROUTED, env={})
+    store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
+    admin = next(route for route in config.engine.routes if route.prefix == "/admin/")
+    assert admin in config.engine.routes_for(path)
+    assert config.engine.decide("GET", [origin], [], [], path, store, 0.0).reason is Reason.PATH_AMBIGUOUS
+
+
+def test_non_ascii_paths_without_a_case_collision_keep_their_route() -> None:
+    config = parse_config(ROUTED, env={})
+    public = config.engine.routes[0]
+    assert config.engine.routes_for("/public/caf%C3%A9") == (public,)
+    assert config.engine.routes_for("/caf%C3%A9") == (None,)
