@@ -57,6 +57,21 @@ FORWARDING_FIELDS = frozenset(
         "x-forwarded-port",
         "x-real-ip",
         "forwarded",
+        # The same lies in the names other upstreams read: the scheme (Rack's X-Forwarded-Ssl/-Scheme, Spring's
+        # X-Forwarded-Ssl; "on" there makes the app believe the request came over TLS) and the client address
+        # (Rails' Client-IP, the client-IP libraries of Express and Django, CDN names).
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-url-scheme",
+        "front-end-https",
+        "x-forwarded-server",
+        "client-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
         # Fields that make an upstream route another path than the request line's (Spring's X-Forwarded-Prefix,
         # the X-Original-URL / X-Rewrite-URL of IIS URL Rewrite that Symfony and Zend once honoured): from a client
         # they would move a request out from under the route corsproxy judged it by.
