@@ -578,13 +578,14 @@ def _strip_trailing_dots(path: str) -> str:
 #: applies some subset (Express and Go's RawPath routers none, Starlette decoding, nginx decoding + merging + dots,
 #: Tomcat parameters + decoding + merging + dots, IIS "%u" and "%XX" decoding + backslashes + merging + dots + trailing
 #: dots).
-#: Decoding appears twice for servers behind another decoding hop; ``;`` parameters twice for servers that cut them
-#: after decoding (``%3b``).
+#: Decoding (and "%u" decoding) appears twice for servers behind another decoding hop; ``;`` parameters twice for
+#: servers that cut them after decoding (``%3b``).
 _READING_STEPS: tuple[Callable[[str], str], ...] = (
     _cut_fragment,
     _strip_params,
     _percent_u_decode,
     _percent_decode,
+    _percent_u_decode,
     _percent_decode,
     _backslash_to_slash,
     _strip_params,

@@ -27,6 +27,7 @@ PERCENT_U = [
     ("/public/..%u005cadmin/x", EVIL),
     ("/public/%u002e%2e/admin/x", EVIL),
     ("/%u0061dmin/x", APP),
+    ("/public/%25u002e%25u002e/admin/x", EVIL),  # behind a decoding hop, as double %XX decoding is read
 ]
 
 
