@@ -216,10 +216,13 @@ def climbs_above_root(target: str) -> bool:
     ``%uXXXX``), since the upstream behind the base path may be any of those servers."""
     path = target.split("?", 1)[0]
     if "%" in path:
-        path = _PERCENT_U.sub(lambda match: chr(int(match[1], 16)), path)
-        once = unquote(path)
-        return _climbs(once) or ("%" in once and _climbs(unquote(once)))
+        once = unquote(_percent_u_decode(path))
+        return _climbs(once) or ("%" in once and _climbs(unquote(_percent_u_decode(once))))
     return _climbs(path)
+
+
+def _percent_u_decode(path: str) -> str:
+    return _PERCENT_U.sub(lambda match: chr(int(match[1], 16)), path)
 
 
 _PERCENT_U = re.compile(r"%[uU]([0-9a-fA-F]{4})")

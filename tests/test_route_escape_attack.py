@@ -59,7 +59,14 @@ def test_a_plain_percent_u_free_path_keeps_one_reading() -> None:
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast path", "handler only"])
 @pytest.mark.parametrize(
-    "path", ["/%u002e%u002e/secret", "/x/..%u002f..%u002fsecret", "/%u002e%2e/secret", "/%252e%252e/secret"]
+    "path",
+    [
+        "/%u002e%u002e/secret",
+        "/x/..%u002f..%u002fsecret",
+        "/%u002e%2e/secret",
+        "/%252e%252e/secret",
+        "/%25u002e%25u002e/x",
+    ],
 )
 async def test_percent_u_climb_above_the_base_path_is_refused(tmp_path: Path, fast: bool, path: str) -> None:
     """With ``upstream.url`` ending in a base path, IIS resolves ``/base/%u002e%u002e/secret`` to ``/secret``."""
