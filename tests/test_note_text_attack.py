@@ -40,7 +40,7 @@ def test_origins_list_prints_every_note_on_its_own_line_escaped(
     assert listed.returncode == 0, listed.stderr
     shown = _printable_lines(listed.stdout)
     for key in NOTES:
-        (line,) = [line for line in shown if line.startswith(key + "\t")]
+        assert len([line for line in shown if line.startswith(key + "\t")]) == 1, key  # one line per entry
     assert not [line for line in shown if line.startswith("https://fake.example.net")]
     assert "contract 42 — 中文 😀" in listed.stdout  # printable text stays readable
 
