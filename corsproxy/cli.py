@@ -28,6 +28,7 @@ from corsproxy.config import DEFAULT_CONFIG_PATH, Admin, Config, ConfigError, lo
 from corsproxy.origin_lines import (
     KEEP,
     EntryEdit,
+    _quote,
     format_line,
     parse_edits,
     parse_entry,
@@ -302,7 +303,7 @@ def _describe(record: OriginRecord | None) -> str:
     if record.expires is not None:
         out += time.strftime(" expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
     if record.note:
-        out += f" note {json.dumps(record.note, ensure_ascii=False)}"
+        out += f" note {_quote(record.note)}"  # printable only: a note is text anyone with a write path chose
     return out
 
 
@@ -367,7 +368,9 @@ def cmd_origins_list(args: argparse.Namespace) -> int:
             expires = (
                 time.strftime(" expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires)) if record.expires else ""
             )
-            note = f" — {record.note}" if record.note else ""
+            # Raw, a note could erase or forge lines on the operator's terminal ("\r\x1b[2K", "\n"), or hold a lone
+            # surrogate that stdout cannot encode: non-printable notes are shown quoted and escaped, as exported.
+            note = f" — {record.note if record.note.isprintable() else _quote(record.note)}" if record.note else ""
             print(f"{key}\tpolicy={record.policy}\tsource={record.source}{expires}{state}{note}")
     return 0
 

@@ -12,7 +12,7 @@ from corsproxy.config import Config, parse_config
 from corsproxy.decision import DecisionCache, Reason, actual_headers, preflight_headers
 from corsproxy.origin_writes import reconcile_config
 from corsproxy.store import OriginRecord, OriginStore
-from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
+from tests.support.decision_table import CONFIG, PREFLIGHTS, Preflight
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
 from corsproxy.proxy import FastAnswer, Outcome
+from tests.support.decision_table import CONFIG, PREFLIGHTS, Preflight
 from tests.support.inprocess import serve_proxy
-from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 Runner = Callable[..., Any]
 #: The answers each fast-path proxy (by port) wrote from the fast path itself, so a test can tell which path answered.

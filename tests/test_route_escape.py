@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -19,22 +18,7 @@ import pytest
 from corsproxy.config import Config, ConfigError, parse_config
 from corsproxy.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
 from tests.support.config import BASE_CONFIG, merge
-
-#: The configuration of the report: a public route, a restrictive one, a report-only one; the default policy is
-#: credentialed for https://app.example.com.
-ROUTED: dict[str, Any] = merge(
-    BASE_CONFIG,
-    {
-        "cors": {"allow_origins": ["https://app.example.com"]},
-        "policies": {"public": {"allow_credentials": False}, "admin": {"allow_methods": ["GET", "POST"]}},
-        "routes": [
-            {"path": "/public/", "allow_origins": ["*"], "policy": "public"},
-            {"path": "/admin/", "allow_origins": ["https://admin.example.com"], "policy": "admin"},
-            {"path": "/legacy/", "mode": "report-only"},
-            {"path": "/api/v2", "allow_origins": ["https://v2.example.com"]},
-        ],
-    },
-)
+from tests.support.routes import ROUTED
 
 
 @pytest.fixture(scope="module")
