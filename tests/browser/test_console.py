@@ -323,7 +323,8 @@ async def test_an_unsafe_allow_is_refused_with_its_explanation(
     ):
         await field.fill(unsafe)
         await page.get_by_role("button", name="Check").click()
-        refusal = result.locator(".error")
+        # Wait for this entry's refusal: the previous one stays on the page until the new answer replaces it.
+        refusal = result.locator(".error", has_text=because).filter(has_text=unsafe)
         await refusal.wait_for()
         text = await refusal.inner_text()
         assert text.startswith("Refused:") and because in text, text
