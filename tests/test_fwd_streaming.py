@@ -21,7 +21,7 @@ from tests.support.serve import Server
 
 SIZE = (1 << 30) if os.environ.get("CORSPROXY_SLOW") == "1" else (256 << 20)
 RSS_GROWTH_BOUND = 64 << 20
-PIECE = bytes(range(256)) * 256  # 64 KiB, the same pattern tests/upstream.py's /download sends
+PIECE = bytes(range(256)) * 256  # 64 KiB, the same pattern tests/support/upstream.py's /download sends
 
 
 def rss(pid: int) -> int:

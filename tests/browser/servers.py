@@ -1,7 +1,7 @@
 """The real servers a browser test talks to: page servers on several loopback origins, an upstream API, the proxy.
 
 Everything is a real aiohttp application on a real loopback socket, started in the test's event loop. The upstream
-reuses the handlers of :mod:`tests.upstream` (so it records what it received in ``RECEIVED``) and adds the two
+reuses the handlers of :mod:`tests.support.upstream` (so it records what it received in ``RECEIVED``) and adds the two
 endpoints only a browser needs: one that sets a cookie, and one whose answer the browser's HTTP cache keeps.
 """
 

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 
 def echoed(seen: Seen) -> dict[str, Any]:
-    """The upstream's echo of the request it received (tests/upstream.py ``echo``), as the script read it."""
+    """The upstream's echo of the request it received (tests/support/upstream.py ``echo``), as the script read it."""
     assert seen.readable, f"the page could not read the response: {seen.error}"
     assert seen.body is not None
     body: dict[str, Any] = json.loads(seen.body)
