@@ -175,10 +175,10 @@ def micro(config_path: Path, label: str) -> list[str]:
     from aiohttp import web
 
     from corsproxy.config import load_config
-    from corsproxy.decision import preflight_headers
-    from corsproxy.origin import lookup_keys, parse_request_origin
-    from corsproxy.origin_writes import reconcile_config
-    from corsproxy.proxy import preflight_response
+    from corsproxy.core.decision import preflight_headers
+    from corsproxy.core.origin import lookup_keys, parse_request_origin
+    from corsproxy.http.app import preflight_response
+    from corsproxy.origins.writes import reconcile_config
     from corsproxy.store import OriginStore
 
     config = load_config(config_path)

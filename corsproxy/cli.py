@@ -24,16 +24,10 @@ from typing import TextIO
 
 import yaml
 
-from corsproxy.config import DEFAULT_CONFIG_PATH, Admin, Config, ConfigError, load_config, parse_config
-from corsproxy.origin_lines import (
-    KEEP,
-    EntryEdit,
-    format_line,
-    parse_edits,
-    parse_entry,
-    parse_expires_field,
-)
-from corsproxy.origin_writes import (
+from corsproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
+from corsproxy.core.origin_lines import KEEP, EntryEdit, format_line, parse_edits, parse_entry, parse_expires_field
+from corsproxy.core.settings import Admin, Config
+from corsproxy.origins.writes import (
     Declarations,
     DeclaredElsewhere,
     WriteReport,
@@ -103,8 +97,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if Path(config.store.path, "data.mdb").exists():
         # Entries added through the CLI, the admin API or the origins file were checked against the policies of
         # their day; the engine re-checks every match against today's, and this lists the ones it now refuses.
-        from corsproxy.config import check_origin_entry
-        from corsproxy.origin import EntryError, parse_origin_entry
+        from corsproxy.core.origin import EntryError, parse_origin_entry
+        from corsproxy.core.safety import check_origin_entry
 
         refused: list[str] = []
         with OriginStore(config.store.path, readonly=True) as store:
@@ -136,7 +130,7 @@ WORKERS_ENV = "CORSPROXY_WORKERS"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from corsproxy.server import default_workers, serve
+    from corsproxy.ops.server import default_workers, serve
 
     workers = args.workers
     if workers is None and os.environ.get(WORKERS_ENV, "").strip():
@@ -161,7 +155,7 @@ DEMO_CONFIG = "demo.yaml"
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
-    from corsproxy.server import _listen_socket, run_demo
+    from corsproxy.ops.server import _listen_socket, run_demo
 
     with contextlib.ExitStack() as stack:
         if args.config is None:
@@ -224,7 +218,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from corsproxy.admin import load_tokens
+    from corsproxy.ops.admin import load_tokens
 
     admin, source = _admin_settings(args)
     if admin.port is None:
@@ -272,7 +266,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from corsproxy.explain import explain
+    from corsproxy.core.explain import explain
 
     if args.origin and args.origin_option and args.origin != args.origin_option:
         print("error: two different origins given (positional and --origin): give one", file=sys.stderr)
@@ -310,7 +304,7 @@ def _write(config: Config, store: OriginStore, edits: list[EntryEdit], **options
 
 
 def cmd_origins_add(args: argparse.Namespace) -> int:
-    from corsproxy.origin import EntryError, parse_origin_entry
+    from corsproxy.core.origin import EntryError, parse_origin_entry
 
     config = _load(args)
     try:
@@ -333,7 +327,7 @@ def cmd_origins_add(args: argparse.Namespace) -> int:
 
 
 def cmd_origins_remove(args: argparse.Namespace) -> int:
-    from corsproxy.origin import EntryError, parse_origin_entry
+    from corsproxy.core.origin import EntryError, parse_origin_entry
 
     config = _load(args)
     try:
@@ -432,7 +426,7 @@ def cmd_store_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_origins_import_regex(args: argparse.Namespace) -> int:
-    from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
+    from corsproxy.core.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 
     config = _load(args)
     try:
@@ -476,7 +470,7 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         for origin in only_entries:
             print(f"  entries only: {origin}", file=sys.stderr)
     if args.apply and accepted:
-        from corsproxy.origin import parse_origin_entry
+        from corsproxy.core.origin import parse_origin_entry
 
         note = f"from regex {args.regex}"
         edits = [EntryEdit(parse_origin_entry(key), args.policy, KEEP, note) for key in accepted]

@@ -1,10 +1,10 @@
 """The origin store: allowed origins and patterns in an LMDB environment, with an audit trail of every change.
 
 Owns the on-disk format and every transaction. Readers (each request) open a read-only transaction and make a handful
-of exact ``get`` calls, whatever the size of the set (see :func:`corsproxy.origin.lookup_keys`); writers (CLI, admin
-API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed state
-intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate. Who may change
-which entry is not decided here: every write path goes through :mod:`corsproxy.origin_writes`, which uses the
+of exact ``get`` calls, whatever the size of the set (see :func:`~corsproxy.core.origin.lookup_keys`); writers (CLI,
+admin API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed
+state intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate. Who may change
+which entry is not decided here: every write path goes through :mod:`corsproxy.origins.writes`, which uses the
 read-check-write transactions offered here (``apply``, ``remove(guard=)``, ``reconcile(defer_to=)``).
 
 Record value layout, chosen so the request path never parses JSON::
@@ -49,8 +49,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
-from corsproxy.config import AuditRetention
-from corsproxy.decision import Found
+from corsproxy.core.decision import Found
+from corsproxy.core.settings import AuditRetention
 
 __all__ = [
     "AuditEvent",
@@ -518,7 +518,7 @@ class OriginStore:
         """Make the entries owned by ``source`` exactly ``wanted``, in one transaction.
 
         A wanted key owned by a source in ``defer_to`` is left alone and reported as skipped; one owned by any other
-        source is taken over (which source yields to which is :mod:`corsproxy.origin_writes`' rule). Unwanted
+        source is taken over (which source yields to which is :mod:`corsproxy.origins.writes`' rule). Unwanted
         entries of other sources are never touched. Only ``source``'s own entries are read (the owner index), whatever
         the size of the store.
 

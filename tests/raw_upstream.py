@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.proxy import ProxyRunner, create_app
+from corsproxy.http.app import ProxyRunner, create_app
 
 __all__ = ["OK", "RawConnection", "RawUpstream", "Received", "raw_exchange", "running_proxy"]
 

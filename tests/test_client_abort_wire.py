@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.proxy import STATE, Outcome, ProxyRunner, create_app
+from corsproxy.core.outcome import Outcome
+from corsproxy.http.app import STATE, ProxyRunner, create_app
 from tests.conftest import BASE_CONFIG, merge
 from tests.raw_upstream import RawConnection, RawUpstream
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.config import Config, parse_config
-from corsproxy.decision import DecisionCache, Reason, actual_headers, preflight_headers
-from corsproxy.origin_writes import reconcile_config
+from corsproxy.config import parse_config
+from corsproxy.core.decision import DecisionCache, Reason, actual_headers, preflight_headers
+from corsproxy.core.settings import Config
+from corsproxy.origins.writes import reconcile_config
 from corsproxy.store import OriginRecord, OriginStore
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 

@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
 from corsproxy.config import parse_config
-from corsproxy.proxy import STATE, FastAnswer, Outcome, ProxyRunner, create_app
+from corsproxy.core.outcome import Outcome
+from corsproxy.http.app import STATE, FastAnswer, ProxyRunner, create_app
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 Runner = Callable[..., Any]

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from corsproxy.decision import Decision, Kind, Reason
-from corsproxy.metrics import MULTIPROC_ENV, Metrics
-from corsproxy.proxy import STATE, Outcome
-from corsproxy.server import _StoreErrorCounter
+from corsproxy.core.decision import Decision, Kind, Reason
+from corsproxy.core.outcome import Outcome
+from corsproxy.http.app import STATE
+from corsproxy.ops.metrics import MULTIPROC_ENV, Metrics
+from corsproxy.ops.server import _StoreErrorCounter
 from tests.conftest import ProxyFactory
 from tests.test_workers_harness import Server, ThreadedUpstream, free_port, served, upstream_thread, wait_until
 

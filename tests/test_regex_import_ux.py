@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
+from corsproxy.core.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent

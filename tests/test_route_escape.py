@@ -16,8 +16,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from corsproxy.config import Config, ConfigError, parse_config
-from corsproxy.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
+from corsproxy.config import ConfigError, parse_config
+from corsproxy.core.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
+from corsproxy.core.settings import Config
 from tests.conftest import BASE_CONFIG, merge
 
 #: The configuration of the report: a public route, a restrictive one, a report-only one; the default policy is
@@ -265,7 +266,7 @@ def test_routes_differing_only_in_case_are_refused() -> None:
 
 
 def test_explain_names_an_ambiguous_path(config: Config) -> None:
-    from corsproxy.explain import explain
+    from corsproxy.core.explain import explain
 
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     for method in (None, "GET"):

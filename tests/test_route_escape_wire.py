@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.proxy import ProxyRunner, create_app
+from corsproxy.http.app import ProxyRunner, create_app
 from tests.conftest import merge
 from tests.raw_upstream import RawUpstream
 from tests.test_route_escape import ROUTED

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import Reason, StaticOriginSet
 from tests.conftest import BASE_CONFIG, ProxyFactory, merge
 
 ROUTES: list[dict[str, Any]] = [

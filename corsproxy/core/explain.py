@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from corsproxy.config import DEFAULT_POLICY, Config
-from corsproxy.decision import Decision, Kind, OriginSet, Reason, actual_headers, preflight_headers
+from corsproxy.core.decision import Decision, Kind, OriginSet, Reason, actual_headers, preflight_headers
+from corsproxy.core.settings import DEFAULT_POLICY, Config
 
 __all__ = ["Explanation", "explain"]
 

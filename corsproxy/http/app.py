@@ -1,9 +1,9 @@
 """The I/O shell: an aiohttp application that answers preflights itself and streams everything else to the upstream.
 
 Owns the request handler, the forwarder and the lifetime of the resources a running proxy holds (the LMDB store and
-one pooled ``ClientSession``, via ``cleanup_ctx``). All CORS judgement is delegated to :mod:`corsproxy.decision`;
+one pooled ``ClientSession``, via ``cleanup_ctx``). All CORS judgement is delegated to :mod:`corsproxy.core.decision`;
 this module turns requests into its arguments and decisions into headers. What a message loses or gains on the way
-through is decided by the pure :mod:`corsproxy.forwarding`; this module applies it, streams bodies both ways under
+through is decided by the pure :mod:`corsproxy.core.forwarding`; this module applies it, streams bodies both ways under
 ``limits``, relays WebSockets, maps upstream failures to 502/504, and adds the connection guards aiohttp lacks
 (:class:`GuardedRequestHandler`, served by :class:`ProxyRunner`).
 """
@@ -28,8 +28,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict, MultiDict
 from yarl import URL
 
-from corsproxy.config import Config, Limits, Upstream
-from corsproxy.decision import (
+from corsproxy.core.decision import (
     CorsEngine,
     CorsHeaders,
     Decision,
@@ -41,7 +40,7 @@ from corsproxy.decision import (
     merge_vary,
     preflight_headers,
 )
-from corsproxy.forwarding import (
+from corsproxy.core.forwarding import (
     ForwardContext,
     TrustedProxies,
     climbs_above_root,
@@ -50,8 +49,10 @@ from corsproxy.forwarding import (
     request_headers,
     response_headers,
 )
-from corsproxy.log_limit import PROXY_LINES, configure_line_limits, flush_line_limits
-from corsproxy.origin_writes import reconcile_on_start
+from corsproxy.core.outcome import Outcome
+from corsproxy.core.settings import Config, Limits, Upstream
+from corsproxy.ops.log_limit import PROXY_LINES, configure_line_limits, flush_line_limits
+from corsproxy.origins.writes import reconcile_on_start
 from corsproxy.store import OriginStore
 
 __all__ = [
@@ -59,7 +60,6 @@ __all__ = [
     "STATE",
     "GuardedRequestHandler",
     "Observer",
-    "Outcome",
     "PreflightResponder",
     "ProxyRunner",
     "ProxyState",
@@ -75,21 +75,6 @@ _VARY_ONLY = {"Vary": "Origin"}
 #: RFC 6455 §7.4.1: codes that report a closure and must never be sent in a Close frame.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 _STREAM_CHUNK = 1 << 16
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """One finished request, as observers (metrics, request log) see it."""
-
-    method: str
-    path: str
-    client: str
-    decision: Decision
-    status: int
-    bytes_sent: int
-    duration: float  # seconds, whole request
-    upstream_latency: float | None  # seconds to the upstream's response head; None when not forwarded
-    upstream_error: str | None = None  # "timeout" | "connect" | "protocol" | "disconnect"
 
 
 Observer = Callable[[Outcome], None]

@@ -4,7 +4,7 @@ and the demo with its built-in echo upstream.
 Owns the process model (issue 5). The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
 workers that share the proxied listening socket, replaces a worker that dies, and on ``SIGTERM`` lets every worker
 stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds (issue 4), then exits 0.
-Each worker builds its own app after the fork (:func:`corsproxy.proxy.create_app`), so each opens the LMDB
+Each worker builds its own app after the fork (:func:`corsproxy.http.app.create_app`), so each opens the LMDB
 environment itself; a change written by any process (admin API, CLI, origins file) is seen by every worker on its next
 request, since every lookup is a fresh LMDB read transaction.
 
@@ -14,7 +14,7 @@ address fails the start instead of one worker. ``SIGHUP`` (or ``POST /reload``, 
 the YAML first; a refused file is logged and changes nothing, a valid one starts new workers on it while the old
 ones drain (gunicorn's graceful reload), so no in-flight request is dropped.
 
-Imports prometheus-client only after ``PROMETHEUS_MULTIPROC_DIR`` is set (see :mod:`corsproxy.metrics`).
+Imports prometheus-client only after ``PROMETHEUS_MULTIPROC_DIR`` is set (see :mod:`corsproxy.ops.metrics`).
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ from aiohttp.worker import GunicornWebWorker
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 
-from corsproxy.config import Config, ConfigError, load_config
-from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
+from corsproxy.config import ConfigError, load_config
+from corsproxy.core.settings import Config
+from corsproxy.http.app import STATE, ProxyRunner, ProxyState, create_app
 
 if TYPE_CHECKING:
-    from corsproxy.metrics import Metrics
+    from corsproxy.ops.metrics import Metrics
 
 __all__ = [
     "check_can_listen",
@@ -64,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger("corsproxy")
 
-#: Read by prometheus-client when it is first imported, so it is set here before :mod:`corsproxy.metrics` is.
+#: Read by prometheus-client when it is first imported, so it is set here before :mod:`corsproxy.ops.metrics` is.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -119,7 +120,7 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 def check_admin_tokens(config: Config) -> None:
     """Refuse to serve an admin listener whose token source yields no token (an empty file is no protection)."""
-    from corsproxy.admin import load_tokens
+    from corsproxy.ops.admin import load_tokens
 
     admin = config.admin
     if admin.port is None:
@@ -181,17 +182,17 @@ def event_loop_choice() -> tuple[str, str]:
     """
     setting = os.environ.get(UVLOOP_ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off"):
-        return "corsproxy.server.CorsproxyWorker", f"event loop: asyncio ({UVLOOP_ENV}={setting})"
+        return "corsproxy.ops.server.CorsproxyWorker", f"event loop: asyncio ({UVLOOP_ENV}={setting})"
     # Looked up, not imported: the arbiter never runs an event loop, and uvloop is loaded only where it serves.
     if importlib.util.find_spec("uvloop") is None:
         if setting:
             log.warning("%s=%s but uvloop is not installed (pip install 'corsproxy[speed]')", UVLOOP_ENV, setting)
-        return "corsproxy.server.CorsproxyWorker", "event loop: asyncio (uvloop not installed)"
+        return "corsproxy.ops.server.CorsproxyWorker", "event loop: asyncio (uvloop not installed)"
     try:
         version = importlib.metadata.version("uvloop")
     except importlib.metadata.PackageNotFoundError:
         version = "(version unknown)"
-    return "corsproxy.server.CorsproxyUVLoopWorker", f"event loop: uvloop {version}"
+    return "corsproxy.ops.server.CorsproxyUVLoopWorker", f"event loop: uvloop {version}"
 
 
 class _Arbiter(Arbiter):  # type: ignore[misc]
@@ -261,14 +262,14 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
         self.config = config
 
     def count_reload(self, result: str) -> None:
-        from corsproxy.metrics import Metrics
+        from corsproxy.ops.metrics import Metrics
 
         if self._metrics is None:
             self._metrics = Metrics()
         self._metrics.reloads.labels(result).inc()
 
     def load_config(self) -> None:
-        from corsproxy.request_log import log_dict_config
+        from corsproxy.ops.request_log import log_dict_config
 
         config = self.config
         limits = config.limits
@@ -305,7 +306,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
         arbiter.log.info("%s", self.event_loop)  # after gunicorn configured logging, in the operator's format
         admin = self.config.admin
         if admin.port is not None:
-            from corsproxy.admin import auth_mode, load_tokens
+            from corsproxy.ops.admin import auth_mode, load_tokens
 
             tokens = load_tokens(admin)
             (arbiter.log.info if tokens or not admin.allow_anonymous_writes else arbiter.log.warning)(
@@ -316,7 +317,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
     # -- worker side (after the fork) -----------------------------------------------------------------------------
 
     async def _build_runner(self) -> web.AppRunner:
-        from corsproxy.metrics import Metrics
+        from corsproxy.ops.metrics import Metrics
 
         config = self.config
         metrics = Metrics()
@@ -331,7 +332,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
 
 
 def _child_exit(server: Any, worker: Any) -> None:
-    from corsproxy.metrics import mark_process_dead
+    from corsproxy.ops.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
 
@@ -368,10 +369,10 @@ async def _worker_runtime(
     application: CorsproxyApplication, app: web.Application, metrics: Metrics
 ) -> AsyncIterator[None]:
     """What a worker runs beside the proxy: observers, the admin site, the origins-file watcher."""
-    from corsproxy.admin import AdminContext, create_admin_app, load_tokens
-    from corsproxy.metrics import CONTENT_TYPE
-    from corsproxy.origins_file import OriginsFileWatcher, SyncResult
-    from corsproxy.request_log import RequestLog
+    from corsproxy.ops.admin import AdminContext, create_admin_app, load_tokens
+    from corsproxy.ops.metrics import CONTENT_TYPE
+    from corsproxy.ops.request_log import RequestLog
+    from corsproxy.origins.file import OriginsFileWatcher, SyncResult
 
     state = app[STATE]
     config = state.config

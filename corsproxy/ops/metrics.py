@@ -3,10 +3,10 @@
 Owns the metric names and labels. Uses prometheus-client's multiprocess mode: each worker writes its samples to
 memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` and whichever worker answers ``GET /metrics`` sums them all, so a
 scrape sees the whole server whichever worker it reaches. That environment variable must be set *before*
-``prometheus_client`` is first imported (it picks its value store at import time): :mod:`corsproxy.server` sets it
+``prometheus_client`` is first imported (it picks its value store at import time): :mod:`corsproxy.ops.server` sets it
 up, then imports this module.
 
-Must not import aiohttp or lmdb; requests are seen as :class:`corsproxy.proxy.Outcome` values.
+Must not import aiohttp or lmdb; requests are seen as :class:`corsproxy.core.outcome.Outcome` values.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # The classic text format (what generate_latest writes): every Prometheus version reads it.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 
-from corsproxy.log_limit import PROXY_LINES
+from corsproxy.ops.log_limit import PROXY_LINES
 
 if TYPE_CHECKING:
-    from corsproxy.proxy import Outcome
+    from corsproxy.core.outcome import Outcome
     from corsproxy.store import StoreUsage
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
@@ -31,7 +31,7 @@ __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: What the proxy refuses before a request reaches its handler (so ``corsproxy_requests`` never sees it): the
-#: :data:`~corsproxy.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
+#: :data:`~corsproxy.ops.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
 MALFORMED_TYPES = ("malformed_request", "head_too_large", "head_timeout")
 
 # Seconds. A preflight answered from LMDB takes well under a millisecond; an upstream call anything up to read_timeout.

@@ -20,8 +20,8 @@ from functools import lru_cache
 from typing import Protocol
 from urllib.parse import unquote
 
-from corsproxy.header_list import is_token, parse_request_header_names
-from corsproxy.origin import ANY_ORIGIN, NULL_ORIGIN, RequestOrigin, lookup_keys, parse_request_origin
+from corsproxy.core.header_list import is_token, parse_request_header_names
+from corsproxy.core.origin import ANY_ORIGIN, NULL_ORIGIN, RequestOrigin, lookup_keys, parse_request_origin
 
 __all__ = [
     "SAFE_METHODS",

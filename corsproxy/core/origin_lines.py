@@ -16,7 +16,7 @@ Two readings of a line:
   refused, since replicas starting at different times would each count it from their own start; an ``expires``
   already past skips the line with a warning.
 * :func:`parse_edits` — an *edit* (``origins import``, admin import): the fields a line gives, the others kept from
-  the stored entry (see :mod:`corsproxy.origin_writes`, which also checks each entry against its final policy).
+  the stored entry (see :mod:`corsproxy.origins.writes`, which also checks each entry against its final policy).
 
 Must not import aiohttp or lmdb.
 """
@@ -33,16 +33,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from corsproxy.config import (
+from corsproxy.core.origin import EntryError, OriginEntry, parse_origin_entry
+from corsproxy.core.safety import check_origin_entry
+from corsproxy.core.settings import (
     DEFAULT_POLICY,
     ConfiguredOrigin,
     PolicySafety,
-    check_origin_entry,
     parse_duration,
     parse_expiry,
     unknown_policy,
 )
-from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry
 
 __all__ = [
     "KEEP",
@@ -321,7 +321,7 @@ def parse_expires_field(
 
 def parse_edits(lines: Iterable[str], now: float | None = None) -> ParsedEdits:
     """Read the line format as edits (``origins import``): syntax, origins and times here; policies and ownership are
-    checked where the write happens (:func:`corsproxy.origin_writes.write_entries`), against the entry's final
+    checked where the write happens (:func:`corsproxy.origins.writes.write_entries`), against the entry's final
     policy. An expired entry is kept as such (an export of expired entries reads back the same) with a warning."""
     now = time.time() if now is None else now
     out = ParsedEdits()
