@@ -52,7 +52,7 @@ DEFAULT_CONFIG_PATH = "/etc/corsproxy/config.yaml"
 
 #: Methods a browser can never send (Fetch ``#forbidden-method``); listing one is a mistake or a probe.
 FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
-#: Chromium caps Access-Control-Max-Age at 7200 s, Firefox at 86400 s (CORS-RULES 13).
+#: Chromium caps Access-Control-Max-Age at 7200 s, Firefox at 86400 s (a longer value is silently capped).
 MAX_AGE_WARN = 7200
 MAX_AGE_LIMIT = 86400
 

@@ -3,9 +3,9 @@
 Owns the on-disk format and every transaction. Readers (each request) open a read-only transaction and make a handful
 of exact ``get`` calls, whatever the size of the set (see :func:`~corsproxy.core.origin.lookup_keys`); writers (CLI,
 admin API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed
-state intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate. Who may change
-which entry is not decided here: every write path goes through :mod:`corsproxy.origins.writes`, which uses the
-read-check-write transactions offered here (``apply``, ``remove(guard=)``, ``reconcile(defer_to=)``).
+state intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate.
+Who may change which entry is not decided here: every write path goes through :mod:`corsproxy.origins.writes`,
+which uses the read-check-write transactions offered here (``apply``, ``remove(guard=)``, ``reconcile(defer_to=)``).
 
 Record value layout, chosen so the request path never parses JSON::
 

@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.http.app import ProxyRunner, create_app
+from corsproxy.http.app import create_app
+from corsproxy.http.protocol import ProxyRunner
 
 __all__ = ["OK", "RawConnection", "RawUpstream", "Received", "raw_exchange", "running_proxy"]
 

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from corsproxy.config import parse_config
 from corsproxy.core.outcome import Outcome
-from corsproxy.http.app import STATE, ProxyRunner, create_app
+from corsproxy.http.app import STATE, create_app
+from corsproxy.http.protocol import ProxyRunner
 from tests.conftest import BASE_CONFIG, merge
 from tests.raw_upstream import RawConnection, RawUpstream
 

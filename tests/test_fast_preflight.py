@@ -17,7 +17,9 @@ from aiohttp.http_parser import RawRequestMessage
 
 from corsproxy.config import parse_config
 from corsproxy.core.outcome import Outcome
-from corsproxy.http.app import STATE, FastAnswer, ProxyRunner, create_app
+from corsproxy.http.app import STATE, create_app
+from corsproxy.http.fastpath import FastAnswer
+from corsproxy.http.protocol import ProxyRunner
 from tests.test_decision import CONFIG, PREFLIGHTS, Preflight
 
 Runner = Callable[..., Any]

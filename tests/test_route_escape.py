@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.core.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
+from corsproxy.core.decision import CorsRequest, Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
 from corsproxy.core.settings import Config
 from tests.conftest import BASE_CONFIG, merge
 
@@ -161,7 +161,7 @@ def test_no_server_reading_escapes_the_judged_route(config: Config, path: str, m
         # Readable only when the origin is allowed under every route any server serves it under.
         if actual_headers(decision):
             for route in {id(route): route for route in served.values()}.values():
-                under = config.engine._decide("GET", [origin], [], [], (route,), store, 0.0, False)
+                under = config.engine._decide(CorsRequest("GET", (origin,)), (route,), store, 0.0)
                 assert under.allowed, (route, under)
         return
     wrong = {name: route for name, route in served.items() if route != decision.route}

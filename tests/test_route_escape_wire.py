@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.http.app import ProxyRunner, create_app
+from corsproxy.http.app import create_app
+from corsproxy.http.protocol import ProxyRunner
 from tests.conftest import merge
 from tests.raw_upstream import RawUpstream
 from tests.test_route_escape import ROUTED

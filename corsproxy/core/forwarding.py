@@ -1,5 +1,5 @@
 """What the proxy changes in a message on its way through, as pure functions: hop-by-hop fields, ``X-Forwarded-*``,
-``Host`` and the trusted-proxy rule (issue 4).
+``Host`` and the trusted-proxy rule.
 
 Owns header arithmetic only. Imports neither aiohttp nor lmdb: headers come in and go out as ``(name, value)`` pairs
 in wire order, so the rules are tested as tables without sockets.

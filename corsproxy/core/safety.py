@@ -15,7 +15,7 @@ from publicsuffixlist import PSLFILE, PublicSuffixList, encode_idn
 from corsproxy.core.origin import EntryError, OriginEntry, parse_origin_entry
 from corsproxy.core.settings import PolicySafety
 
-#: Sites where anyone can publish a page under the listed origin (CORS-RULES 16: allowing them allows everyone).
+#: Sites where anyone can publish a page under the listed origin (allowing them allows everyone).
 CODE_HOSTING_DOMAINS = (
     "codepen.io",
     "cdpn.io",
@@ -36,7 +36,7 @@ CODE_HOSTING_DOMAINS = (
 
 @cache
 def _public_suffixes() -> PublicSuffixList:
-    # The list ships inside the package: never a download at run time (issue 3).
+    # The list ships inside the package: never a download at run time.
     return PublicSuffixList()
 
 
@@ -74,7 +74,7 @@ def _suffixes_at_or_below() -> dict[str, str]:
 
 
 def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[str], list[str]]:
-    """Errors and warnings for allowing ``entry`` under ``policy`` (CORS-RULES 15-16). Shared by every write path."""
+    """Errors and warnings for allowing ``entry`` under ``policy``. Shared by every write path."""
     errors: list[str] = []
     warnings: list[str] = []
     creds = policy.allow_credentials

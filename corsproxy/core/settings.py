@@ -66,7 +66,7 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Forwarding:
-    """What goes to the upstream besides the request itself (issue 4)."""
+    """What goes to the upstream besides the request itself."""
 
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are kept (and appended to)
     preserve_host: bool = False  # send the client's Host instead of the upstream's own
@@ -76,7 +76,7 @@ class Forwarding:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Bounds on what one client can make the proxy hold (issue 4)."""
+    """Bounds on what one client can make the proxy hold."""
 
     max_header_size: int = 16384  # bytes of one header line / request line; over it: 431
     max_body_size: int = 100 << 20  # bytes; over it: 413 (0 = no limit)
@@ -88,7 +88,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Admin:
-    """The separate admin listener (issue 5); disabled when ``port`` is None."""
+    """The separate admin listener; disabled when ``port`` is None."""
 
     host: str = "127.0.0.1"
     port: int | None = None
@@ -114,7 +114,7 @@ class Logging:
 
 @dataclass(frozen=True, slots=True)
 class OriginsFile:
-    """Fleet mode (issue 5): a file that is the source of truth for the ``file``-owned entries."""
+    """Fleet mode: a file that is the source of truth for the ``file``-owned entries."""
 
     path: str | None = None
     poll_interval: float = 2.0
@@ -127,8 +127,8 @@ DEFAULT_STORE_PATH = "./var/origins.lmdb"
 class AuditRetention:
     """How much of the audit trail the store keeps; the oldest events beyond either bound are dropped on each write.
 
-    The defaults keep a year, and at most 500,000 events (about 275 MiB at ~550 bytes an event), a quarter of the
-    default 1 GiB map; ``None`` lifts a bound."""
+    The defaults keep a year, and at most 500,000 events, about a quarter of the default 1 GiB map (bench/RESULTS.md
+    has the size of an event); ``None`` lifts a bound."""
 
     max_age: float | None = 365 * 86400.0  # seconds
     max_events: int | None = 500_000

@@ -13,32 +13,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict, MultiDict
 from yarl import URL
 
+from corsproxy.core.answer import Answer, error_answer, preflight_answer
 from corsproxy.core.decision import (
-    CorsEngine,
     CorsHeaders,
+    CorsRequest,
     Decision,
     DecisionCache,
     Kind,
-    Mode,
     Reason,
     actual_headers,
     merge_vary,
-    preflight_headers,
 )
 from corsproxy.core.forwarding import (
     ForwardContext,
@@ -56,22 +50,25 @@ from corsproxy.origins.writes import reconcile_on_start
 from corsproxy.store import OriginStore
 
 __all__ = [
+    "CONFIG",
     "DECISION",
     "STATE",
-    "GuardedRequestHandler",
+    "VARY_ONLY",
     "Observer",
-    "PreflightResponder",
-    "ProxyRunner",
     "ProxyState",
     "create_app",
     "handler_args",
+    "observe",
+    "oversized_head",
+    "peer",
+    "refused_target",
 ]
 
 log = logging.getLogger("corsproxy")
 
 _VARY_ORIGIN = ("Origin",)
 #: corsproxy's answers to messages it could not parse: no CORS headers (nothing was judged), but they still vary.
-_VARY_ONLY = {"Vary": "Origin"}
+VARY_ONLY = {"Vary": "Origin"}
 #: RFC 6455 §7.4.1: codes that report a closure and must never be sent in a Close frame.
 _UNSENDABLE_CLOSE_CODES = frozenset({1005, 1006, 1015})
 _STREAM_CHUNK = 1 << 16
@@ -116,33 +113,22 @@ _UPSTREAM_LACKS = web.RequestKey("upstream_lacks", frozenset)
 #: aiohttp gives every response a ``Content-Type`` (application/octet-stream) and a ``Server`` when none is set; a
 #: proxy must not invent them. ``Date`` stays: RFC 9110 §6.6.1 asks a forwarding recipient to add it.
 _ADDED_BY_AIOHTTP = ("Content-Type", "Server")
-_CONFIG = web.AppKey("config", Config)
+CONFIG = web.AppKey("config", Config)
 
 
-def _text_response(status: int, text: str, headers: Iterable[tuple[str, str]]) -> web.Response:
-    response = web.Response(status=status, text=text + "\n", content_type="text/plain")
-    for name, value in headers:
+def _response(answer: Answer) -> web.Response:
+    """An answer of corsproxy's own as an aiohttp response (the fast path writes the same answer as bytes)."""
+    if answer.text:
+        response = web.Response(status=answer.status, text=answer.text + "\n", content_type="text/plain")
+    else:
+        response = web.Response(status=answer.status)
+    for name, value in answer.headers:
         response.headers.add(name, value)
     return response
 
 
 def _error_response(status: int, text: str, decision: Decision) -> web.Response:
-    """corsproxy's own 4xx/5xx: readable by an allowed origin, so the browser shows the real error (CORS-RULES 12)."""
-    return _text_response(status, text, [("Vary", "Origin"), *actual_headers(decision)])
-
-
-def preflight_response(
-    engine: CorsEngine, decision: Decision, headers: Iterable[tuple[str, str]] | None = None
-) -> web.Response:
-    if headers is None:
-        headers = preflight_headers(engine, decision)
-    if decision.allowed:
-        assert decision.policy is not None
-        response = web.Response(status=decision.policy.preflight_status)
-        for name, value in headers:
-            response.headers.add(name, value)
-        return response
-    return _text_response(403, "CORS preflight refused", headers)
+    return _response(error_answer(status, text, decision))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -157,19 +143,54 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         decision = request.get(DECISION)
         if decision is not None:
-            state.observe(
-                Outcome(
-                    method=request.method,
-                    path=request.raw_path,
-                    client=request.remote or "",
-                    decision=decision,
-                    status=response.status if response is not None else 499,
-                    bytes_sent=_bytes_sent(request, response),
-                    duration=time.monotonic() - start,
-                    upstream_latency=request.get(UPSTREAM_LATENCY),
-                    upstream_error=request.get(UPSTREAM_ERROR),
-                )
+            observe(
+                state,
+                request.method,
+                request.raw_path,
+                request.remote or "",
+                decision,
+                response.status if response is not None else 499,
+                _bytes_sent(request, response),
+                start,
+                request.get(UPSTREAM_LATENCY),
+                request.get(UPSTREAM_ERROR),
             )
+
+
+def observe(
+    state: ProxyState,
+    method: str,
+    path: str,
+    client: str,
+    decision: Decision,
+    status: int,
+    bytes_sent: int,
+    started: float,
+    upstream_latency: float | None = None,
+    upstream_error: str | None = None,
+) -> None:
+    """Tell the observers (metrics, request log) how a request ended, whichever path answered it."""
+    if state.observers:
+        state.observe(
+            Outcome(
+                method,
+                path,
+                client,
+                decision,
+                status,
+                bytes_sent,
+                time.monotonic() - started,
+                upstream_latency,
+                upstream_error,
+            )
+        )
+
+
+def peer(protocol: web.RequestHandler) -> str:
+    """The client address of a connection, as ``request.remote`` gives it on the ordinary path."""
+    transport = protocol.transport
+    address = transport.get_extra_info("peername") if transport is not None else None
+    return str(address[0]) if isinstance(address, tuple) and address else ""
 
 
 def _bytes_sent(request: web.Request, response: web.StreamResponse | None) -> int:
@@ -187,34 +208,25 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     request[DECISION] = decision
     if cors_headers is not None:
         request[_CORS_HEADERS] = cors_headers
-    oversized = _oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
+    oversized = oversized_head(method, request.raw_path, request.raw_headers, config.limits.max_header_size)
     if oversized is not None:
         return _error_response(*oversized, decision)
-    refused_target = _refused_target(request.raw_path, _request_target(request), decision, config)
-    if refused_target is not None:
-        return _error_response(400, refused_target, decision)
-    report_only = engine.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
+    refusal = refused_target(request.raw_path, _request_target(request), decision, config)
+    if refusal is not None:
+        return _error_response(400, refusal, decision)
+    report_only = engine.report_only(decision)
     if decision.kind is Kind.PREFLIGHT and not report_only:
         # never forwarded, even if the upstream would redirect
-        return preflight_response(engine, decision, cors_headers)
+        return _response(preflight_answer(engine, decision, cors_headers))
     if engine.blocks(decision, method) and not report_only:
         return _error_response(403, f"request refused: {decision.reason.value}", decision)
     return await forward(request, state, decision, report_only)
 
 
 def _decide(request: web.Request, state: ProxyState) -> tuple[Decision, CorsHeaders | None]:
-    method = request.method
     headers = request.headers
-    return state.decider().decide(
-        method,
-        headers.getall("Origin", ()),
-        headers.getall("Access-Control-Request-Method", ()) if method == "OPTIONS" else (),
-        headers.getall("Access-Control-Request-Headers", ()),
-        _request_target(request),
-        state.store,
-        time.time(),
-        private_network=headers.get("Access-Control-Request-Private-Network") == "true",
-    )
+    asked = CorsRequest.from_fields(request.method, _request_target(request), lambda name: headers.getall(name, ()))
+    return state.decider().judge(asked, state.store, time.time())
 
 
 class _RequestBody:
@@ -286,7 +298,7 @@ _AMBIGUOUS_REFUSED = (
 _CLIMB_REFUSED = "the request path climbs above the upstream's base path"
 
 
-def _refused_target(raw_target: str, target: str, decision: Decision, config: Config) -> str | None:
+def refused_target(raw_target: str, target: str, decision: Decision, config: Config) -> str | None:
     """Why a request target is refused with 400 before anything else, or ``None``; for the handler and the preflight
     fast path alike, so both answer the same request the same way. ``target`` is what would be forwarded (see
     :func:`_request_target`), ``raw_target`` the request line's own."""
@@ -299,7 +311,7 @@ def _refused_target(raw_target: str, target: str, decision: Decision, config: Co
     return None
 
 
-def _oversized_head(
+def oversized_head(
     method: str, target: str, raw_headers: Iterable[tuple[bytes, bytes]], limit: int
 ) -> tuple[int, str] | None:
     """The soft head-size limit (431 / 414), for the handler and the preflight fast path alike. aiohttp's parser holds
@@ -418,7 +430,8 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             lower = name.lower()
             if not report_only:
                 if lower.startswith("access-control-"):
-                    continue  # the upstream cannot re-open what the policy closed (CORS-RULES 10)
+                    # the upstream cannot re-open what the policy closed: what it does not expose stays unreadable
+                    continue
                 if lower == "vary":
                     vary_lines.append(value)
                     continue
@@ -480,7 +493,8 @@ async def _undo_invented_headers(request: web.Request, response: web.StreamRespo
 def _upstream_failure(
     request: web.Request, decision: Decision, exc: BaseException, body: _RequestBody | None
 ) -> web.StreamResponse:
-    """Map a failure before the upstream's response head to corsproxy's answer (CORS-RULES 12: with CORS headers)."""
+    """Map a failure before the upstream's response head to corsproxy's answer, with CORS headers so that an allowed
+    page can read the error."""
     method, path = request.method, request.raw_path
     # Every line here can be caused by a client (or by a flood while the upstream is down): rate-limited per reason.
     if body is not None and body.too_large:
@@ -520,8 +534,7 @@ async def _forward_websocket(
     check any page could open an authenticated socket with the user's cookies (cross-site WebSocket hijacking).
     """
     config = state.config
-    refused = decision.kind is Kind.ACTUAL and not decision.allowed and decision.reason is not Reason.SAME_ORIGIN
-    if config.forwarding.websocket_origin_check and refused and not report_only:
+    if config.forwarding.websocket_origin_check and decision.refused_cross_origin and not report_only:
         if PROXY_LINES.admit("websocket_refused"):
             log.warning("WebSocket handshake refused: %s origin=%s", decision.reason.value, decision.origin)
         return _error_response(403, f"WebSocket handshake refused: {decision.reason.value}", decision)
@@ -586,7 +599,7 @@ async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
 def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientResponse) -> None:
-    """Report-only mode: log where corsproxy's answer would differ from the upstream's (issue 3)."""
+    """Report-only mode: log where corsproxy's answer would differ from the upstream's."""
     if decision.kind is Kind.NON_CORS:
         return
     upstream_allows = upstream.headers.get("Access-Control-Allow-Origin") in (decision.origin, "*")
@@ -605,7 +618,7 @@ def _report(request: web.Request, decision: Decision, upstream: aiohttp.ClientRe
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    config = app[_CONFIG]
+    config = app[CONFIG]
     configure_line_limits(config.logging)
     store = OriginStore(
         config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
@@ -656,432 +669,6 @@ def _ssl_context(config: Config) -> Any:
     return ssl.create_default_context(cafile=config.upstream.ca_bundle)
 
 
-_ACRM = "Access-Control-Request-Method"
-_ACRH = "Access-Control-Request-Headers"
-_ACRPN = "Access-Control-Request-Private-Network"
-_REFUSED_BODY = b"CORS preflight refused\n"
-_REASONS = {200: b"OK", 204: b"No Content", 403: b"Forbidden"}
-#: Bytes a connection's transport may hold before the fast path stops writing and lets aiohttp apply backpressure.
-_FAST_WRITE_HIGH_WATER = 1 << 16
-
-#: Answers a complete request message on an idle connection with the bytes of a whole response, or ``None``.
-FastAnswer = Callable[[RawRequestMessage, web.RequestHandler], "bytes | None"]
-
-
-class PreflightResponder:
-    """Answers CORS preflights below aiohttp's request machinery, from cached response bytes (issue 6).
-
-    The profile in bench/RESULTS.md shows aiohttp spending ~30 µs per request on the ``Request`` object, the handler
-    task, the router, middlewares and the ``Response``, against ~2 µs for a cached CORS decision. A preflight needs
-    none of it: it has no body, is never forwarded, and its answer is a pure function of the decision. So when a
-    connection is idle and a complete ``OPTIONS`` message with ``Access-Control-Request-Method`` arrives, this
-    decides it through the same :class:`DecisionCache` and :func:`preflight_headers` as :func:`handle`, and writes
-    the serialized response straight to the transport. Anything unusual — HTTP/1.0, ``Connection: close``, a body,
-    report-only mode, an oversized head, an absolute-form target — returns ``None`` and takes the ordinary path, so
-    the CORS rules live in one place and this only removes overhead.
-    """
-
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
-        self._bytes: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[bytes, bytes]] = {}
-        self._date_second = -1
-        self._date = b""
-
-    def __call__(self, message: RawRequestMessage, protocol: web.RequestHandler) -> bytes | None:
-        if (
-            message.method != "OPTIONS"
-            or message.should_close
-            or message.upgrade
-            or message.version != aiohttp.HttpVersion11
-        ):
-            return None
-        headers = message.headers
-        if "Expect" in headers:
-            return None  # the ordinary path answers expectations (417 for unknown ones)
-        request_methods = headers.getall(_ACRM, ())
-        origins = headers.getall("Origin", ())
-        path = message.path
-        if not request_methods or not origins or not path.startswith("/"):
-            return None
-        state = self._app.get(STATE)
-        if state is None:
-            return None
-        config = state.config
-        engine = config.engine
-        if engine.mode is Mode.REPORT_ONLY:
-            return None
-        if _oversized_head("OPTIONS", path, message.raw_headers, config.limits.max_header_size) is not None:
-            return None  # the ordinary path answers 414/431
-        started = time.monotonic()
-        decision, cors_headers = state.decider().decide(
-            "OPTIONS",
-            origins,
-            request_methods,
-            headers.getall(_ACRH, ()),
-            path,
-            state.store,
-            time.time(),
-            private_network=headers.get(_ACRPN) == "true",
-        )
-        if decision.mode is Mode.REPORT_ONLY or cors_headers is None:
-            return None
-        if _refused_target(path, path, decision, config) is not None:
-            return None  # the ordinary path answers 400 with the reason
-        status = decision.policy.preflight_status if decision.allowed and decision.policy else 403
-        head, body = self._serialized(status, cors_headers)
-        if state.observers:
-            state.observe(
-                Outcome(
-                    method="OPTIONS",
-                    path=path,
-                    client=_peer(protocol),
-                    decision=decision,
-                    status=status,
-                    bytes_sent=len(body),
-                    duration=time.monotonic() - started,
-                    upstream_latency=None,
-                )
-            )
-        return head + self._date_line() + body
-
-    def _serialized(self, status: int, cors_headers: tuple[tuple[str, str], ...]) -> tuple[bytes, bytes]:
-        key = (status, cors_headers)
-        cached = self._bytes.get(key)
-        if cached is not None:
-            return cached
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"OK"))]
-        body = b""
-        if status == 403:
-            body = _REFUSED_BODY
-            # Where the ordinary path's text response has it: set when the response is built, before its headers.
-            lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
-        lines.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors_headers)
-        if status != 204:
-            lines.append(b"Content-Length: %d\r\n" % len(body))
-        if len(self._bytes) >= 4096:
-            self._bytes.clear()  # bounded like the decision cache it mirrors
-        cached = self._bytes[key] = (b"".join(lines), b"\r\n" + body)
-        return cached
-
-    def _date_line(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-        return self._date
-
-
-def _peer(protocol: web.RequestHandler) -> str:
-    transport = protocol.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
-
-
-class GuardedRequestHandler(web.RequestHandler):
-    """aiohttp's per-connection protocol plus the two guards it lacks (issue 4): a header-read timeout, and 431
-    instead of 400 for a head over the parser's ceiling.
-
-    The timeout runs from the accept, and from the first byte of every later request head, until the head is
-    complete (nginx's ``client_header_timeout``); an idle keep-alive connection is left to ``keepalive_timeout``
-    (``limits.idle_timeout``). A client dribbling a head byte by byte therefore holds one socket for at most
-    ``limits.header_read_timeout`` and never blocks anyone else. aiohttp has no public "between requests" state,
-    so :meth:`_awaiting_head` reads its private queue; the guard tests pin that behaviour.
-    """
-
-    def __init__(
-        self, manager: web.Server, *, header_read_timeout: float, fast: FastAnswer | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(manager, **kwargs)
-        self._header_read_timeout = header_read_timeout
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._fast = fast
-        self._chunk_prefix = b""  # the start of the previous chunk received (bounded), see _keep_refused_head
-        self._refused_head = b""  # what arrived of a head the parser refused as too long, for handle_error
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._arm_head_timer()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm_head_timer()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
-        waiter = self._waiter
-        if (
-            self._fast is not None
-            and waiter is not None
-            and not waiter.done()  # aiohttp's loop is idle: every earlier response is written, order is kept
-            and not self._messages
-            and self._payload_parser is None
-            and not self._upgraded
-        ):
-            self._data_received_fast(data, waiter, self._fast, previous)
-            return
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) > queued:
-            self._fail_body_on_parse_error(self._messages[-1][0])
-            self._keep_refused_head(previous, data)
-        if not self._awaiting_head():
-            self._disarm_head_timer()
-        elif self._head_timer is None:
-            self._arm_head_timer()
-
-    def _data_received_fast(
-        self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer, previous: bytes = b""
-    ) -> None:
-        """Parse with aiohttp's parser, answer leading preflights from bytes, wake aiohttp's loop for the rest."""
-        self._waiter = None  # parse without waking the request loop: it only wakes for what is left
-        try:
-            super().data_received(data)
-        finally:
-            self._waiter = waiter
-        if self._messages:
-            self._keep_refused_head(previous, data)
-        messages = self._messages
-        answered = False
-        while messages:
-            message, payload = messages[0]
-            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage) or self._upgraded:
-                break
-            transport = self.transport
-            if transport is None or transport.get_write_buffer_size() > _FAST_WRITE_HIGH_WATER:
-                # A client that pipelines and does not read: leave the rest to aiohttp's loop, which waits for the
-                # transport to drain and stops reading when its queue is full — memory stays bounded.
-                break
-            try:
-                answer = fast(message, self)
-            except Exception:
-                log.exception("preflight fast path failed; answering through the ordinary handler")
-                answer = None
-            if answer is None:
-                break
-            messages.popleft()
-            if self._parser is not None:
-                self._parser.message_consumed()
-            if self.transport is None:
-                return
-            self.transport.write(answer)
-            answered = True
-        if messages:
-            waiter.set_result(None)
-            if not self._awaiting_head():
-                self._disarm_head_timer()
-            return
-        if answered:
-            # The answered request counts as activity: push the idle close back, and the head is complete.
-            if self._keepalive_timeout > 0:
-                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
-            if self._buffer_paused:
-                self._resume_reading_if_drained()
-            self._disarm_head_timer()
-        elif self._head_timer is None:
-            self._arm_head_timer()  # a partial head: the header-read timeout runs from its first byte
-
-    def _keep_refused_head(self, previous: bytes, data: bytes) -> None:
-        """Keep what arrived of a head the parser just refused as too long (the previous chunk's start and this
-        chunk, bounded): the parser exposes nothing of it, and handle_error needs its request line and Origin."""
-        error = getattr(self._messages[-1][0], "exc", None)
-        if isinstance(error, LineTooLong) and not self._refused_head:
-            self._refused_head = previous + data[:_REFUSED_HEAD_MAX]
-
-    def handle_error(
-        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
-    ) -> web.StreamResponse:
-        # A client can send these as fast as it likes: rate-limited per reason, counted exactly in
-        # corsproxy_malformed_requests.
-        if isinstance(exc, LineTooLong):
-            if PROXY_LINES.admit("head_too_large"):
-                log.warning("request head over the parser ceiling from %s: %s", request.remote, exc)
-            status = 414 if _line_is_target(exc) else 431
-            headers: list[tuple[str, str]] = [("Vary", "Origin")]
-            judged = _judge_refused_head(self._refused_head, exc, self._app_state())
-            if judged is not None:
-                status, decision = judged
-                headers += actual_headers(decision)
-            text = "request line too long\n" if status == 414 else "request header fields too large\n"
-            response = _BareResponse(status=status, text=text, headers=headers)
-        elif isinstance(exc, HttpProcessingError) and status == 400:
-            # A malformed request (smuggling probe, bare LF, bad chunk...): one log line, not a traceback per probe.
-            if PROXY_LINES.admit("malformed_request"):
-                detail = str(exc.message).strip().splitlines()[0] if exc.message else type(exc).__name__
-                log.info("malformed request from %s refused with 400: %s", request.remote, detail)
-            response = _BareResponse(status=400, text="malformed request\n", headers=_VARY_ONLY)
-        elif isinstance(exc, ConnectionResetError | BrokenPipeError) and (
-            self.transport is None or self.transport.is_closing()
-        ):
-            # The client went away while its answer was being written ("Cannot write to closing transport"): an
-            # everyday event, counted as a client abort (499) by the observers, not an error with a traceback.
-            log.debug("client %s went away mid-response: %s %s: %s", request.remote, request.method, request.path, exc)
-            response = _BareResponse(status=500, text="client went away\n", headers=_VARY_ONLY)
-        else:
-            plain = super().handle_error(request, status, exc, message)
-            body = plain.body if isinstance(plain, web.Response) else None
-            response = _BareResponse(status=plain.status, body=body, headers=plain.headers)
-        response.force_close()
-        return response
-
-    def _app_state(self) -> ProxyState | None:
-        # The server's request handler is the application's bound ``_handle``: the one way to the app from here.
-        app = getattr(self._manager.request_handler if self._manager is not None else None, "__self__", None)
-        return app.get(STATE) if isinstance(app, web.Application) else None
-
-    def _fail_body_on_parse_error(self, message: Any) -> None:
-        """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
-        stream waiting forever. End that stream with the error, so the forwarder cuts the upstream request at once
-        instead of after ``upstream.read_timeout``."""
-        if isinstance(message, RawRequestMessage) or self._current_request is None:
-            return
-        content = self._current_request.content
-        if not content.is_eof():
-            error = getattr(message, "exc", None)
-            content.set_exception(error if isinstance(error, Exception) else BadHttpMessage("malformed body"))
-
-    def _awaiting_head(self) -> bool:
-        return not (self._request_in_progress or self._messages or self._upgraded)
-
-    def _arm_head_timer(self) -> None:
-        if self._header_read_timeout > 0:
-            loop = asyncio.get_running_loop()
-            self._head_timer = loop.call_later(self._header_read_timeout, self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport is not None and self._awaiting_head():
-            if PROXY_LINES.admit("head_timeout"):
-                log.info("closing a connection that sent no complete request head in %gs", self._header_read_timeout)
-            self.force_close()
-
-
-#: Bytes of a chunk's start kept between chunks, and of a refused head kept for its answer (see _keep_refused_head).
-_HEAD_PREFIX = 8192
-_REFUSED_HEAD_MAX = 1 << 18
-_REQUEST_LINE_START = re.compile(rb"(?:\A|(?<=\r\n))([A-Z]{1,20}) (?=[/*]|https?://)")
-
-
-def _line_is_target(exc: LineTooLong) -> bool:
-    """Whether the line the parser refused is a request target (414) rather than a header field (431), from the
-    start of it that the exception carries: a target begins with "/" or "*", a field name never does."""
-    start = _refused_line(exc)
-    return start.startswith((b"/", b"*")) or bool(_REQUEST_LINE_START.match(start))
-
-
-def _refused_line(exc: LineTooLong) -> bytes:
-    line = exc.args[0] if exc.args else b""
-    return bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode("latin-1", "replace")
-
-
-def _judge_refused_head(head: bytes, exc: LineTooLong, state: ProxyState | None) -> tuple[int, Decision] | None:
-    """For a head over the parser's ceiling: 414 or 431, and the decision for its request line and the header lines
-    that arrived complete — so the refusal is readable by an allowed origin like corsproxy's other answers. ``None``
-    when no request line is found in what arrived (the answer then varies only)."""
-    if state is None or not head:
-        return None
-    probe = _refused_line(exc).removesuffix(b"...")[:64]
-    overflow = head.find(probe) if probe else -1
-    if overflow < 0:
-        overflow = len(head)
-    starts = list(_REQUEST_LINE_START.finditer(head, 0, overflow + 1))
-    if not starts:
-        return None
-    start = starts[-1]
-    method = start[1].decode("ascii")
-    target_start = start.end()
-    line_end = head.find(b"\r\n", target_start)
-    if 0 <= line_end < overflow:
-        status = 431  # the request line was complete: a header field is too long
-        target = head[target_start:line_end].rsplit(b" ", 1)[0]
-    else:
-        status = 414
-        target = head[target_start : head.find(b" ", target_start) if b" " in head[target_start:] else len(head)]
-        line_end = head.find(b"\r\n", target_start)
-    fields: dict[str, list[str]] = {}
-    if line_end >= 0:
-        head_end = head.find(b"\r\n\r\n", line_end)
-        block = head[line_end + 2 : head_end if head_end >= 0 else len(head)]
-        lines = block.split(b"\r\n")
-        if head_end < 0:
-            lines = lines[:-1]  # the last line may be cut short
-        for field in lines:
-            name, colon, value = field.partition(b":")
-            if colon and len(field) <= 2 * _HEAD_PREFIX:
-                fields.setdefault(name.strip().lower().decode("latin-1"), []).append(value.strip().decode("latin-1"))
-    decision, _ = state.decider().decide(
-        method,
-        fields.get("origin", []),
-        fields.get("access-control-request-method", []) if method == "OPTIONS" else [],
-        fields.get("access-control-request-headers", []),
-        target.decode("latin-1"),
-        state.store,
-        time.time(),
-    )
-    return status, decision
-
-
-class _BareResponse(web.Response):
-    """corsproxy's answer to a message it could not handle (unparsable, or a handler that failed). The app's
-    ``on_response_prepare`` never runs for those, so aiohttp's ``Server`` header (Python and aiohttp versions) is
-    removed here, where aiohttp fills in its defaults."""
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        self.headers.popall("Server", None)
-
-
-class _GuardedServer(web.Server):
-    """A :class:`web.Server` whose connections are :class:`GuardedRequestHandler`."""
-
-    def __init__(
-        self,
-        plain: web.Server,
-        header_read_timeout: float,
-        handler_kwargs: dict[str, Any],
-        fast: FastAnswer | None = None,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        super().__init__(
-            plain.request_handler,
-            request_factory=plain.request_factory,
-            handler_cancellation=plain.handler_cancellation,
-            loop=loop,
-            **handler_kwargs,
-        )
-        self._guard_loop = loop
-        self._guard_timeout = header_read_timeout
-        self._guard_kwargs = handler_kwargs
-        self._fast = fast
-
-    def __call__(self) -> web.RequestHandler:
-        return GuardedRequestHandler(
-            self, loop=self._guard_loop, header_read_timeout=self._guard_timeout, fast=self._fast, **self._guard_kwargs
-        )
-
-
-class ProxyRunner(web.AppRunner):
-    """``web.AppRunner`` for :func:`create_app` that also applies ``limits.header_read_timeout`` and answers 431 past
-    the parser's ceiling. Use it instead of ``web.run_app``/``web.AppRunner`` where corsproxy is served."""
-
-    def __init__(self, app: web.Application, *, fast_preflights: bool = True, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._fast_preflights = fast_preflights
-        self._runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("handle_signals", "shutdown_timeout")}
-
-    async def _make_server(self) -> web.Server:
-        plain = await super()._make_server()  # runs the app's startup exactly as AppRunner does
-        app = self.app
-        handler_kwargs: dict[str, Any] = dict(self._runner_kwargs)
-        handler_kwargs.update(handler_args(app[_CONFIG].limits))  # as aiohttp merges them: the app's win
-        fast = PreflightResponder(app) if self._fast_preflights else None
-        return _GuardedServer(plain, app[_CONFIG].limits.header_read_timeout, handler_kwargs, fast)
-
-
 def handler_args(limits: Limits) -> dict[str, Any]:
     """The aiohttp connection settings that enforce ``limits``; passed by :func:`create_app` as ``handler_args``."""
     ceiling = 2 * limits.max_header_size  # past the soft limit (431 from the handler) up to here; then the parser
@@ -1099,9 +686,9 @@ def create_app(config: Config) -> web.Application:
     still holds (a slow head is then bounded by ``limits.idle_timeout``).
     """
     kwargs = handler_args(config.limits)
-    # handler_cancellation: a client that disconnects cancels its handler, and with it the upstream request (issue 4).
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the upstream request.
     app = web.Application(handler_args={**kwargs, "handler_cancellation": True})
-    app[_CONFIG] = config
+    app[CONFIG] = config
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_undo_invented_headers)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)

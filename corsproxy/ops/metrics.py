@@ -42,12 +42,12 @@ class Metrics:
     """The metric objects of one process; :meth:`observe` is an observer for :attr:`ProxyState.observers`.
 
     The per-request metrics (requests, upstream responses and errors, the two latency histograms) are counted by
-    :meth:`observe` in plain ints and folded into the prometheus-client objects by :meth:`flush`, which the worker
-    calls about once a second, before it answers a scrape, and when it stops (issue 6: ``Counter.inc`` and
-    ``Histogram.observe`` in multiprocess mode write memory-mapped files under a lock, ≈ 9 µs per request; a few
-    dict increments cost well under 1 µs). The price is that a scrape may miss up to a second of another worker's
-    requests, which it picks up on the next scrape. The rare events (reloads, origins-file syncs, store errors, the
-    origin count) are written straight through.
+    :meth:`observe` in plain ints and folded into the prometheus-client objects by :meth:`flush`, which the worker calls
+    about once a second, before it answers a scrape, and when it stops (for speed: ``Counter.inc`` and
+    ``Histogram.observe`` in multiprocess mode write memory-mapped files under a lock, on every call; a few dict
+    increments cost a small fraction of that, see bench/RESULTS.md). The price is that a scrape may miss up to a second
+    of another worker's requests, which it picks up on the next scrape. The rare events (reloads, origins-file syncs,
+    store errors, the origin count) are written straight through.
 
     :meth:`observe` and :meth:`flush` must run on the same thread (the worker's event loop): the buffers have no lock.
     """

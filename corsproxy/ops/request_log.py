@@ -1,6 +1,6 @@
 """Logs: one structured line per request, and the formatters every corsproxy (and gunicorn) log line goes through.
 
-Owns the log line shape (issue 5): ``time, client, method, path, origin, decision, reason, status, bytes,
+Owns the log line shape: ``time, client, method, path, origin, decision, reason, status, bytes,
 upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while refusals and
 failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.ops.log_limit`), and the
 choice between JSON (for log pipelines) and plain text (for a human at a terminal).
@@ -125,7 +125,7 @@ class RequestLog:
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
-        # an observer that formats nothing costs a request a dict lookup, not a dozen fields (issue 6).
+        # an observer that formats nothing costs a request a dict lookup, not a dozen fields.
         level = logging.WARNING if outcome.status >= 500 else logging.INFO
         if not self.logger.isEnabledFor(level):
             return

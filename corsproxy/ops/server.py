@@ -1,9 +1,9 @@
 """Running the proxy: ``corsproxy serve`` (a gunicorn arbiter over aiohttp workers), the admin listener, fleet mode
 and the demo with its built-in echo upstream.
 
-Owns the process model (issue 5). The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
+Owns the process model. The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
 workers that share the proxied listening socket, replaces a worker that dies, and on ``SIGTERM`` lets every worker
-stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds (issue 4), then exits 0.
+stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds, then exits 0.
 Each worker builds its own app after the fork (:func:`corsproxy.http.app.create_app`), so each opens the LMDB
 environment itself; a change written by any process (admin API, CLI, origins file) is seen by every worker on its next
 request, since every lookup is a fresh LMDB read transaction.
@@ -47,7 +47,8 @@ from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 
 from corsproxy.config import ConfigError, load_config
 from corsproxy.core.settings import Config
-from corsproxy.http.app import STATE, ProxyRunner, ProxyState, create_app
+from corsproxy.http.app import STATE, ProxyState, create_app
+from corsproxy.http.protocol import ProxyRunner
 
 if TYPE_CHECKING:
     from corsproxy.ops.metrics import Metrics
@@ -178,7 +179,7 @@ def event_loop_choice() -> tuple[str, str]:
     """The worker class to run and a line saying which event loop it uses and why (logged once at start).
 
     uvloop when it is installed (``pip install 'corsproxy[speed]'``) unless ``CORSPROXY_UVLOOP`` is ``0``, ``false``,
-    ``no`` or ``off``: it takes ≈ 5 µs of event-loop and socket work off every request (issue 6, bench/RESULTS.md).
+    ``no`` or ``off``: it takes event-loop and socket work off every request (bench/RESULTS.md has the figure).
     """
     setting = os.environ.get(UVLOOP_ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off"):
@@ -321,7 +322,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
 
         config = self.config
         metrics = Metrics()
-        app = create_app(config)  # no middleware: aiohttp then skips its middleware chain on every request (issue 6)
+        app = create_app(config)  # no middleware: aiohttp then skips its middleware chain on every request
 
         async def runtime(app: web.Application) -> AsyncIterator[None]:
             async with _worker_runtime(self, app, metrics):
@@ -340,8 +341,8 @@ def _child_exit(server: Any, worker: Any) -> None:
 class _StoreErrorCounter(logging.Filter):
     """Counts the LMDB errors that reach aiohttp: a handler that raised ``lmdb.Error`` is answered 500 and logged by
     aiohttp's ``handle_error`` with the exception attached, so the count costs nothing on requests that succeed (a
-    middleware did the same at ≈ 3 µs per request, issue 6). Code that catches ``lmdb.Error`` itself and answers
-    calls :meth:`Metrics.count_store_error` instead, so no error is counted twice."""
+    middleware costs every request, see bench/RESULTS.md). Code that catches ``lmdb.Error`` itself and answers calls
+    :meth:`Metrics.count_store_error` instead, so no error is counted twice."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()

@@ -17,7 +17,8 @@ from aiohttp import web
 from corsproxy.config import parse_config
 from corsproxy.core.decision import Decision, Kind
 from corsproxy.core.outcome import Outcome
-from corsproxy.http.app import STATE, ProxyRunner, create_app
+from corsproxy.http.app import STATE, create_app
+from corsproxy.http.protocol import ProxyRunner
 from tests.upstream import RECEIVED, echo, status, upstream_cors
 
 #: The cookie the upstream sets through the proxy. HttpOnly: the page's script can only learn it was *sent* from the
