@@ -9,7 +9,6 @@ the matching ``dangerously_*`` opt-in, which then warns on every start.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import math
 import os
@@ -23,7 +22,7 @@ import yaml
 
 from corsproxy.core.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet, path_readings
 from corsproxy.core.header_list import is_token
-from corsproxy.core.origin import EntryError, parse_origin_entry, parse_request_origin
+from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry, parse_request_origin
 from corsproxy.core.safety import check_origin_entry, entry_checker
 from corsproxy.core.settings import (
     DEFAULT_POLICY,
@@ -658,10 +657,7 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_d
     if token_file is not None and (not isinstance(token_file, str) or not Path(token_file).is_file()):
         p.error("admin.token_file", f"{token_file!r} is not a readable file holding the admin token")
     has_token = bool(env.get("CORSPROXY_ADMIN_TOKEN")) or token_file is not None
-    loopback = host == "localhost"
-    with contextlib.suppress(ValueError):
-        loopback = loopback or ipaddress.ip_address(host).is_loopback
-    if not loopback and not has_token:
+    if not is_loopback_host(host) and not has_token:
         p.error(
             "admin.listen.host",
             f"{host!r} is not a loopback address and no admin token is set: anyone who can reach it could change "

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.ops.log_limit import LineLimiter
+from corsproxy.core.log_limit import LineLimiter
 from tests.conftest import BASE_CONFIG, merge
 from tests.test_metrics import scrape, value
 from tests.test_workers_harness import Server, ThreadedUpstream, upstream_thread, wait_until

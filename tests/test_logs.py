@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 from corsproxy.core.decision import Decision, Kind, Reason
+from corsproxy.core.log_limit import LineLimiter
 from corsproxy.core.outcome import Outcome
 from corsproxy.core.settings import Logging
-from corsproxy.ops.log_limit import LineLimiter
 from corsproxy.ops.request_log import JsonFormatter, RequestLog, TextFormatter, log_dict_config, wants_json
 from tests.test_workers_harness import Server, ThreadedUpstream, served, upstream_thread, wait_until
 

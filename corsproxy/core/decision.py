@@ -465,23 +465,6 @@ class DecisionCache:
         self._entries: dict[tuple[CorsRequest, tuple[int, ...]], tuple[Decision, CorsHeaders | None, float]] = {}
         self._generation = -1
 
-    def decide(
-        self,
-        method: str,
-        origins: Sequence[str],
-        request_methods: Sequence[str],
-        request_headers: Sequence[str],
-        path: str,
-        store: OriginSet,
-        now: float,
-        private_network: bool = False,
-    ) -> tuple[Decision, CorsHeaders | None]:
-        """:meth:`judge` with the request's parts as arguments (kept for embedding code and table tests)."""
-        request = CorsRequest(
-            method, tuple(origins), tuple(request_methods), tuple(request_headers), path, private_network
-        )
-        return self.judge(request, store, now)
-
     def judge(self, request: CorsRequest, store: OriginSet, now: float) -> tuple[Decision, CorsHeaders | None]:
         """The decision and, when they do not depend on the response, its CORS headers (else ``None``)."""
         engine = self.engine

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import unquote
+
+from corsproxy.core.origin import DEFAULT_PORTS
 
 __all__ = [
     "FORWARDING_FIELDS",
@@ -73,8 +74,6 @@ WEBSOCKET_HANDSHAKE_FIELDS = frozenset(
 #: Not hop-by-hop, but answered by corsproxy itself (RFC 9110 §10.1.1 lets a proxy send the 100 on its own).
 _ANSWERED_HERE = frozenset({"expect"})
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
 
 def hop_by_hop_names(connection_lines: Iterable[str]) -> frozenset[str]:
     """The hop-by-hop names of one message: the fixed set plus every token its ``Connection`` lines list
@@ -92,7 +91,8 @@ class TrustedProxies:
 
     @classmethod
     def parse(cls, cidrs: Sequence[str]) -> TrustedProxies:
-        return _compile(tuple(cidrs))
+        """The compiled form of CIDR strings the configuration has validated."""
+        return cls(tuple(ipaddress.ip_network(text, strict=False) for text in cidrs))
 
     def trusts(self, peer: str) -> bool:
         if not self.networks or not peer:
@@ -106,16 +106,10 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
 
-@lru_cache(maxsize=8)
-def _compile(cidrs: tuple[str, ...]) -> TrustedProxies:
-    # config.py has validated the strings; the cache keeps the per-request path free of parsing (STYLE: compile once).
-    return TrustedProxies(tuple(ipaddress.ip_network(text, strict=False) for text in cidrs))
-
-
 def host_header(scheme: str, host: str, port: int) -> str:
     """``Host`` for an upstream address: brackets around IPv6 literals, the port only when it is not the default."""
     name = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return name if _DEFAULT_PORTS.get(scheme) == port else f"{name}:{port}"
+    return name if DEFAULT_PORTS.get(scheme) == port else f"{name}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,13 +161,18 @@ class OriginEntry:
     @property
     def is_loopback(self) -> bool:
         """Loopback names, which browsers treat as potentially trustworthy even over http (Secure Contexts)."""
-        host = self.host
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or IP literal (IPv6 with or without brackets) names this machine's loopback:
+    ``localhost``, ``*.localhost`` (RFC 6761 reserves them for loopback), 127.0.0.0/8 or ::1."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _ENTRY_HINT = 'write it as scheme://host[:port], e.g. "https://app.example.com"'

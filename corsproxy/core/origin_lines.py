@@ -29,7 +29,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -161,6 +161,18 @@ def split_words(line: str) -> list[str]:
 _FIELDS = {"policy", "expires", "ttl", "note"}
 
 
+def _read_lines(lines: Iterable[str], errors: list[tuple[int, str]]) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """Each entry line's number, origin and fields; a malformed line goes to ``errors`` (with its number) instead."""
+    for number, raw in enumerate(lines, 1):
+        try:
+            read = _read_line(raw)
+        except ValueError as exc:
+            errors.append((number, str(exc)))
+            continue
+        if read is not None:
+            yield number, *read
+
+
 def _read_line(raw: str) -> tuple[str, dict[str, str]] | None:
     """The origin and its ``name=value`` fields, ``None`` for a blank or comment line; ``ValueError`` if malformed."""
     line = raw.strip()
@@ -265,15 +277,7 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
     """
     now = time.time() if now is None else now
     out = ParsedLines()
-    for number, raw in enumerate(lines, 1):
-        try:
-            read = _read_line(raw)
-        except ValueError as exc:
-            out.errors.append((number, str(exc)))
-            continue
-        if read is None:
-            continue
-        origin, options = read
+    for number, origin, options in _read_lines(lines, out.errors):
         if "ttl" in options:
             out.errors.append((number, TTL_IN_FILE))
             continue
@@ -325,12 +329,8 @@ def parse_edits(lines: Iterable[str], now: float | None = None) -> ParsedEdits:
     policy. An expired entry is kept as such (an export of expired entries reads back the same) with a warning."""
     now = time.time() if now is None else now
     out = ParsedEdits()
-    for number, raw in enumerate(lines, 1):
+    for number, origin, options in _read_lines(lines, out.errors):
         try:
-            read = _read_line(raw)
-            if read is None:
-                continue
-            origin, options = read
             entry = parse_origin_entry(origin)
             expires, warning = parse_expires_field(options.get("expires"), options.get("ttl"), now, allow_past=True)
         except (ValueError, EntryError) as exc:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corsproxy.core.decision import CorsEngine
+from corsproxy.core.forwarding import TrustedProxies
 
 #: The name of the policy the ``cors`` block defines.
 DEFAULT_POLICY = "default"
@@ -72,6 +73,11 @@ class Forwarding:
     preserve_host: bool = False  # send the client's Host instead of the upstream's own
     websockets: bool = True  # pass WebSocket upgrades through
     websocket_origin_check: bool = True  # refuse a handshake whose Origin the policy refuses (CSWSH)
+    #: ``trusted_proxies`` compiled when the settings are made, so a request never parses a CIDR.
+    trusted: TrustedProxies = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trusted", TrustedProxies.parse(self.trusted_proxies))
 
 
 @dataclass(frozen=True, slots=True)

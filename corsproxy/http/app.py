@@ -11,7 +11,6 @@ through is decided by the pure :mod:`corsproxy.core.forwarding`; this module app
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -36,16 +35,15 @@ from corsproxy.core.decision import (
 )
 from corsproxy.core.forwarding import (
     ForwardContext,
-    TrustedProxies,
     climbs_above_root,
     host_header,
     is_websocket_upgrade,
     request_headers,
     response_headers,
 )
+from corsproxy.core.log_limit import PROXY_LINES, configure_line_limits, flush_line_limits
 from corsproxy.core.outcome import Outcome
 from corsproxy.core.settings import Config, Limits, Upstream
-from corsproxy.ops.log_limit import PROXY_LINES, configure_line_limits, flush_line_limits
 from corsproxy.origins.writes import reconcile_on_start
 from corsproxy.store import OriginStore
 
@@ -56,6 +54,7 @@ __all__ = [
     "VARY_ONLY",
     "Observer",
     "ProxyState",
+    "as_response",
     "create_app",
     "handler_args",
     "observe",
@@ -87,6 +86,7 @@ class ProxyState:
     upstream_base: str  # scheme://host:port/base-path, no trailing slash
     observers: list[Observer] = field(default_factory=list)
     _decisions: DecisionCache | None = None
+    _timeout: tuple[Upstream, aiohttp.ClientTimeout] | None = None
 
     def decider(self) -> DecisionCache:
         """The decision cache of the current engine (a new, empty one after ``config`` was swapped)."""
@@ -95,9 +95,28 @@ class ProxyState:
             cache = self._decisions = DecisionCache(self.config.engine)
         return cache
 
+    def upstream_timeout(self) -> aiohttp.ClientTimeout:
+        """The client timeouts of the current upstream settings (made again after ``config`` was swapped)."""
+        upstream = self.config.upstream
+        made = self._timeout
+        if made is None or made[0] is not upstream:
+            made = self._timeout = (upstream, _client_timeout(upstream))
+        return made[1]
+
     def observe(self, outcome: Outcome) -> None:
         for observer in self.observers:
             observer(outcome)
+
+
+def _client_timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
+    # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
+    # turns into a 504 after connect_timeout instead of an unbounded queue.
+    return aiohttp.ClientTimeout(
+        total=None,
+        connect=upstream.connect_timeout,
+        sock_connect=upstream.connect_timeout,
+        sock_read=upstream.read_timeout,
+    )
 
 
 STATE = web.AppKey("state", ProxyState)
@@ -116,7 +135,7 @@ _ADDED_BY_AIOHTTP = ("Content-Type", "Server")
 CONFIG = web.AppKey("config", Config)
 
 
-def _response(answer: Answer) -> web.Response:
+def as_response(answer: Answer) -> web.Response:
     """An answer of corsproxy's own as an aiohttp response (the fast path writes the same answer as bytes)."""
     if answer.text:
         response = web.Response(status=answer.status, text=answer.text + "\n", content_type="text/plain")
@@ -128,7 +147,7 @@ def _response(answer: Answer) -> web.Response:
 
 
 def _error_response(status: int, text: str, decision: Decision) -> web.Response:
-    return _response(error_answer(status, text, decision))
+    return as_response(error_answer(status, text, decision))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -217,7 +236,7 @@ async def _dispatch(request: web.Request, state: ProxyState) -> web.StreamRespon
     report_only = engine.report_only(decision)
     if decision.kind is Kind.PREFLIGHT and not report_only:
         # never forwarded, even if the upstream would redirect
-        return _response(preflight_answer(engine, decision, cors_headers))
+        return as_response(preflight_answer(engine, decision, cors_headers))
     if engine.blocks(decision, method) and not report_only:
         return _error_response(403, f"request refused: {decision.reason.value}", decision)
     return await forward(request, state, decision, report_only)
@@ -333,7 +352,7 @@ def _forward_context(request: web.Request, state: ProxyState) -> ForwardContext:
         client_host=request.headers.get("Host"),
         upstream_host=host_header(upstream.scheme, upstream.host, upstream.port),
         preserve_host=config.forwarding.preserve_host,
-        trusted=TrustedProxies.parse(config.forwarding.trusted_proxies),
+        trusted=config.forwarding.trusted,
     )
 
 
@@ -377,18 +396,6 @@ def _upstream_headers(lines: list[tuple[str, str]]) -> CIMultiDict[str] | MultiD
     return MultiDict((_FieldName(name) if name.lower() in mixed else name, value) for name, value in lines)
 
 
-@functools.lru_cache(maxsize=4)
-def _timeout(upstream: Upstream) -> aiohttp.ClientTimeout:
-    # ``connect`` also bounds the wait for a free pooled connection (limits.max_upstream_connections): a full pool
-    # turns into a 504 after connect_timeout instead of an unbounded queue.
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=upstream.connect_timeout,
-        sock_connect=upstream.connect_timeout,
-        sock_read=upstream.read_timeout,
-    )
-
-
 async def forward(request: web.Request, state: ProxyState, decision: Decision, report_only: bool) -> web.StreamResponse:
     """Stream the request to the upstream and its answer back, adding the decision's CORS headers."""
     config = state.config
@@ -415,7 +422,7 @@ async def forward(request: web.Request, state: ProxyState, decision: Decision, r
             headers=headers,
             data=body.chunks() if body is not None else None,
             allow_redirects=False,
-            timeout=_timeout(config.upstream),
+            timeout=state.upstream_timeout(),
         )
     except (aiohttp.ClientError, TimeoutError) as exc:
         return _upstream_failure(request, decision, exc, body)
@@ -637,7 +644,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
             auto_decompress=False,  # bytes through untouched; Content-Length stays true
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one user's cookies for the next
-            timeout=_timeout(config.upstream),
+            timeout=_client_timeout(config.upstream),
             # Bigger reads per resumption for bulk bodies (W4); memory stays bounded by the drain per write.
             read_bufsize=1 << 18,
         )

@@ -25,9 +25,9 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from corsproxy.core.decision import CorsRequest, Decision, actual_headers
+from corsproxy.core.log_limit import PROXY_LINES
 from corsproxy.http.app import CONFIG, STATE, VARY_ONLY, ProxyState, handler_args
 from corsproxy.http.fastpath import FastAnswer, PreflightResponder
-from corsproxy.ops.log_limit import PROXY_LINES
 
 __all__ = ["GuardedRequestHandler", "Internals", "ProxyRunner", "check_internals"]
 

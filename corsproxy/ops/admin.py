@@ -39,7 +39,7 @@ from aiohttp import web
 
 from corsproxy.config import ConfigError, load_config
 from corsproxy.core.explain import explain
-from corsproxy.core.origin import EntryError, parse_origin_entry
+from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry
 from corsproxy.core.origin_lines import MAX_NOTE_LENGTH, NEVER, EntryEdit, parse_edits, parse_expires_field
 from corsproxy.core.settings import Admin, Config, parse_duration, parse_expiry, unknown_policy
 from corsproxy.http.app import STATE, ProxyState
@@ -179,12 +179,7 @@ def _loopback_host(host: str) -> bool:
         name = urlsplit("//" + host).hostname or ""
     except ValueError:
         return False
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(name)
 
 
 def _host_name(host: str) -> str:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 # The classic text format (what generate_latest writes): every Prometheus version reads it.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 
-from corsproxy.ops.log_limit import PROXY_LINES
+from corsproxy.core.log_limit import PROXY_LINES
 
 if TYPE_CHECKING:
     from corsproxy.core.outcome import Outcome
@@ -31,7 +31,7 @@ __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: What the proxy refuses before a request reaches its handler (so ``corsproxy_requests`` never sees it): the
-#: :data:`~corsproxy.ops.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
+#: :data:`~corsproxy.core.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
 MALFORMED_TYPES = ("malformed_request", "head_too_large", "head_timeout")
 
 # Seconds. A preflight answered from LMDB takes well under a millisecond; an upstream call anything up to read_timeout.

@@ -2,7 +2,7 @@
 
 Owns the log line shape: ``time, client, method, path, origin, decision, reason, status, bytes,
 upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while refusals and
-failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.ops.log_limit`), and the
+failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.core.log_limit`), and the
 choice between JSON (for log pipelines) and plain text (for a human at a terminal).
 
 Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.core.outcome.Outcome` values.
@@ -19,8 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from corsproxy.core.decision import Kind
+from corsproxy.core.log_limit import REQUEST_LINES, LineLimiter
 from corsproxy.core.settings import Logging
-from corsproxy.ops.log_limit import REQUEST_LINES, LineLimiter
 
 if TYPE_CHECKING:
     from corsproxy.core.outcome import Outcome
@@ -112,7 +112,8 @@ class RequestLog:
     Allowed requests are sampled with probability ``sample_allowed`` (busy sites log a fraction). Refusals and
     corsproxy's own errors (5xx, upstream failures) are what an operator looks for, so they are not sampled; but any
     client can send them by the thousand, so ``limiter`` writes at most ``logging.per_reason_lines`` of each reason per
-    window and a summary of the rest (the process's :data:`~corsproxy.ops.log_limit.REQUEST_LINES` unless one is given).
+    window and a summary of the rest (the process's :data:`~corsproxy.core.log_limit.REQUEST_LINES` unless one is
+    given).
     """
 
     def __init__(

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 
 from corsproxy.config import ConfigError, load_config
+from corsproxy.core.origin import is_loopback_host
 from corsproxy.core.settings import Config
 from corsproxy.http.app import STATE, ProxyState, create_app
 from corsproxy.http.protocol import ProxyRunner
@@ -58,7 +58,6 @@ __all__ = [
     "check_store_writable",
     "default_workers",
     "echo_app",
-    "run",
     "run_demo",
     "serve",
     "setup_logging",
@@ -82,21 +81,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run(config: Config) -> None:
-    """Serve with one worker per core until SIGTERM (kept for callers of the single-process era)."""
-    sys.exit(serve(config, default_workers()))
-
-
 # -- the gunicorn side: arbiter, worker, application --------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -126,19 +111,11 @@ def check_admin_tokens(config: Config) -> None:
     admin = config.admin
     if admin.port is None:
         return
-    if admin.port == config.listen.port and admin.port != 0:
-        raise ConfigError(
-            [
-                f"admin.listen.port: {admin.port} is also listen.port; the admin API needs its own port (every path "
-                "on the proxied port belongs to the upstream)"
-            ],
-            config.source,
-        )
     try:
         tokens = load_tokens(admin)
     except (OSError, ValueError) as exc:
         raise ConfigError([f"admin token: {exc}"], config.source) from None
-    if not tokens and (admin.token_file or not _is_loopback(admin.host)):
+    if not tokens and (admin.token_file or not is_loopback_host(admin.host)):
         raise ConfigError(
             [f"admin: no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"], config.source
         )
