@@ -261,7 +261,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 2
     for warning in body.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"reloading {body.get('config', source)}: new workers start on it, old ones finish their requests")
+    config_file = body.get("config", source)
+    if body.get("status") == "applied":
+        print(f"reloaded {config_file}: new workers serve it, the old ones finish their requests and exit")
+    else:  # the arbiter gave no verdict in time: the reload goes on, its outcome is in the server's log
+        print(f"reloading {config_file}: no verdict yet, see the server's log for 'reloaded' or 'reload refused'")
     return 0
 
 
@@ -513,7 +517,10 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser("reload", help="make the running server re-read its config (through the admin API)")
     )
     reload.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the admin API (default: %(default)s)"
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds to wait for the server's verdict; it waits up to 60 for new workers (default: %(default)s)",
     )
     reload.set_defaults(func=cmd_reload)
 

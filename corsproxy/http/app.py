@@ -133,6 +133,7 @@ _UPSTREAM_LACKS = web.RequestKey("upstream_lacks", frozenset)
 #: proxy must not invent them. ``Date`` stays: RFC 9110 §6.6.1 asks a forwarding recipient to add it.
 _ADDED_BY_AIOHTTP = ("Content-Type", "Server")
 CONFIG = web.AppKey("config", Config)
+_RECONCILE = web.AppKey("reconcile_at_start", bool)
 
 
 def as_response(answer: Answer) -> web.Response:
@@ -631,9 +632,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         config.store.path, map_size=config.store.map_size_mb << 20, audit_retention=config.store.audit_retention
     )
     try:
-        changed, removed, _, _ = reconcile_on_start(store, config)
-        if changed or removed:
-            log.info("store reconciled with config: %d added or changed, %d removed", len(changed), len(removed))
+        if app[_RECONCILE]:
+            reconcile_and_log(store, config)
         connector = aiohttp.TCPConnector(
             limit=config.limits.max_upstream_connections,
             ssl=_ssl_context(config),
@@ -668,6 +668,13 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         flush_line_limits()  # the summaries of what was left out since the last window closed
 
 
+def reconcile_and_log(store: OriginStore, config: Config) -> None:
+    """Make the store's config-owned entries ``cors.allow_origins`` (a write transaction: waits for the writer lock)."""
+    changed, removed, _, _ = reconcile_on_start(store, config)
+    if changed or removed:
+        log.info("store reconciled with config: %d added or changed, %d removed", len(changed), len(removed))
+
+
 def _ssl_context(config: Config) -> Any:
     if config.upstream.ca_bundle is None:
         return True  # default verification against the system trust store
@@ -686,8 +693,12 @@ def handler_args(limits: Limits) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, *, reconcile: bool = True) -> web.Application:
     """The proxy as an aiohttp application; the store and client session open when it starts.
+
+    ``reconcile=False`` leaves the store's config-owned entries to the caller: ``corsproxy serve`` reconciles in one
+    place (before the first worker starts, and once per reload), so that no worker's start waits for LMDB's writer
+    lock, which a long import may hold for seconds.
 
     Served by :class:`ProxyRunner` it also gets the header-read timeout; under a plain ``AppRunner`` everything else
     still holds (a slow head is then bounded by ``limits.idle_timeout``).
@@ -696,6 +707,7 @@ def create_app(config: Config) -> web.Application:
     # handler_cancellation: a client that disconnects cancels its handler, and with it the upstream request.
     app = web.Application(handler_args={**kwargs, "handler_cancellation": True})
     app[CONFIG] = config
+    app[_RECONCILE] = reconcile
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(_undo_invented_headers)
     app.router.add_route("*", "/{tail:.*}", handle, expect_handler=_expect_handler)

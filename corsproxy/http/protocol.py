@@ -37,7 +37,7 @@ log = logging.getLogger("corsproxy")
 _FAST_WRITE_HIGH_WATER = 1 << 16
 
 #: aiohttp handler attributes the connection guards read (the request queue and the state around it).
-GUARD_NAMES = ("_messages", "_request_in_progress", "_upgraded", "_current_request", "_manager")
+GUARD_NAMES = ("_messages", "_request_in_progress", "_upgraded", "_current_request", "_manager", "_request_count")
 #: ... and the ones the fast path also needs: the request loop's waiter, the parsers, the keep-alive timer.
 FAST_PATH_NAMES = (
     "_waiter",
@@ -68,12 +68,15 @@ def check_internals(
     runner: type = web.AppRunner,
     response: type = web.StreamResponse,
     parser: type = web_protocol.HttpRequestParser,  # type: ignore[attr-defined]
+    server: object | None = None,
 ) -> Internals:
     """Check a freshly made (unconnected) aiohttp connection handler, the runner, response and request-parser classes
     for the private names the guards and the fast path use."""
     missing = [name for name in GUARD_NAMES if not hasattr(handler, name)]
     if not hasattr(runner, "_make_server"):
         missing.append("AppRunner._make_server")
+    if server is not None and not hasattr(server, "_connections"):
+        missing.append("Server._connections")  # the drain walks the server's connections
     guards = not missing
     missing += [name for name in FAST_PATH_NAMES if not hasattr(handler, name)]
     resume: tuple[str, str] | None = None
@@ -122,6 +125,10 @@ class GuardedRequestHandler(web.RequestHandler):
         self._fast = fast
         self._chunk_prefix = b""  # the start of the previous chunk received (bounded), see _keep_refused_head
         self._refused_head = b""  # what arrived of a head the parser refused as too long, for handle_error
+        self.draining = False  # the worker is stopping: every answer says Connection: close
+        self._partial_head = False  # bytes of a request head arrived that do not make a whole head yet
+        self._idle_since: float | None = None  # while draining: when this connection was first seen idle
+        self._requests_seen = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -149,10 +156,37 @@ class GuardedRequestHandler(web.RequestHandler):
         if len(self._messages) > queued:
             self._fail_body_on_parse_error(self._messages[-1][0])
             self._keep_refused_head(previous, data)
+        self._partial_head = self._awaiting_head()  # bytes came, and no whole request yet
         if not self._awaiting_head():
             self._disarm_head_timer()
         elif self._head_timer is None:
             self._arm_head_timer()
+
+    def begin_drain(self) -> None:
+        """Stop keeping this connection alive without losing a request on it (a reload or a stop).
+
+        aiohttp closes an idle keep-alive connection at once when its server shuts down; a request the client sent
+        just before it saw the close is then lost with no response byte (the client cannot tell whether it was
+        processed, so most do not retry it). Instead the connection stays open: the request in progress, or the next
+        one to arrive, is answered with ``Connection: close`` (RFC 9112 §9.6), after which both sides know it ends.
+        A connection that stays idle is closed by :meth:`drain_tick` once no byte has arrived on it for a while.
+        """
+        self.draining = True
+        self._fast = None  # the ordinary path answers, and its answers carry Connection: close
+        self._idle_since = None
+
+    def drain_tick(self, now: float, grace: float) -> None:
+        """Close this connection if it has been idle, with no byte of a next request received, for ``grace`` s."""
+        if self.transport is None:
+            return
+        if not self._awaiting_head() or self._partial_head or self._request_count != self._requests_seen:
+            self._requests_seen = self._request_count
+            self._idle_since = None  # busy, or a request began: its answer will close the connection
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since >= grace:
+            self.force_close()
 
     def _data_received_fast(
         self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer, previous: bytes = b""
@@ -191,10 +225,12 @@ class GuardedRequestHandler(web.RequestHandler):
             self.transport.write(answer)
             answered = True
         if messages:
+            self._partial_head = False
             waiter.set_result(None)
             if not self._awaiting_head():
                 self._disarm_head_timer()
             return
+        self._partial_head = not answered
         if answered:
             # The answered request counts as activity: push the idle close back, and the head is complete.
             if self._keepalive_timeout > 0:
@@ -354,6 +390,22 @@ class _BareResponse(web.Response):
         self.headers.popall("Server", None)
 
 
+#: Seconds a connection must stay idle, with no byte of a next request received, before a draining worker closes it.
+#: A client under load sends its next request within milliseconds of a response, so it gets a ``Connection: close``
+#: answer instead; only connections nobody is using are closed, and the old worker exits soon after a reload.
+DRAIN_IDLE_GRACE = 2.0
+_DRAIN_TICK = 0.05
+_DRAIN_SETTLE = 0.25
+
+
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """A draining worker's answers end their connection, so no client sends a request into a closing socket."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler) and protocol.draining and response.status != 101:
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 class _GuardedServer(web.Server):
     """A :class:`web.Server` whose connections are :class:`GuardedRequestHandler`."""
 
@@ -378,9 +430,10 @@ class _GuardedServer(web.Server):
         self._guard_kwargs = handler_kwargs
         self._fast = fast
         self._internals = internals
+        self._guard_draining = False
 
     def __call__(self) -> web.RequestHandler:
-        return GuardedRequestHandler(
+        handler = GuardedRequestHandler(
             self,
             loop=self._guard_loop,
             header_read_timeout=self._guard_timeout,
@@ -388,6 +441,47 @@ class _GuardedServer(web.Server):
             internals=self._internals,
             **self._guard_kwargs,
         )
+        if self._guard_draining:
+            # Accepted just before the listening socket closed, connected after the drain began: it drains too
+            # (else its keep-alive answers would keep it busy until the drain timeout cut it mid-request).
+            handler.begin_drain()
+        return handler
+
+    def pre_shutdown(self) -> None:
+        # Called once the listening sockets stopped accepting. aiohttp would close every idle connection here, racing
+        # the requests clients are sending on them; drain them instead (GuardedRequestHandler.begin_drain).
+        self._guard_draining = True
+        for connection in self._connections:
+            if isinstance(connection, GuardedRequestHandler):
+                connection.begin_drain()
+            else:  # pragma: no cover - every connection of this server is guarded
+                connection.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Wait, up to ``timeout`` (``limits.drain_timeout``), for every connection to end on its own: after its
+        ``Connection: close`` answer, or idle for :data:`DRAIN_IDLE_GRACE`; then aiohttp's shutdown cancels what is
+        left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else 0.0)
+        quiet_since: float | None = None
+        while (now := loop.time()) < deadline:
+            if not self._connections:
+                # A connection the kernel handed over just before the listening socket closed may not have reached
+                # connection_made yet (the event loop builds its transport a few iterations later): exiting now
+                # would reset it with its request unread. Stay until no connection has appeared for a moment.
+                if quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= _DRAIN_SETTLE:
+                    break
+            else:
+                quiet_since = None
+            for connection in list(self._connections):
+                if isinstance(connection, GuardedRequestHandler):
+                    if not connection.draining:
+                        connection.begin_drain()
+                    connection.drain_tick(now, DRAIN_IDLE_GRACE)
+            await asyncio.sleep(_DRAIN_TICK)
+        await super().shutdown(max(0.0, deadline - loop.time()))
 
 
 class ProxyRunner(web.AppRunner):
@@ -396,6 +490,8 @@ class ProxyRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, *, fast_preflights: bool = True, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
+        if _close_when_draining not in app.on_response_prepare:
+            app.on_response_prepare.append(_close_when_draining)  # only guarded connections drain
         self._fast_preflights = fast_preflights
         self._runner_kwargs = {k: v for k, v in kwargs.items() if k not in ("handle_signals", "shutdown_timeout")}
 
@@ -419,7 +515,7 @@ def _checked_once(server: web.Server) -> Internals:
     if not _CHECKED:
         import aiohttp
 
-        internals = check_internals(server())
+        internals = check_internals(server(), server=server)
         _CHECKED.append(internals)
         if internals.missing:
             features = (("connection guards", internals.guards), ("preflight fast path", internals.fast_path))

@@ -13,6 +13,7 @@ state (the config snapshot and the open LMDB store); every write goes through th
     GET    /explain?origin=&method=&headers=&path=
     GET    /audit?origin=&limit=
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
+    GET    /console/                          the operator console (:mod:`corsproxy.console`, its own sign-in)
 
 Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; a write the store has no room for is a 507
 naming the setting to change, a store that cannot be written a 503; an unexpected failure is a 500 with no stack
@@ -118,7 +119,9 @@ class AdminContext:
     proxy: web.Application  # the proxy app, whose STATE (config, store) the admin reads and writes
     tokens: Mapping[str, str]  # token -> name; empty = no auth (only allowed on loopback, checked by the config)
     config_path: str | None = None  # what POST /reload re-reads
-    request_reload: Callable[[Config], None] | None = None  # apply a validated config (signal the arbiter)
+    # Apply a validated config (signal the arbiter); may return the arbiter's verdict to wait for: a mapping with
+    # "result" ("applied" or "refused") and "reason", or None when it did not come in time.
+    request_reload: Callable[[Config], Awaitable[Mapping[str, Any] | None] | None] | None = None
     render_metrics: Callable[[ProxyState], tuple[bytes, str]] | None = None
     on_reload_refused: Callable[[], None] | None = None  # (an accepted reload is counted by the arbiter)
     on_store_write_error: Callable[[str], None] | None = None  # a write refused by the store, by reason
@@ -582,11 +585,18 @@ async def reload(request: web.Request) -> web.Response:
         raise AdminError(
             400, "configuration refused", "the running configuration stays", field="config", problems=exc.problems
         ) from None
+    verdict: Mapping[str, Any] | None = None
     if ctx.request_reload is None:
         ctx.state.config = config  # no arbiter: swap the snapshot; the next request uses it
     else:
-        ctx.request_reload(config)
-    log.info("reload of %s accepted by admin (%s)", path, request[_ACTOR])
+        log.info("reload of %s requested by admin (%s)", path, request[_ACTOR])
+        pending = ctx.request_reload(config)
+        verdict = None if pending is None else await pending
+    if verdict is not None and verdict.get("result") == "refused":
+        # Valid YAML the new workers could not run (their store cannot be opened, it is full...): nothing changed.
+        raise AdminError(409, "reload refused", str(verdict.get("reason", "")), field="config")
+    if verdict is not None:
+        return web.json_response({"status": "applied", "config": path, "warnings": list(config.warnings)})
     return web.json_response({"status": "reloading", "config": path, "warnings": list(config.warnings)}, status=202)
 
 
@@ -594,7 +604,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Application:
-    app = web.Application(middlewares=[_json_errors, _auth], client_max_size=max_body)
+    from corsproxy import console  # imports this module: loaded here, not at the top
+
+    # console_gate takes /console/ (authenticated by its own session and CSRF token) before _auth sees it.
+    app = web.Application(middlewares=[_json_errors, console.console_gate, _auth], client_max_size=max_body)
     app[ADMIN] = ctx
     r = app.router
     r.add_get("/origins", list_origins)
@@ -608,4 +621,5 @@ def create_admin_app(ctx: AdminContext, max_body: int = 64 << 20) -> web.Applica
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics)
     r.add_post("/reload", reload)
+    console.mount_console(app)  # the operator console at /console/
     return app

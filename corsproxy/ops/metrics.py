@@ -11,14 +11,18 @@ Must not import aiohttp or lmdb; requests are seen as :class:`corsproxy.core.out
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # The classic text format (what generate_latest writes): every Prometheus version reads it.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+from prometheus_client.mmap_dict import MmapedDict
 
 from corsproxy.core.log_limit import PROXY_LINES
 
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
     from corsproxy.core.outcome import Outcome
     from corsproxy.store import StoreUsage
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "mark_process_dead"]
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "fold_dead_process", "mark_process_dead"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -154,6 +158,10 @@ class Metrics:
         self._upstream_errors: dict[str, int] = {}
         self._durations: dict[Any, list[float]] = {}
         self._upstream_latencies: list[float] = _empty_histogram()
+        #: Sees each batch just before it is folded in (the console's charts): requests, status classes, request
+        #: durations by kind, upstream latencies. It must copy what it keeps; it runs on the flushing thread.
+        self.on_flush: Callable[[dict[Any, int], dict[int, int], dict[Any, list[float]], list[float]], None] | None
+        self.on_flush = None
 
     def observe(self, outcome: Outcome) -> None:
         decision = outcome.decision
@@ -184,6 +192,8 @@ class Metrics:
     def flush(self) -> None:
         """Fold what :meth:`observe` counted since the last call into the prometheus-client objects (a scrape reads
         those). Cheap when nothing happened; call it on the thread that calls :meth:`observe`."""
+        if self.on_flush is not None:
+            self.on_flush(self._requests, self._status_classes, self._durations, self._upstream_latencies)
         if self._requests:
             requests, self._requests = self._requests, {}
             for (kind, reason), count in requests.items():
@@ -229,10 +239,12 @@ class Metrics:
         """The Prometheus text format, summed over every live and dead worker of this server.
 
         Reads what was flushed; the caller flushes this process's own counts first (on the event loop's thread)."""
-        if os.environ.get(MULTIPROC_ENV):
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
+            with _folding_lock(directory, fcntl.LOCK_SH):  # no file is folded away while it is being read
+                return generate_latest(registry)
         assert self.registry is not None
         return generate_latest(self.registry)
 
@@ -259,3 +271,44 @@ def mark_process_dead(pid: int) -> None:
     """Called by the arbiter when a worker exits: its live gauges stop counting; its counters are kept."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+#: The file kinds whose samples outlive their process (counters only grow); live gauges are dropped on exit instead.
+_KEPT_KINDS = ("counter", "histogram", "summary")
+_FOLD_LOCK = ".fold.lock"
+
+
+@contextlib.contextmanager
+def _folding_lock(directory: str, mode: int) -> Iterator[None]:
+    with open(os.path.join(directory, _FOLD_LOCK), "a+b") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def fold_dead_process(pid: int) -> None:
+    """Add a dead worker's counter and histogram samples into one ``<kind>_archive.db`` per kind and delete its
+    files, so the multiprocess directory holds the live workers' files plus a fixed few, however many workers have
+    come and gone (every reload replaces them all). Sums, and so every scrape, are unchanged: the collector adds the
+    archive like any other file. A scrape holds the shared lock, so it sees the files before or after, never half.
+
+    prometheus-client has no public call for this; it writes the archive with its own ``MmapedDict`` (the format its
+    collector reads), and tests/test_reload_fleet_reload.py pins the totals through real scrapes across reloads."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return
+    with _folding_lock(directory, fcntl.LOCK_EX):
+        for kind in _KEPT_KINDS:
+            path = os.path.join(directory, f"{kind}_{pid}.db")
+            if not os.path.exists(path):
+                continue
+            archive = MmapedDict(os.path.join(directory, f"{kind}_archive.db"))  # type: ignore[no-untyped-call]
+            try:
+                for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+                    total, _ = archive.read_value(key)  # type: ignore[no-untyped-call]
+                    archive.write_value(key, total + value, timestamp)  # type: ignore[no-untyped-call]
+            finally:
+                archive.close()  # type: ignore[no-untyped-call]
+            os.unlink(path)
