@@ -17,10 +17,10 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -340,11 +340,7 @@ def cmd_origins_remove(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with _open_store(config) as store:
-        try:
-            old = remove_entry(store, key, declarations=Declarations.of(config), actor=_actor())
-        except DeclaredElsewhere as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        old = remove_entry(store, key, declarations=Declarations.of(config), actor=_actor())  # DeclaredElsewhere: main
     if old is None:
         print(f"error: {key} is not in the store (see `corsproxy origins list`)", file=sys.stderr)
         return 1
@@ -513,15 +509,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     with_config(commands.add_parser("check", help="validate the config and exit")).set_defaults(func=cmd_check)
 
-    reload = with_config(
-        commands.add_parser("reload", help="make the running server re-read its config (through the admin API)")
-    )
-    reload.add_argument(
-        "--timeout",
-        type=float,
-        default=90.0,
-        help="seconds to wait for the server's verdict; it waits up to 60 for new workers (default: %(default)s)",
-    )
+    reload = commands.add_parser("reload", help="make the running server re-read its config (through the admin API)")
+    wait = "seconds to wait for the server's verdict; it waits up to 60 for new workers (default: %(default)s)"
+    with_config(reload).add_argument("--timeout", type=float, default=90.0, help=wait)
     reload.set_defaults(func=cmd_reload)
 
     demo = commands.add_parser("demo", help="run the proxy in front of a built-in echo upstream")
@@ -560,26 +550,45 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--note", help="free text kept with the entry ('' clears it)")
     add.set_defaults(func=cmd_origins_add)
 
-    remove = with_config(origins.add_parser("remove", help="stop allowing an origin or pattern"))
-    remove.add_argument("origin", help="the origin or pattern, as added")
-    remove.set_defaults(func=cmd_origins_remove)
-
-    listing = with_config(origins.add_parser("list", help="list the store"))
-    listing.add_argument("--filter", help="only entries containing this text")
-    listing.set_defaults(func=cmd_origins_list)
-
-    imp = with_config(origins.add_parser("import", help="add origins from a file, one per line (- for stdin)"))
-    imp.add_argument("file", help="the file, in the line format of `origins export`; - reads stdin")
-    imp.set_defaults(func=cmd_origins_import)
-
-    exp = with_config(origins.add_parser("export", help="write the store in the import format"))
-    exp.add_argument("file", nargs="?", default="-", help="where to write (default: stdout)")
-    exp.set_defaults(func=cmd_origins_export)
-
-    hist = with_config(origins.add_parser("history", help="the audit trail, one JSON object per line"))
-    hist.add_argument("--origin", help="only this origin")
-    hist.add_argument("--limit", type=int, default=100, help="the newest N events, printed oldest first (default: 100)")
-    hist.set_defaults(func=cmd_origins_history)
+    # The actions whose arguments are a plain list: (name, help, [(flags, options)], handler).
+    plain: list[tuple[str, str, list[tuple[tuple[str, ...], dict[str, Any]]], Callable[[argparse.Namespace], int]]] = [
+        (
+            "remove",
+            "stop allowing an origin or pattern",
+            [(("origin",), {"help": "the origin or pattern, as added"})],
+            cmd_origins_remove,
+        ),
+        ("list", "list the store", [(("--filter",), {"help": "only entries containing this text"})], cmd_origins_list),
+        (
+            "import",
+            "add origins from a file, one per line (- for stdin)",
+            [(("file",), {"help": "the file, in the line format of `origins export`; - reads stdin"})],
+            cmd_origins_import,
+        ),
+        (
+            "export",
+            "write the store in the import format",
+            [(("file",), {"nargs": "?", "default": "-", "help": "where to write (default: stdout)"})],
+            cmd_origins_export,
+        ),
+        (
+            "history",
+            "the audit trail, one JSON object per line",
+            [
+                (("--origin",), {"help": "only this origin"}),
+                (
+                    ("--limit",),
+                    {"type": int, "default": 100, "help": "the newest N events, printed oldest first (default: 100)"},
+                ),
+            ],
+            cmd_origins_history,
+        ),
+    ]
+    for name, summary, arguments, handler in plain:
+        action = with_config(origins.add_parser(name, help=summary))
+        for flags, options in arguments:
+            action.add_argument(*flags, **options)
+        action.set_defaults(func=handler)
 
     regex = with_config(
         origins.add_parser("import-regex", help="convert an origin regex into exact entries and safe patterns")
@@ -615,10 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StoreError as exc:
+    except (ConfigError, StoreError, DeclaredElsewhere) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:

@@ -43,7 +43,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -152,16 +152,7 @@ class StoreUsage:
         return not (self.map_full or self.disk_full)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "writable": self.writable,
-            "used_bytes": self.used_bytes,
-            "file_bytes": self.file_bytes,
-            "map_size_bytes": self.map_size_bytes,
-            "limit_bytes": self.limit_bytes,
-            "disk_free_bytes": self.disk_free_bytes,
-            "audit_events": self.audit_events,
-            "problems": self.problems(),
-        }
+        return {"writable": self.writable, **asdict(self), "problems": self.problems()}
 
     def problems(self) -> list[str]:
         """What stops (or will soon stop) writes; empty when there is room."""

@@ -13,6 +13,7 @@ names are missing is turned off with one log line instead of failing on every co
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -425,22 +426,19 @@ class _GuardedServer(web.Server):
             loop=loop,
             **handler_kwargs,
         )
-        self._guard_loop = loop
-        self._guard_timeout = header_read_timeout
-        self._guard_kwargs = handler_kwargs
-        self._fast = fast
-        self._internals = internals
+        self._fast = fast  # read per connection: a test may wrap it to see which path answered
+        self._new_handler = functools.partial(
+            GuardedRequestHandler,
+            self,
+            loop=loop,
+            header_read_timeout=header_read_timeout,
+            internals=internals,
+            **handler_kwargs,
+        )
         self._guard_draining = False
 
     def __call__(self) -> web.RequestHandler:
-        handler = GuardedRequestHandler(
-            self,
-            loop=self._guard_loop,
-            header_read_timeout=self._guard_timeout,
-            fast=self._fast,
-            internals=self._internals,
-            **self._guard_kwargs,
-        )
+        handler = self._new_handler(fast=self._fast)
         if self._guard_draining:
             # Accepted just before the listening socket closed, connected after the drain began: it drains too
             # (else its keep-alive answers would keep it busy until the drain timeout cut it mid-request).
