@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -377,7 +378,12 @@ def cmd_origins_list(args: argparse.Namespace) -> int:
 
 def cmd_origins_import(args: argparse.Namespace) -> int:
     config = _load(args)
-    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    # Lines end at "\n" only, as the admin API's import and the origins file read them: a "\r" inside a quoted note
+    # must not split one entry into two here and not there (universal newlines would).
+    if args.file == "-":
+        stream: TextIO = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    else:
+        stream = open(args.file, encoding="utf-8", newline="\n")  # noqa: SIM115
     with stream:
         parsed = parse_edits(stream)
     with _open_store(config) as store:
