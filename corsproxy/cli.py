@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -25,7 +26,15 @@ from typing import Any, TextIO
 import yaml
 
 from corsproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
-from corsproxy.core.origin_lines import KEEP, EntryEdit, format_line, parse_edits, parse_entry, parse_expires_field
+from corsproxy.core.origin_lines import (
+    KEEP,
+    EntryEdit,
+    _quote,
+    format_line,
+    parse_edits,
+    parse_entry,
+    parse_expires_field,
+)
 from corsproxy.core.settings import Admin, Config
 from corsproxy.origins.writes import (
     Declarations,
@@ -296,7 +305,7 @@ def _describe(record: OriginRecord | None) -> str:
     if record.expires is not None:
         out += time.strftime(" expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires))
     if record.note:
-        out += f" note {json.dumps(record.note, ensure_ascii=False)}"
+        out += f" note {_quote(record.note)}"  # printable only: a note is text anyone with a write path chose
     return out
 
 
@@ -357,14 +366,21 @@ def cmd_origins_list(args: argparse.Namespace) -> int:
             expires = (
                 time.strftime(" expires %Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires)) if record.expires else ""
             )
-            note = f" — {record.note}" if record.note else ""
+            # Raw, a note could erase or forge lines on the operator's terminal ("\r\x1b[2K", "\n"), or hold a lone
+            # surrogate that stdout cannot encode: non-printable notes are shown quoted and escaped, as exported.
+            note = f" — {record.note if record.note.isprintable() else _quote(record.note)}" if record.note else ""
             print(f"{key}\tpolicy={record.policy}\tsource={record.source}{expires}{state}{note}")
     return 0
 
 
 def cmd_origins_import(args: argparse.Namespace) -> int:
     config = _load(args)
-    stream: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    # Lines end at "\n" only, as the admin API's import and the origins file read them: a "\r" inside a quoted note
+    # must not split one entry into two here and not there (universal newlines would).
+    if args.file == "-":
+        stream: TextIO = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
+    else:
+        stream = open(args.file, encoding="utf-8", newline="\n")  # noqa: SIM115
     with stream:
         parsed = parse_edits(stream)
     with _open_store(config) as store:

@@ -319,7 +319,7 @@ class CorsEngine:
         readings = path_readings(path)
         if readings is None:
             return (*routes, None)
-        if len(readings) == 1:
+        if len(readings) == 1 and readings[0].isascii():
             reading = readings[0]
             route = _first_match(routes, reading)
             if self._lowercase_prefixes and reading.lower() == reading:
@@ -328,7 +328,10 @@ class CorsEngine:
             return (route,) if folded is route else (route, folded)
         reached: list[Route | None] = []
         for reading in readings:
-            for route in (_first_match(routes, reading), _first_match_folded(routes, reading)):
+            found = [_first_match(routes, reading), _first_match_folded(routes, reading)]
+            if not reading.isascii():
+                found.append(_first_match_folded(routes, _simple_fold(reading)))
+            for route in found:
                 if not any(route is seen for seen in reached):
                     reached.append(route)  # all of them, not just two: the origin must be allowed under each
         return tuple(reached)
@@ -531,6 +534,20 @@ def _first_match_folded(routes: Sequence[Route], path: str) -> Route | None:
     return None
 
 
+def _simple_fold(path: str) -> str:
+    """``path`` folded one character at a time, as case-insensitive servers compare (Java's ``equalsIgnoreCase``,
+    .NET's invariant casing, NTFS's upcase table): "ı" (U+0131) and "ſ" (U+017F) upper-case to "I" and "S", "İ"
+    (U+0130) lower-cases to "i" — none of which ``str.lower`` gives."""
+    return "".join(map(_fold_char, path))
+
+
+@lru_cache(maxsize=1024)
+def _fold_char(char: str) -> str:
+    upper = char.upper()
+    lower = (upper if len(upper) == 1 else char).lower()
+    return lower[0] if lower else char  # "İ".lower() is "i" + U+0307: the simple mapping is its first character
+
+
 def _cut_fragment(path: str) -> str:
     # Not part of a request target (RFC 9112 §3.2), so refused by the shell; judged here under both readings, for
     # the CORS headers of that refusal.
@@ -545,6 +562,16 @@ def _strip_params(path: str) -> str:
 
 def _percent_decode(path: str) -> str:
     return unquote(path) if "%" in path else path
+
+
+def _percent_u_decode(path: str) -> str:
+    # IIS (HTTP.sys accepts "%uXXXX" unless PercentUAllowed is turned off) decodes "%u002e" like "%2e", before it
+    # resolves dot segments: "/public/%u002e%u002e/admin" is "/admin" to it.
+    return _PERCENT_U.sub(_percent_u_char, path) if "%u" in path or "%U" in path else path
+
+
+def _percent_u_char(match: re.Match[str]) -> str:
+    return chr(int(match[1], 16))
 
 
 def _backslash_to_slash(path: str) -> str:
@@ -586,13 +613,16 @@ def _strip_trailing_dots(path: str) -> str:
 
 #: The steps common servers apply to a request path before they route it, in the order they apply them; a server
 #: applies some subset (Express and Go's RawPath routers none, Starlette decoding, nginx decoding + merging + dots,
-#: Tomcat parameters + decoding + merging + dots, IIS decoding + backslashes + merging + dots + trailing dots).
-#: Decoding appears twice for servers behind another decoding hop; ``;`` parameters twice for servers that cut them
-#: after decoding (``%3b``).
+#: Tomcat parameters + decoding + merging + dots, IIS "%u" and "%XX" decoding + backslashes + merging + dots + trailing
+#: dots).
+#: Decoding (and "%u" decoding) appears twice for servers behind another decoding hop; ``;`` parameters twice for
+#: servers that cut them after decoding (``%3b``).
 _READING_STEPS: tuple[Callable[[str], str], ...] = (
     _cut_fragment,
     _strip_params,
+    _percent_u_decode,
     _percent_decode,
+    _percent_u_decode,
     _percent_decode,
     _backslash_to_slash,
     _strip_params,
@@ -601,6 +631,7 @@ _READING_STEPS: tuple[Callable[[str], str], ...] = (
     _strip_trailing_dots,
 )
 _REPEATED_SLASHES = re.compile(r"//+")
+_PERCENT_U = re.compile(r"%[uU]([0-9a-fA-F]{4})")
 _DOT_SEGMENT = re.compile(r"/\.\.?(?:/|$)")
 _TRAILING_DOT = re.compile(r"[^/.][. ]+(?:/|$)")
 #: Characters and sequences any of the steps acts on; a path with none of them has a single reading.

@@ -8,6 +8,7 @@ in wire order, so the rules are tested as tables without sockets.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -57,6 +58,21 @@ FORWARDING_FIELDS = frozenset(
         "x-forwarded-port",
         "x-real-ip",
         "forwarded",
+        # The same lies in the names other upstreams read: the scheme (Rack's X-Forwarded-Ssl/-Scheme, Spring's
+        # X-Forwarded-Ssl; "on" there makes the app believe the request came over TLS) and the client address
+        # (Rails' Client-IP, the client-IP libraries of Express and Django, CDN names).
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-url-scheme",
+        "front-end-https",
+        "x-forwarded-server",
+        "client-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
         # Fields that make an upstream route another path than the request line's (Spring's X-Forwarded-Prefix,
         # the X-Original-URL / X-Rewrite-URL of IIS URL Rewrite that Symfony and Zend once honoured): from a client
         # they would move a request out from under the route corsproxy judged it by.
@@ -187,12 +203,28 @@ def is_websocket_upgrade(method: str, connection_lines: Iterable[str], upgrade_l
 
 
 def climbs_above_root(target: str) -> bool:
-    """Whether a request target's path uses ``..`` segments (plain, ``%2e``-encoded, with ``;`` parameters or
-    backslashes) to climb above ``/``. Appended to ``upstream.url``'s base path, such a path would reach the upstream
-    as ``/api/../secret``, which most servers resolve outside the prefix corsproxy is configured to expose."""
-    path = unquote(target.split("?", 1)[0]).replace("\\", "/")
+    """Whether a request target's path uses ``..`` segments (plain, ``%2e``-encoded once or twice, IIS's ``%u002e``,
+    with ``;`` parameters or backslashes) to climb above ``/``. Appended to ``upstream.url``'s base path, such a path
+    would reach the upstream as ``/api/../secret``, which most servers resolve outside the prefix corsproxy is
+    configured to expose. Decoded as often as the route readings decode (a second decoding hop, HTTP.sys's
+    ``%uXXXX``), since the upstream behind the base path may be any of those servers."""
+    path = target.split("?", 1)[0]
+    if "%" in path:
+        once = unquote(_percent_u_decode(path))
+        return _climbs(once) or ("%" in once and _climbs(unquote(_percent_u_decode(once))))
+    return _climbs(path)
+
+
+def _percent_u_decode(path: str) -> str:
+    return _PERCENT_U.sub(lambda match: chr(int(match[1], 16)), path)
+
+
+_PERCENT_U = re.compile(r"%[uU]([0-9a-fA-F]{4})")
+
+
+def _climbs(path: str) -> bool:
     depth = 0
-    for raw_segment in path.split("/"):
+    for raw_segment in path.replace("\\", "/").split("/"):
         segment = raw_segment.split(";", 1)[0]
         if segment == "..":
             depth -= 1
