@@ -48,9 +48,8 @@ from run import (
 #: Self-time layers, matched on the innermost frame's file (first match wins).
 LAYERS = [
     ("LMDB lookup (corsproxy/store.py)", ("corsproxy/store.py",)),
-    ("CORS decision core (decision/origin/header_list)", ("corsproxy/decision.py", "corsproxy/origin.py",
-                                                          "corsproxy/header_list.py")),
-    ("corsproxy shell (proxy.py glue, header copying)", ("corsproxy/",)),
+    ("CORS decision core (corsproxy/core)", ("corsproxy/core/",)),
+    ("corsproxy shell (http/ glue, header copying)", ("corsproxy/",)),
     ("aiohttp Response construction + header write", ("aiohttp/web_response.py", "aiohttp/http_writer.py",
                                                       "aiohttp/helpers.py", "multidict/")),
     ("aiohttp client (upstream request + response)", ("aiohttp/client", "aiohttp/connector.py")),
@@ -68,10 +67,10 @@ INCLUSIVE = [
     ("aiohttp RequestHandler._handle_request (whole request)", "_handle_request", "web_protocol.py"),
     ("aiohttp Application._handle (app + router + handler)", "_handle", "web_app.py"),
     ("aiohttp router resolve", "resolve", "web_urldispatcher.py"),
-    ("corsproxy handle (handler, all of it)", "handle", "corsproxy/proxy.py"),
-    ("CorsEngine.decide (decision incl. store)", "decide", "corsproxy/decision.py"),
+    ("corsproxy handle (handler, all of it)", "handle", "corsproxy/http/app.py"),
+    ("CorsEngine.judge (decision incl. store)", "judge", "corsproxy/core/decision.py"),
     ("OriginStore.find (LMDB)", "find", "corsproxy/store.py"),
-    ("preflight_response (headers + web.Response)", "preflight_response", "corsproxy/proxy.py"),
+    ("as_response (headers + web.Response)", "as_response", "corsproxy/http/app.py"),
     ("web.Response.__init__", "__init__", "aiohttp/web_response.py"),
     ("StreamResponse.prepare/_start (status line + header bytes)", "prepare", "aiohttp/web_response.py"),
     ("RequestHandler.finish_response (write + flush)", "finish_response", "web_protocol.py"),
@@ -175,10 +174,11 @@ def micro(config_path: Path, label: str) -> list[str]:
     from aiohttp import web
 
     from corsproxy.config import load_config
-    from corsproxy.decision import preflight_headers
-    from corsproxy.origin import lookup_keys, parse_request_origin
-    from corsproxy.origin_writes import reconcile_config
-    from corsproxy.proxy import preflight_response
+    from corsproxy.core.answer import preflight_answer
+    from corsproxy.core.decision import preflight_headers
+    from corsproxy.core.origin import lookup_keys, parse_request_origin
+    from corsproxy.http.app import as_response
+    from corsproxy.origins.writes import reconcile_config
     from corsproxy.store import OriginStore
 
     config = load_config(config_path)
@@ -208,7 +208,7 @@ def micro(config_path: Path, label: str) -> list[str]:
         ("CorsEngine.decide, refused preflight", lambda: engine.decide("OPTIONS", [REFUSED], acrm, acrh, "/api/items",
                                                                         store, now)),
         ("preflight_headers (list of 7 pairs)", lambda: preflight_headers(engine, allowed)),
-        ("preflight_response (headers + web.Response)", lambda: preflight_response(engine, allowed)),
+        ("as_response(preflight_answer)", lambda: as_response(preflight_answer(engine, allowed))),
         ("web.Response(status=204) alone", lambda: web.Response(status=204)),
         ("time.time()", time.time),
     ]  # fmt: skip

@@ -1,75 +1,59 @@
-"""Configuration: one YAML file in, an immutable :class:`Config` (with a compiled :class:`CorsEngine`) out.
+"""Configuration: one YAML file in, an immutable :class:`~corsproxy.core.settings.Config` (with a compiled
+:class:`~corsproxy.core.decision.CorsEngine`) out.
 
 Owns the public key layout, defaults, environment overrides and every validation rule. Validation collects *all*
 problems, each with its YAML path, what is wrong and how to fix it (the jub0bs/cors shape), and refuses dangerous
-configurations (CORS-RULES 15-16) unless the policy names the matching ``dangerously_*`` opt-in, which then warns on
-every start. :func:`check_origin_entry` is the same check for every later write path (CLI, admin API, origins file).
-
-Must not import aiohttp or lmdb.
+configurations (an origin entry that would let any site in, see :mod:`corsproxy.core.safety`) unless the policy names
+the matching ``dangerously_*`` opt-in, which then warns on every start.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from publicsuffixlist import PSLFILE, PublicSuffixList, encode_idn
 
-from corsproxy.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet, path_readings
-from corsproxy.header_list import is_token
-from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry, parse_request_origin
+from corsproxy.core.decision import BlockMode, CorsEngine, Mode, Policy, Route, StaticOriginSet, path_readings
+from corsproxy.core.header_list import is_token
+from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry, parse_request_origin
+from corsproxy.core.safety import check_origin_entry, entry_checker
+from corsproxy.core.settings import (
+    DEFAULT_POLICY,
+    DEFAULT_STORE_PATH,
+    Admin,
+    AuditRetention,
+    Config,
+    ConfiguredOrigin,
+    Forwarding,
+    Limits,
+    Listen,
+    Logging,
+    OriginsFile,
+    PolicySafety,
+    Store,
+    Upstream,
+    parse_duration,
+    parse_expiry,
+    similar,
+    unknown_policy,
+)
 
-__all__ = [
-    "DEFAULT_CONFIG_PATH",
-    "DEFAULT_POLICY",
-    "Config",
-    "ConfigError",
-    "ConfiguredOrigin",
-    "check_origin_entry",
-    "load_config",
-    "parse_config",
-    "parse_duration",
-    "parse_expiry",
-    "unknown_policy",
-]
+__all__ = ["DEFAULT_CONFIG_PATH", "ConfigError", "load_config", "parse_config"]
 
 DEFAULT_CONFIG_PATH = "/etc/corsproxy/config.yaml"
-#: The name of the policy the ``cors`` block defines.
-DEFAULT_POLICY = "default"
 
 #: Methods a browser can never send (Fetch ``#forbidden-method``); listing one is a mistake or a probe.
 FORBIDDEN_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
-#: Chromium caps Access-Control-Max-Age at 7200 s, Firefox at 86400 s (CORS-RULES 13).
+#: Chromium caps Access-Control-Max-Age at 7200 s, Firefox at 86400 s (a longer value is silently capped).
 MAX_AGE_WARN = 7200
 MAX_AGE_LIMIT = 86400
-#: Sites where anyone can publish a page under the listed origin (CORS-RULES 16: allowing them allows everyone).
-CODE_HOSTING_DOMAINS = (
-    "codepen.io",
-    "cdpn.io",
-    "jsfiddle.net",
-    "jshell.net",
-    "jsbin.com",
-    "codesandbox.io",
-    "csb.app",
-    "stackblitz.io",
-    "stackblitz.com",
-    "webcontainer.io",
-    "plnkr.co",
-    "glitch.me",
-    "replit.dev",
-    "repl.co",
-)
 
 
 class ConfigError(Exception):
@@ -79,147 +63,6 @@ class ConfigError(Exception):
         self.problems = problems
         self.source = source
         super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-@dataclass(frozen=True, slots=True)
-class ConfiguredOrigin:
-    """An origin entry as configured: its canonical key, policy, expiry (Unix time) and note."""
-
-    key: str
-    policy: str = DEFAULT_POLICY
-    expires: float | None = None
-    note: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySafety:
-    """The parts of a policy that decide whether an origin entry under it is safe."""
-
-    name: str
-    allow_credentials: bool
-    dangerously_allow_any_origin_with_credentials: bool = False
-    dangerously_allow_null_origin: bool = False
-    dangerously_allow_http_origins: bool = False
-    dangerously_allow_public_suffix_wildcards: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str = "0.0.0.0"
-    port: int = 8080
-    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the listener speaks HTTPS
-    tls_key: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    url: str = "http://127.0.0.1:8000"
-    scheme: str = "http"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    base_path: str = ""  # no trailing slash
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0
-    ca_bundle: str | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarding:
-    """What goes to the upstream besides the request itself (issue 4)."""
-
-    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are kept (and appended to)
-    preserve_host: bool = False  # send the client's Host instead of the upstream's own
-    websockets: bool = True  # pass WebSocket upgrades through
-    websocket_origin_check: bool = True  # refuse a handshake whose Origin the policy refuses (CSWSH)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds on what one client can make the proxy hold (issue 4)."""
-
-    max_header_size: int = 16384  # bytes of one header line / request line; over it: 431
-    max_body_size: int = 100 << 20  # bytes; over it: 413 (0 = no limit)
-    header_read_timeout: float = 10.0  # seconds to receive a request's head
-    idle_timeout: float = 75.0  # seconds a keep-alive connection may sit idle
-    max_upstream_connections: int = 100  # pooled connections to the upstream per worker (0 = no limit)
-    drain_timeout: float = 30.0  # seconds in-flight requests get on SIGTERM
-
-
-@dataclass(frozen=True, slots=True)
-class Admin:
-    """The separate admin listener (issue 5); disabled when ``port`` is None."""
-
-    host: str = "127.0.0.1"
-    port: int | None = None
-    token_file: str | None = None  # else the CORSPROXY_ADMIN_TOKEN environment variable
-    # Without a token (loopback only), writes are refused unless the operator opts in: any local user or process
-    # could otherwise change the origin set.
-    allow_anonymous_writes: bool = False
-    # Host names (besides loopback names and IP literals) the token-free endpoints /healthz and /readyz answer to:
-    # a DNS-rebinding page reaches them under its own name, which is never one of these.
-    allowed_hosts: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Logging:
-    format: str = "auto"  # auto (JSON unless stderr is a TTY) | json | text
-    level: str = "info"
-    sample_allowed: float = 1.0  # fraction of allowed requests logged; refusals are always logged (but see below)
-    # Lines a client can cause (refusals, malformed requests, upstream failures): at most this many per reason and
-    # per worker in each window, then one summary line per reason; 0 logs every one. Metrics count them all.
-    per_reason_lines: int = 5
-    per_reason_window: float = 10.0  # seconds
-
-
-@dataclass(frozen=True, slots=True)
-class OriginsFile:
-    """Fleet mode (issue 5): a file that is the source of truth for the ``file``-owned entries."""
-
-    path: str | None = None
-    poll_interval: float = 2.0
-
-
-_DEFAULT_STORE_PATH = "./var/origins.lmdb"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRetention:
-    """How much of the audit trail the store keeps; the oldest events beyond either bound are dropped on each write.
-
-    The defaults keep a year, and at most 500,000 events (about 275 MiB at ~550 bytes an event), a quarter of the
-    default 1 GiB map; ``None`` lifts a bound."""
-
-    max_age: float | None = 365 * 86400.0  # seconds
-    max_events: int | None = 500_000
-
-
-@dataclass(frozen=True, slots=True)
-class Store:
-    path: str = _DEFAULT_STORE_PATH
-    map_size_mb: int = 1024
-    audit_retention: AuditRetention = AuditRetention()
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listen: Listen
-    upstream: Upstream
-    store: Store
-    engine: CorsEngine
-    origins: Mapping[str, ConfiguredOrigin]  # cors.allow_origins, canonical key -> entry
-    safety: Mapping[str, PolicySafety]  # per policy name, for validating later writes
-    forwarding: Forwarding = Forwarding()
-    limits: Limits = Limits()
-    admin: Admin = Admin()
-    logging: Logging = Logging()
-    origins_file: OriginsFile = OriginsFile()
-    warnings: tuple[str, ...] = ()
-    source: str = "configuration"
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 # -- small typed readers ------------------------------------------------------------------------------------------
@@ -265,25 +108,9 @@ def _unknown_keys(data: Mapping[str, Any], path: str, p: _Problems, allowed: set
                 '(any subdomain), "http://localhost:*" (any port). `corsproxy origins import-regex` converts one.',
             )
             continue
-        close = [k for k in sorted(allowed) if _similar(str(key), k)]
+        close = [k for k in sorted(allowed) if similar(str(key), k)]
         hint = f' — did you mean "{close[0]}"?' if close else f" — allowed keys: {', '.join(sorted(allowed))}"
         p.error(where, f"unknown key{hint}")
-
-
-def _similar(a: str, b: str) -> bool:
-    a, b = a.lower(), b.lower()
-    if a == b or a.replace("-", "_") == b:
-        return True
-    if abs(len(a) - len(b)) > 2:
-        return False
-    # Cheap edit-distance check: a typo of one or two characters.
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1] <= 2
 
 
 def _relative_to(value: Any, base_dir: Path | None) -> Any:
@@ -293,14 +120,6 @@ def _relative_to(value: Any, base_dir: Path | None) -> Any:
     if isinstance(value, str) and value and base_dir is not None and not Path(value).is_absolute():
         return str(base_dir / value)
     return value
-
-
-def unknown_policy(name: Any, defined: Iterable[str]) -> str:
-    """The message for a policy name that is not defined, with a "did you mean" when one is close."""
-    names = sorted(defined)
-    close = [known for known in names if isinstance(name, str) and _similar(name, known)]
-    hint = f' — did you mean "{close[0]}"?' if close else ""
-    return f"unknown policy {name!r}{hint} (defined policies: {', '.join(names)})"
 
 
 def _bool(data: Mapping[str, Any], key: str, path: str, p: _Problems, default: bool) -> bool:
@@ -348,190 +167,6 @@ def _string_list(data: Mapping[str, Any], key: str, path: str, p: _Problems, def
         else:
             out.append(item)
     return out
-
-
-# -- durations and expiry -----------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"(\d+)([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or a combination such as ``1d12h``) in seconds."""
-    text = text.strip()
-    pos = 0
-    total = 0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or total <= 0:
-        raise ValueError(f"{text!r} is not a duration; write e.g. 90s, 15m, 12h, 7d or 2w")
-    return float(total)
-
-
-def parse_expiry(value: Any) -> float:
-    """An ISO 8601 timestamp with a timezone (``2026-12-31T00:00:00Z``) as Unix time."""
-    if isinstance(value, dt.datetime):
-        moment = value
-    elif isinstance(value, str):
-        try:
-            moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{value!r} is not an ISO 8601 time; write e.g. 2026-12-31T00:00:00Z") from None
-    else:
-        raise ValueError(f"{value!r} is not a time; write e.g. 2026-12-31T00:00:00Z")
-    if moment.tzinfo is None:
-        if isinstance(value, dt.datetime):  # YAML turns an unquoted "…Z" timestamp into a naive UTC datetime
-            moment = moment.replace(tzinfo=dt.UTC)
-        else:
-            raise ValueError(f"{value!r} has no timezone; add Z for UTC, e.g. 2026-12-31T00:00:00Z")
-    return moment.timestamp()
-
-
-# -- origin entry safety ------------------------------------------------------------------------------------------
-
-
-@cache
-def _public_suffixes() -> PublicSuffixList:
-    # The list ships inside the package: never a download at run time (issue 3).
-    return PublicSuffixList()
-
-
-@cache
-def _suffixes_at_or_below() -> dict[str, str]:
-    """Every domain that is a public suffix or has one below it, mapped to one such suffix (for the message).
-
-    Built once from the list bundled with ``publicsuffixlist``, so that a wildcard's check is one dict lookup: a
-    wildcard over ``amazonaws.com`` covers ``s3.amazonaws.com``, where anyone can create a bucket, just as a
-    wildcard over ``herokuapp.com`` covers everyone's apps. Exception rules (``!www.ck``) name registrable domains
-    and are skipped; a wildcard rule (``*.compute.herokuapp.com``) makes its base public too, as the list's own
-    linter reads it.
-    """
-    below: dict[str, str] = {}
-    with open(PSLFILE, encoding="utf-8") as source:
-        for line in source:
-            rule = line.split(" ", 1)[0].strip().lower()
-            if not rule or rule.startswith(("//", "!")):
-                continue
-            shown = rule
-            if rule.startswith("*."):
-                rule = rule[2:]
-            try:
-                domain = encode_idn(rule)
-            except UnicodeError:
-                continue
-            # Walk up from the suffix: it and each parent have a suffix at or below them; the message names the
-            # nearest one (s3.amazonaws.com rather than execute-api.af-south-1.amazonaws.com).
-            while domain:
-                if len(shown) < len(below.get(domain, shown + ".")):
-                    below[domain] = shown
-                dot = domain.find(".")
-                domain = domain[dot + 1 :] if dot >= 0 else ""
-    return below
-
-
-def check_origin_entry(entry: OriginEntry, policy: PolicySafety) -> tuple[list[str], list[str]]:
-    """Errors and warnings for allowing ``entry`` under ``policy`` (CORS-RULES 15-16). Shared by every write path."""
-    errors: list[str] = []
-    warnings: list[str] = []
-    creds = policy.allow_credentials
-    opt_in_note = "(policy {name!r} sets {flag}: this is dangerous, see the README)"
-
-    def gate(flag: str, message: str) -> None:
-        if getattr(policy, flag):
-            warnings.append(f"{message} {opt_in_note.format(name=policy.name, flag=flag)}")
-        else:
-            errors.append(f"{message}; if you really mean it, set {flag}: true on policy {policy.name!r}")
-
-    if entry.is_any:
-        if creds:
-            gate(
-                "dangerously_allow_any_origin_with_credentials",
-                '"*" with allow_credentials: true would let every website make credentialed requests as the user '
-                "(browsers forbid the combination, so it can only be done by reflecting any origin) — list the "
-                "origins, or use a policy with allow_credentials: false",
-            )
-        return errors, warnings
-    if entry.is_null:
-        gate(
-            "dangerously_allow_null_origin",
-            '"null" is the origin of sandboxed iframes, file: and data: documents and cross-origin redirects — any '
-            "site can produce it, so allowing it allows everyone; allow the real origins instead",
-        )
-        return errors, warnings
-    if entry.scheme == "http" and creds and not entry.is_loopback:
-        gate(
-            "dangerously_allow_http_origins",
-            f"{entry.key!r} is plain http on a policy with credentials: anyone on the network path can inject "
-            f"script into that origin and act as the user — use {entry.key.replace('http://', 'https://', 1)!r}",
-        )
-    if entry.subdomains:
-        psl = _public_suffixes()
-        hosting = _code_hosting_domain(entry.host)
-        if hosting is not None:
-            gate(
-                "dangerously_allow_public_suffix_wildcards",
-                f"{entry.key!r} covers every page anyone publishes on {hosting} (a code-hosting site) — list the "
-                "exact origins you need",
-            )
-        elif psl.privatesuffix(entry.host) is None and not entry.is_loopback:
-            gate(
-                "dangerously_allow_public_suffix_wildcards",
-                f"{entry.key!r} covers every site under the public suffix {entry.host!r} (anyone can register "
-                f'or publish there) — pin a registrable domain, e.g. "{entry.scheme}://*.yourname.{entry.host}"',
-            )
-        elif (suffix := _suffixes_at_or_below().get(entry.host)) is not None and not entry.is_loopback:
-            gate(
-                "dangerously_allow_public_suffix_wildcards",
-                f"{entry.key!r} covers the public suffix {suffix!r} below {entry.host!r} (anyone can register or "
-                f"publish there, e.g. https://anyone.{suffix.removeprefix('*.')}) — list the exact origins you "
-                "need, or a wildcard under a name you control",
-            )
-        elif creds:
-            warnings.append(
-                f"{entry.key!r} allows credentialed requests from every subdomain of {entry.host!r}: one subdomain "
-                "with an XSS or a takeover exposes your users — prefer listing the subdomains"
-            )
-    domain = _code_hosting_domain(entry.host)
-    if domain is not None:
-        warnings.append(
-            f"{entry.key!r} is on {domain}, where anyone can publish pages: allowing it allows everyone there"
-        )
-    return errors, warnings
-
-
-_CODE_HOSTING = frozenset(CODE_HOSTING_DOMAINS)
-
-
-def _entry_checker(safety: Mapping[str, PolicySafety]) -> Callable[[str, str], bool]:
-    """The engine's request-time re-check of a matched store entry against the policies as configured now."""
-
-    @lru_cache(maxsize=16384)
-    def entry_is_safe(key: str, policy: str) -> bool:
-        flags = safety.get(policy)
-        if flags is None:
-            return True  # an unknown policy is refused on its own (policy_unknown)
-        try:
-            entry = parse_origin_entry(key)
-        except EntryError:
-            return False
-        errors, _warnings = check_origin_entry(entry, flags)
-        return not errors
-
-    return entry_is_safe
-
-
-def _code_hosting_domain(host: str) -> str | None:
-    """The code-hosting domain ``host`` is (or is under), by walking its parents: a few set lookups per entry."""
-    while True:
-        if host in _CODE_HOSTING:
-            return host
-        dot = host.find(".")
-        if dot < 0:
-            return None
-        host = host[dot + 1 :]
 
 
 # -- policies -----------------------------------------------------------------------------------------------------
@@ -818,10 +453,10 @@ def parse_config(
     upstream = _upstream(data, p, env, base_dir)
 
     store_section = _section(data, "store", "", p, {"path", "map_size_mb", "audit_retention"})
-    store_path = store_section.get("path", _DEFAULT_STORE_PATH)
+    store_path = store_section.get("path", DEFAULT_STORE_PATH)
     if not isinstance(store_path, str) or not store_path:
         p.error("store.path", f"must be a directory path, got {store_path!r}")
-        store_path = _DEFAULT_STORE_PATH
+        store_path = DEFAULT_STORE_PATH
     else:
         store_path = _relative_to(store_path, base_dir)
     map_size = store_section.get("map_size_mb", 1024)
@@ -900,7 +535,7 @@ def parse_config(
         public_origins=frozenset(public),
         private_network=any(policy.allow_private_network for policy in policies.values()),
         debug_reason_header=debug,
-        entry_is_safe=_entry_checker(safety),
+        entry_is_safe=entry_checker(safety),
     )
     if p.errors:
         raise ConfigError(p.errors, source)
@@ -1022,10 +657,7 @@ def _admin(data: Mapping[str, Any], p: _Problems, env: Mapping[str, str], base_d
     if token_file is not None and (not isinstance(token_file, str) or not Path(token_file).is_file()):
         p.error("admin.token_file", f"{token_file!r} is not a readable file holding the admin token")
     has_token = bool(env.get("CORSPROXY_ADMIN_TOKEN")) or token_file is not None
-    loopback = host == "localhost"
-    with contextlib.suppress(ValueError):
-        loopback = loopback or ipaddress.ip_address(host).is_loopback
-    if not loopback and not has_token:
+    if not is_loopback_host(host) and not has_token:
         p.error(
             "admin.listen.host",
             f"{host!r} is not a loopback address and no admin token is set: anyone who can reach it could change "

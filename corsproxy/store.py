@@ -1,11 +1,11 @@
 """The origin store: allowed origins and patterns in an LMDB environment, with an audit trail of every change.
 
 Owns the on-disk format and every transaction. Readers (each request) open a read-only transaction and make a handful
-of exact ``get`` calls, whatever the size of the set (see :func:`corsproxy.origin.lookup_keys`); writers (CLI, admin
-API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed state
-intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate. Who may change
-which entry is not decided here: every write path goes through :mod:`corsproxy.origin_writes`, which uses the
-read-check-write transactions offered here (``apply``, ``remove(guard=)``, ``reconcile(defer_to=)``).
+of exact ``get`` calls, whatever the size of the set (see :func:`~corsproxy.core.origin.lookup_keys`); writers (CLI,
+admin API, config and file reconciliation) commit atomically, so a writer killed at any point leaves the last committed
+state intact, and every reader sees a commit on its next transaction — no restart, no cache to invalidate.
+Who may change which entry is not decided here: every write path goes through :mod:`corsproxy.origins.writes`,
+which uses the read-check-write transactions offered here (``apply``, ``remove(guard=)``, ``reconcile(defer_to=)``).
 
 Record value layout, chosen so the request path never parses JSON::
 
@@ -43,14 +43,14 @@ import os
 import struct
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
-from corsproxy.config import AuditRetention
-from corsproxy.decision import Found
+from corsproxy.core.decision import Found
+from corsproxy.core.settings import AuditRetention
 
 __all__ = [
     "AuditEvent",
@@ -152,16 +152,7 @@ class StoreUsage:
         return not (self.map_full or self.disk_full)
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "writable": self.writable,
-            "used_bytes": self.used_bytes,
-            "file_bytes": self.file_bytes,
-            "map_size_bytes": self.map_size_bytes,
-            "limit_bytes": self.limit_bytes,
-            "disk_free_bytes": self.disk_free_bytes,
-            "audit_events": self.audit_events,
-            "problems": self.problems(),
-        }
+        return {"writable": self.writable, **asdict(self), "problems": self.problems()}
 
     def problems(self) -> list[str]:
         """What stops (or will soon stop) writes; empty when there is room."""
@@ -518,7 +509,7 @@ class OriginStore:
         """Make the entries owned by ``source`` exactly ``wanted``, in one transaction.
 
         A wanted key owned by a source in ``defer_to`` is left alone and reported as skipped; one owned by any other
-        source is taken over (which source yields to which is :mod:`corsproxy.origin_writes`' rule). Unwanted
+        source is taken over (which source yields to which is :mod:`corsproxy.origins.writes`' rule). Unwanted
         entries of other sources are never touched. Only ``source``'s own entries are read (the owner index), whatever
         the size of the store.
 

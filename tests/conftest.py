@@ -20,8 +20,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from corsproxy.config import Config, parse_config
-from corsproxy.proxy import create_app
+from corsproxy.config import parse_config
+from corsproxy.core.settings import Config
+from corsproxy.http.app import create_app
 from corsproxy.store import OriginStore
 from tests.support.config import BASE_CONFIG, REPO, ConfigData, WriteConfig, merge
 from tests.support.fs import tmpfs

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.proxy import Outcome
+from corsproxy.core.outcome import Outcome
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.inprocess import serve_proxy
 from tests.support.raw_upstream import RawConnection, RawUpstream

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corsproxy.admin import load_tokens
 from corsproxy.config import load_config
+from corsproxy.ops.admin import load_tokens
 from tests.support.config import BASE_CONFIG, merge
 
 TOKEN = "relative-token-0123456789abcdef"

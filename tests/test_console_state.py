@@ -11,8 +11,8 @@ from pathlib import Path
 
 from corsproxy.console.db import MAX_REFUSALS, SERIES_RETENTION, ConsoleDB
 from corsproxy.console.recorder import MAX_PENDING, ConsoleRecorder
-from corsproxy.decision import Decision, Kind, Reason
-from corsproxy.proxy import Outcome
+from corsproxy.core.decision import Decision, Kind, Reason
+from corsproxy.core.outcome import Outcome
 
 
 def outcome(reason: Reason, origin: str | None = "https://a.example.net", *, path: str = "/p?key=secret") -> Outcome:

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from corsproxy.config import Config, ConfigError, parse_config
-from corsproxy.decision import Kind, Reason, StaticOriginSet, actual_headers, merge_vary, preflight_headers
+from corsproxy.config import ConfigError, parse_config
+from corsproxy.core.decision import Kind, Reason, StaticOriginSet, actual_headers, merge_vary, preflight_headers
+from corsproxy.core.settings import Config
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.decision_table import CONFIG, PREFLIGHTS, REFUSED, Preflight
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.config import Config, parse_config
-from corsproxy.decision import DecisionCache, Reason, actual_headers, preflight_headers
-from corsproxy.origin_writes import reconcile_config
+from corsproxy.config import parse_config
+from corsproxy.core.decision import CorsRequest, DecisionCache, Reason, actual_headers, preflight_headers
+from corsproxy.core.settings import Config
+from corsproxy.origins.writes import reconcile_config
 from corsproxy.store import OriginRecord, OriginStore
 from tests.support.decision_table import CONFIG, PREFLIGHTS, Preflight
 
@@ -30,56 +31,47 @@ def store(tmp_path: Path, config: Config) -> Iterator[OriginStore]:
 @pytest.mark.parametrize("case", [c for c, _, _ in PREFLIGHTS.values()], ids=PREFLIGHTS.keys())
 def test_cache_answers_like_the_engine(config: Config, store: OriginStore, case: Preflight) -> None:
     cache = DecisionCache(config.engine)
-    args = ("OPTIONS", case.origin, case.method, case.headers, case.path, store, 0.0, case.private_network)
-    expected = config.engine.decide(*args)
+    asked = CorsRequest(
+        "OPTIONS", tuple(case.origin), tuple(case.method), tuple(case.headers), case.path, case.private_network
+    )
+    expected = config.engine.judge(asked, store, 0.0)
     for _ in range(2):  # a miss, then a hit
-        decision, headers = cache.decide(*args)
+        decision, headers = cache.judge(asked, store, 0.0)
         assert decision == expected
         assert headers == tuple(preflight_headers(config.engine, expected))
 
 
 def test_cache_sees_writes_from_the_store(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine)
-    args: tuple[str, list[str], list[str], list[str], str, OriginStore, float] = (
-        "GET",
-        ["https://new.example.net"],
-        [],
-        [],
-        "/",
-        store,
-        0.0,
-    )
-    assert cache.decide(*args)[0].reason is Reason.ORIGIN_NOT_ALLOWED
+    asked = CorsRequest("GET", ("https://new.example.net",))
+    assert cache.judge(asked, store, 0.0)[0].reason is Reason.ORIGIN_NOT_ALLOWED
     store.put("https://new.example.net", OriginRecord(), "test")
-    decision, headers = cache.decide(*args)
+    decision, headers = cache.judge(asked, store, 0.0)
     assert decision.reason is Reason.ALLOWED
     assert headers == tuple(actual_headers(decision))
     store.remove("https://new.example.net", "test")
-    assert cache.decide(*args)[0].reason is Reason.ORIGIN_NOT_ALLOWED
+    assert cache.judge(asked, store, 0.0)[0].reason is Reason.ORIGIN_NOT_ALLOWED
 
 
 def test_cached_allow_ends_at_the_entry_expiry(config: Config, store: OriginStore) -> None:
     store.put("https://trial.example.net", OriginRecord(expires=100.0), "test")
     cache = DecisionCache(config.engine)
-
-    def at(now: float) -> Reason:
-        return cache.decide("GET", ["https://trial.example.net"], [], [], "/", store, now)[0].reason
-
-    assert at(50.0) is Reason.ALLOWED
-    assert at(99.0) is Reason.ALLOWED
-    assert at(100.0) is Reason.ORIGIN_EXPIRED
+    asked = CorsRequest("GET", ("https://trial.example.net",))
+    assert cache.judge(asked, store, 50.0)[0].reason is Reason.ALLOWED
+    assert cache.judge(asked, store, 99.0)[0].reason is Reason.ALLOWED
+    assert cache.judge(asked, store, 100.0)[0].reason is Reason.ORIGIN_EXPIRED
 
 
 def test_cache_is_bounded(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine, max_entries=10)
     for i in range(100):
-        cache.decide("GET", [f"https://o{i}.example.net"], [], [], "/", store, 0.0)
+        cache.judge(CorsRequest("GET", (f"https://o{i}.example.net",)), store, 0.0)
         assert len(cache._entries) <= 10
 
 
 def test_two_origin_lines_are_never_cached(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine)
-    decision, headers = cache.decide("GET", ["https://app.example.com"] * 2, [], [], "/", store, 0.0)
+    decision, headers = cache.judge(CorsRequest("GET", ("https://app.example.com",) * 2), store, 0.0)
     assert decision.reason is Reason.ORIGIN_MALFORMED
     assert headers == ()
     assert cache._entries == {}
@@ -87,7 +79,7 @@ def test_two_origin_lines_are_never_cached(config: Config, store: OriginStore) -
 
 def test_cache_key_covers_method_headers_and_private_network(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine)
-    origin = ["https://app.example.com"]
+    origin = ("https://app.example.com",)
     shapes = [
         (["PUT"], [], False, Reason.ALLOWED),
         (["PATCH"], [], False, Reason.METHOD_NOT_ALLOWED),
@@ -97,5 +89,6 @@ def test_cache_key_covers_method_headers_and_private_network(config: Config, sto
     ]
     for _ in range(2):
         for methods, headers, pna, reason in shapes:
-            decision, _ = cache.decide("OPTIONS", origin, methods, headers, "/", store, 0.0, pna)
+            asked = CorsRequest("OPTIONS", origin, tuple(methods), tuple(headers), "/", pna)
+            decision, _ = cache.judge(asked, store, 0.0)
             assert decision.reason is reason, (methods, headers, pna)

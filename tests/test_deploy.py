@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from corsproxy.config import parse_config
-from corsproxy.origin_lines import parse_lines
+from corsproxy.core.origin_lines import parse_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
-from corsproxy.proxy import FastAnswer, Outcome
+from corsproxy.core.outcome import Outcome
+from corsproxy.http.fastpath import FastAnswer
 from tests.support.decision_table import CONFIG, PREFLIGHTS, Preflight
 from tests.support.inprocess import serve_proxy
 

@@ -1,11 +1,11 @@
-"""The pure forwarding rules (corsproxy.forwarding) as tables: no sockets needed."""
+"""The pure forwarding rules (corsproxy.core.forwarding) as tables: no sockets needed."""
 
 from __future__ import annotations
 
 import pytest
 
-import corsproxy.forwarding as forwarding
-from corsproxy.forwarding import (
+import corsproxy.core.forwarding as forwarding
+from corsproxy.core.forwarding import (
     ForwardContext,
     TrustedProxies,
     hop_by_hop_names,

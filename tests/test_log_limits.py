@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.log_limit import LineLimiter
+from corsproxy.core.log_limit import LineLimiter
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.net import wait_until
 from tests.support.serve import Server, scrape, value

@@ -8,11 +8,11 @@ import json
 import logging
 from pathlib import Path
 
-from corsproxy.config import Logging
-from corsproxy.decision import Decision, Kind, Reason
-from corsproxy.log_limit import LineLimiter
-from corsproxy.proxy import Outcome
-from corsproxy.request_log import JsonFormatter, RequestLog, TextFormatter, log_dict_config, wants_json
+from corsproxy.core.decision import Decision, Kind, Reason
+from corsproxy.core.log_limit import LineLimiter
+from corsproxy.core.outcome import Outcome
+from corsproxy.core.settings import Logging
+from corsproxy.ops.request_log import JsonFormatter, RequestLog, TextFormatter, log_dict_config, wants_json
 from tests.support.net import wait_until
 from tests.support.serve import Server
 from tests.support.upstream import ThreadedUpstream

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from corsproxy.decision import Decision, Kind, Reason
-from corsproxy.metrics import MULTIPROC_ENV, Metrics
-from corsproxy.proxy import Outcome
-from corsproxy.server import _StoreErrorCounter
+from corsproxy.core.decision import Decision, Kind, Reason
+from corsproxy.core.outcome import Outcome
+from corsproxy.ops.metrics import MULTIPROC_ENV, Metrics
+from corsproxy.ops.server import _StoreErrorCounter
 from tests.support.inprocess import ProxyFactory, client_state
 from tests.support.net import free_port, wait_until
 from tests.support.serve import Server, scrape, value

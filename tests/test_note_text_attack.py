@@ -50,3 +50,22 @@ def test_origins_add_echoes_the_note_escaped(write_config: Callable[..., Path]) 
     added = run_cli("origins", "add", "https://b.example.net", "--note", "a\r\x1b[2Kb\u2028c", "--config", str(config))
     assert added.returncode == 0, added.stderr
     _printable_lines(added.stdout)
+
+
+def test_cli_import_ends_lines_at_newline_only_like_the_admin_import(
+    write_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A raw carriage return inside a quoted note is part of the note for the admin API's import and the origins
+    file; the CLI must not read the same file as two lines (an entry the other readers never see)."""
+    config = write_config()
+    lines = tmp_path / "import.txt"
+    lines.write_bytes(b'https://d.example.net note="a\rhttps://evil.example.net"\r\nhttps://e.example.net\r\n')
+    for source in (str(lines), "-"):
+        stdin = lines.read_bytes().decode("utf-8") if source == "-" else None
+        imported = run_cli("origins", "import", source, "--config", str(config), input=stdin)
+        assert imported.returncode == 0, imported.stderr
+        assert "refused 0" in imported.stdout
+    listed = run_cli("origins", "list", "--config", str(config))
+    keys = [line.split("\t", 1)[0] for line in listed.stdout.splitlines()]
+    assert "https://d.example.net" in keys and "https://e.example.net" in keys
+    assert not [key for key in keys if "evil" in key]

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corsproxy.origin import (
-    MAX_ORIGIN_LENGTH,
-    EntryError,
-    lookup_keys,
-    parse_origin_entry,
-    parse_request_origin,
-)
+from corsproxy.core.origin import MAX_ORIGIN_LENGTH, EntryError, lookup_keys, parse_origin_entry, parse_request_origin
 
 WELL_FORMED = [
     ("https://app.example.com", ("https", "app.example.com", None)),

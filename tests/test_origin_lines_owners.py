@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.origin_lines import KEEP, format_line, parse_edits, split_words
+from corsproxy.core.origin_lines import KEEP, format_line, parse_edits, split_words
 from corsproxy.store import OriginRecord, OriginStore
 from tests.support.config import run_cli
 from tests.support.serve import Server, origin_path

@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corsproxy.config import Config, parse_config
-from corsproxy.decision import Reason, StaticOriginSet
-from corsproxy.origin import DEFAULT_PORTS, RequestOrigin, lookup_keys, parse_origin_entry, parse_request_origin
+from corsproxy.config import parse_config
+from corsproxy.core.decision import Reason, StaticOriginSet
+from corsproxy.core.origin import DEFAULT_PORTS, RequestOrigin, lookup_keys, parse_origin_entry, parse_request_origin
+from corsproxy.core.settings import Config
 from tests.support.config import BASE_CONFIG, merge
 
 SETTINGS = settings(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.origins_file import OriginsFileWatcher, applied, parse_origins_file
+from corsproxy.origins.file import OriginsFileWatcher, applied, parse_origins_file
 from corsproxy.store import OriginRecord, OriginStore
 from tests.support.config import BASE_CONFIG
 from tests.support.net import wait_until

@@ -29,6 +29,8 @@ def server(tmp_path: Path, upstream_thread: ThreadedUpstream) -> Iterator[Server
         origins_file={"path": str(tmp_path / "origins.txt"), "poll_interval": 0.2},
     )
     served.start()
+    # Ready (not only up): /readyz says 200 once the origins file is applied, which happens after the workers serve.
+    wait_until(lambda: served.admin("GET", "/readyz", token=None).status == 200, timeout=20, what="the file applied")
     yield served
     served.stop()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
+from corsproxy.core.regex_import import RegexImportError, SampleTimeout, compare_samples, convert_regex
 from tests.support.config import REPO, run_cli
 
 WIDENED = "a corsproxy port wildcard :* matches every port"

@@ -15,8 +15,9 @@ from urllib.parse import unquote
 
 import pytest
 
-from corsproxy.config import Config, ConfigError, parse_config
-from corsproxy.decision import Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
+from corsproxy.config import ConfigError, parse_config
+from corsproxy.core.decision import CorsRequest, Kind, Reason, Route, StaticOriginSet, actual_headers, path_readings
+from corsproxy.core.settings import Config
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.routes import ROUTED
 
@@ -144,7 +145,7 @@ def test_no_server_reading_escapes_the_judged_route(config: Config, path: str, m
         # Readable only when the origin is allowed under every route any server serves it under.
         if actual_headers(decision):
             for route in {id(route): route for route in served.values()}.values():
-                under = config.engine._decide("GET", [origin], [], [], (route,), store, 0.0, False)
+                under = config.engine._decide(CorsRequest("GET", (origin,)), (route,), store, 0.0)
                 assert under.allowed, (route, under)
         return
     wrong = {name: route for name, route in served.items() if route != decision.route}
@@ -249,7 +250,7 @@ def test_routes_differing_only_in_case_are_refused() -> None:
 
 
 def test_explain_names_an_ambiguous_path(config: Config) -> None:
-    from corsproxy.explain import explain
+    from corsproxy.core.explain import explain
 
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     for method in (None, "GET"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import Reason, StaticOriginSet
 from tests.support.raw_upstream import RawUpstream
 from tests.support.routes import ROUTED, ask_twice, get_request, preflight_request, routed_proxy
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import Reason, StaticOriginSet
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.inprocess import ProxyFactory
 

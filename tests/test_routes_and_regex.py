@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.decision import Mode, Reason, StaticOriginSet
-from corsproxy.regex_import import RegexImportError, compare_samples, convert_regex
+from corsproxy.core.decision import Mode, Reason, StaticOriginSet
+from corsproxy.core.regex_import import RegexImportError, compare_samples, convert_regex
 from tests.support.config import BASE_CONFIG, merge
 
 ROUTED: dict[str, Any] = merge(

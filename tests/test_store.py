@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.origin import lookup_keys, parse_request_origin
+from corsproxy.core.origin import lookup_keys, parse_request_origin
 from corsproxy.store import OriginRecord, OriginStore
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corsproxy.config import AuditRetention
+from corsproxy.core.settings import AuditRetention
 from corsproxy.store import (
     DiskFullError,
     OriginRecord,
@@ -238,7 +238,7 @@ async def test_an_origins_file_the_store_cannot_hold_is_one_log_line_and_its_rev
     import logging
 
     from corsproxy.config import parse_config
-    from corsproxy.origins_file import OriginsFileWatcher
+    from corsproxy.origins.file import OriginsFileWatcher
     from tests.support.config import BASE_CONFIG
 
     safety = parse_config(BASE_CONFIG, env={}).safety

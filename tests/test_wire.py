@@ -252,7 +252,7 @@ async def test_ipv6_upstream(config_data: Any, aiohttp_client: Any) -> None:
     from aiohttp.test_utils import TestServer as Server
 
     from corsproxy.config import parse_config
-    from corsproxy.proxy import create_app
+    from corsproxy.http.app import create_app
     from tests.support.upstream import make_upstream_app
 
     server = Server(make_upstream_app(), host="::1")

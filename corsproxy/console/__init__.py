@@ -19,8 +19,8 @@ from corsproxy.console.db import ConsoleDB, console_db_path
 from corsproxy.console.recorder import ConsoleRecorder
 
 if TYPE_CHECKING:
-    from corsproxy.metrics import Metrics
-    from corsproxy.proxy import ProxyState
+    from corsproxy.http.app import ProxyState
+    from corsproxy.ops.metrics import Metrics
 
 __all__ = [
     "CONSOLE",

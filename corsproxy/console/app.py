@@ -39,13 +39,14 @@ from typing import Any
 
 from aiohttp import web
 
-from corsproxy import admin
-from corsproxy.config import Config, ConfigError, load_config
+from corsproxy.config import ConfigError, load_config
 from corsproxy.console.db import SERIES_STEP, ConsoleDB, console_db_path
-from corsproxy.decision import Reason
-from corsproxy.origin_lines import parse_entry
-from corsproxy.origin_writes import DECLARED_SOURCES, Declarations, DeclaredElsewhere
-from corsproxy.origins_file import applied as origins_file_applied
+from corsproxy.core.decision import Reason
+from corsproxy.core.origin_lines import parse_entry
+from corsproxy.core.settings import Config
+from corsproxy.ops import admin
+from corsproxy.origins.file import applied as origins_file_applied
+from corsproxy.origins.writes import DECLARED_SOURCES, Declarations, DeclaredElsewhere
 from corsproxy.store import OriginRecord, OriginStore
 
 __all__ = ["CONSOLE", "SESSION_COOKIE", "SESSION_TTL", "ConsoleState", "console_gate", "mount_console"]
@@ -388,7 +389,7 @@ def _percentile(histogram: list[float], q: float, bounds: tuple[float, ...]) -> 
 
 async def series(request: web.Request) -> web.Response:
     from corsproxy.console.db import merge_bucket
-    from corsproxy.metrics import _LATENCY_BUCKETS as bounds  # the histograms' bucket bounds, as counted
+    from corsproxy.ops.metrics import _LATENCY_BUCKETS as bounds  # the histograms' bucket bounds, as counted
 
     window = admin._int_query(request, "window", 900, 60, 3600)
     step = SERIES_STEP if window <= 900 else 6 * SERIES_STEP
@@ -606,7 +607,7 @@ async def audit(request: web.Request) -> web.StreamResponse:
 
 
 def _canonical(origin: str) -> str:
-    from corsproxy.origin import EntryError, parse_origin_entry
+    from corsproxy.core.origin import EntryError, parse_origin_entry
 
     try:
         return parse_origin_entry(origin).key
@@ -699,7 +700,7 @@ async def check_config(request: web.Request) -> web.Response:
 
     def validate() -> Config:
         config = load_config(path)
-        from corsproxy.server import check_admin_tokens
+        from corsproxy.ops.server import check_admin_tokens
 
         check_admin_tokens(config)
         return config

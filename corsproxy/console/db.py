@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,17 +56,7 @@ class Refusal:
     last: float
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "origin": self.origin,
-            "kind": self.kind,
-            "method": self.method,
-            "path": self.path,
-            "reason": self.reason,
-            "headers": self.headers,
-            "count": self.count,
-            "first": self.first,
-            "last": self.last,
-        }
+        return asdict(self)
 
 
 #: LMDB's largest key (its default build); a longer one would fail the whole write.

@@ -3,7 +3,7 @@
 The request path pays one observer call that returns after three identity checks for an allowed request, and a dict
 update into a bounded buffer for a refused one. Everything else — merging into the shared console environment — runs
 about twice a second on a worker thread (:meth:`ConsoleRecorder.run`), like the metrics' own batched flush. The chart
-counts are not counted twice: :class:`corsproxy.metrics.Metrics` hands its once-a-second batch to :meth:`count`.
+counts are not counted twice: :class:`corsproxy.ops.metrics.Metrics` hands its once-a-second batch to :meth:`count`.
 
 Must not import aiohttp.
 """
@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 
 from corsproxy.console.db import SERIES_STEP, ConsoleDB, RefusalKey
-from corsproxy.decision import Reason
+from corsproxy.core.decision import Reason
 
 if TYPE_CHECKING:
-    from corsproxy.proxy import Outcome
+    from corsproxy.core.outcome import Outcome
 
 __all__ = ["FLUSH_INTERVAL", "ConsoleRecorder"]
 

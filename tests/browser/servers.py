@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from corsproxy.config import parse_config
-from corsproxy.decision import Decision, Kind
-from corsproxy.proxy import Outcome, create_app
+from corsproxy.core.decision import Decision, Kind
+from corsproxy.core.outcome import Outcome
+from corsproxy.http.app import create_app
 from tests.support.inprocess import RunningProxy, serve_proxy
 from tests.support.upstream import RECEIVED, echo, status, upstream_cors
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from corsproxy.decision import Kind, Reason
+from corsproxy.core.decision import Kind, Reason
 from tests.browser.browsing import BrowserPage, Seen, World, fetch_in
 from tests.browser.chromium import check_module
 from tests.browser.servers import SESSION_COOKIE

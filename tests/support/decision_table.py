@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from corsproxy.decision import Reason
+from corsproxy.core.decision import Reason
 from tests.support.config import BASE_CONFIG, merge
 
 __all__ = ["ALLOW_DEFAULT", "CONFIG", "PREFLIGHTS", "PREFLIGHT_VARY", "REFUSED", "Preflight", "allow"]

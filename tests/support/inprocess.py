@@ -1,6 +1,6 @@
 """The real proxy in the test's own event loop, served as ``corsproxy serve`` serves it: by its
-:class:`~corsproxy.proxy.ProxyRunner` (header-read timeout, 431 past the parser's ceiling, the preflight fast path
-unless turned off) on a loopback socket; and the admin app in front of it, as a worker serves it — in the test's
+:class:`~corsproxy.http.protocol.ProxyRunner` (header-read timeout, 431 past the parser's ceiling, the preflight fast
+path unless turned off) on a loopback socket; and the admin app in front of it, as a worker serves it — in the test's
 event loop, or on a thread of its own for tests that call it with blocking clients (:class:`ThreadedAdmin`).
 """
 
@@ -20,10 +20,12 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from corsproxy.admin import AdminContext, create_admin_app
-from corsproxy.config import Config, parse_config
-from corsproxy.origins_file import OriginsFileWatcher
-from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
+from corsproxy.config import parse_config
+from corsproxy.core.settings import Config
+from corsproxy.http.app import STATE, ProxyState, create_app
+from corsproxy.http.protocol import ProxyRunner
+from corsproxy.ops.admin import AdminContext, create_admin_app
+from corsproxy.origins.file import OriginsFileWatcher
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.serve import TOKEN, Clients
 

@@ -1,9 +1,10 @@
 """Origins: the one parser for request ``Origin`` headers and configured origin entries.
 
 Owns the strict parser for what browsers send (Fetch ``#origin-header``), the canonicaliser for what operators write
-(CORS-RULES 6), the pattern forms (``https://*.example.com``, ``http://localhost:*``) and the list of store keys a
-request origin is looked up under (CORS-RULES 4-5). Every write path (config, CLI, admin API, origins file) goes
-through :func:`parse_origin_entry`; there is no second parser.
+(lowercase, IDN to punycode, default port dropped), the pattern forms (``https://*.example.com``,
+``http://localhost:*``) and the list of store keys a request origin is looked up under (exact and label-aware: never a
+substring or regex match). Every write path (config, CLI, admin API, origins file) goes through
+:func:`parse_origin_entry`; there is no second parser.
 
 Must not import aiohttp or lmdb: this is pure decision code, tested without sockets.
 """
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 #: A serialized origin is at most scheme (a few bytes) + "://" + a 253-byte host + ":65535". Anything longer was not
-#: written by a browser (CORS-RULES 3, "absurd length").
+#: written by a browser (a browser sends one short serialized origin).
 MAX_ORIGIN_LENGTH = 320
 
 #: The opaque origin's serialization (Fetch ``#serializing-a-request-origin``); case-sensitive.
@@ -42,7 +43,7 @@ ANY_ORIGIN = "*"
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 _SCHEME = r"[a-z][a-z0-9+.\-]*"
-# An LDH label: what DNS names are made of; no "_" (CORS-RULES 3), no leading or trailing hyphen.
+# An LDH label: what DNS names are made of; no "_" (a browser never serializes one), no leading or trailing hyphen.
 _LABEL = r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _IPV6 = r"\[[0-9a-f:.]+\]"
@@ -112,7 +113,7 @@ def parse_request_origin(value: str) -> RequestOrigin | None:
 def lookup_keys(origin: RequestOrigin) -> Iterator[str]:
     """The store keys that could allow ``origin``, most specific first.
 
-    A handful of exact lookups whatever the size of the set (issue 2): the origin itself, its ``:*`` port form, then
+    A handful of exact lookups whatever the size of the set: the origin itself, its ``:*`` port form, then
     the ``*.`` form of each parent domain (label-aware by construction: ``https://*.example.com`` is only ever looked up
     for hosts ending in ``.example.com``), and finally ``*``. No scan, no regex.
     """
@@ -160,13 +161,18 @@ class OriginEntry:
     @property
     def is_loopback(self) -> bool:
         """Loopback names, which browsers treat as potentially trustworthy even over http (Secure Contexts)."""
-        host = self.host
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or IP literal (IPv6 with or without brackets) names this machine's loopback:
+    ``localhost``, ``*.localhost`` (RFC 6761 reserves them for loopback), 127.0.0.0/8 or ::1."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 _ENTRY_HINT = 'write it as scheme://host[:port], e.g. "https://app.example.com"'
@@ -201,7 +207,7 @@ def _canonical_host(raw: str, text: str) -> str:
 
 
 def parse_origin_entry(text: str) -> OriginEntry:
-    """Canonicalise one configured origin or pattern (CORS-RULES 5-6), or raise :class:`EntryError` saying why.
+    """Canonicalise one configured origin or pattern, or raise :class:`EntryError` saying why.
 
     Accepted: ``*``; ``null`` (whether it may be *used* is the policy validator's call); ``scheme://host[:port]``
     with the host optionally starting with ``*.`` and the port optionally ``*``. Uppercase, IDN and default ports are

@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Hashable
 
-from corsproxy.config import Logging
+from corsproxy.core.settings import Logging
 
 __all__ = ["PROXY_LINES", "REQUEST_LINES", "LineLimiter", "configure_line_limits", "flush_line_limits"]
 

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from corsproxy.config import DEFAULT_POLICY, Config
-from corsproxy.decision import Decision, Kind, OriginSet, Reason, actual_headers, preflight_headers
+from corsproxy.core.decision import CorsRequest, Decision, Kind, OriginSet, Reason, actual_headers, preflight_headers
+from corsproxy.core.settings import DEFAULT_POLICY, Config
 
 __all__ = ["Explanation", "explain"]
 
@@ -78,11 +78,12 @@ def explain(
     engine = config.engine
     request_headers = [headers] if headers else []
     if method is not None:
-        decision = engine.decide("OPTIONS", [origin], [method], request_headers, path, store, now or time.time())
+        asked = CorsRequest("OPTIONS", (origin,), (method,), tuple(request_headers), path)
+        decision = engine.judge(asked, store, now or time.time())
         request = f"preflight for {method} {path} from {origin}" + (f" with headers {headers}" if headers else "")
         cors_headers = preflight_headers(engine, decision)
     else:
-        decision = engine.decide("GET", [origin], [], [], path, store, now or time.time())
+        decision = engine.judge(CorsRequest("GET", (origin,), path=path), store, now or time.time())
         request = f"GET {path} from {origin}"
         cors_headers = [("Vary", "Origin"), *actual_headers(decision)]
     why, fix = _reasoning(config, decision, origin)

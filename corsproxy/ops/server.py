@@ -1,10 +1,10 @@
 """Running the proxy: ``corsproxy serve`` (a gunicorn arbiter over aiohttp workers), the admin listener, fleet mode
 and the demo with its built-in echo upstream.
 
-Owns the process model (issue 5). The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
+Owns the process model. The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
 workers that share the proxied listening socket, replaces a worker that dies, and on ``SIGTERM`` lets every worker
-stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds (issue 4), then exits 0.
-Each worker builds its own app after the fork (:func:`corsproxy.proxy.create_app`), so each opens the LMDB
+stop accepting and finish its in-flight requests for up to ``limits.drain_timeout`` seconds, then exits 0.
+Each worker builds its own app after the fork (:func:`corsproxy.http.app.create_app`), so each opens the LMDB
 environment itself; a change written by any process (admin API, CLI, origins file) is seen by every worker on its next
 request, since every lookup is a fresh LMDB read transaction.
 
@@ -14,7 +14,7 @@ address fails the start instead of one worker. ``SIGHUP`` (or ``POST /reload``, 
 the YAML first; a refused file is logged and changes nothing, a valid one starts new workers on it while the old
 ones drain (gunicorn's graceful reload), so no in-flight request is dropped.
 
-Imports prometheus-client only after ``PROMETHEUS_MULTIPROC_DIR`` is set (see :mod:`corsproxy.metrics`).
+Imports prometheus-client only after ``PROMETHEUS_MULTIPROC_DIR`` is set (see :mod:`corsproxy.ops.metrics`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import errno
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import logging
 import math
@@ -48,19 +47,21 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 from gunicorn.errors import HaltServer  # type: ignore[import-untyped]
 
-from corsproxy.config import Config, ConfigError, load_config
-from corsproxy.proxy import STATE, ProxyRunner, ProxyState, create_app
+from corsproxy.config import ConfigError, load_config
+from corsproxy.core.origin import is_loopback_host
+from corsproxy.core.settings import Config
+from corsproxy.http.app import STATE, ProxyState, create_app
+from corsproxy.http.protocol import ProxyRunner
 from corsproxy.store import StoreError
 
 if TYPE_CHECKING:
-    from corsproxy.metrics import Metrics
+    from corsproxy.ops.metrics import Metrics
 
 __all__ = [
     "check_can_listen",
     "check_store_writable",
     "default_workers",
     "echo_app",
-    "run",
     "run_demo",
     "serve",
     "setup_logging",
@@ -68,7 +69,7 @@ __all__ = [
 
 log = logging.getLogger("corsproxy")
 
-#: Read by prometheus-client when it is first imported, so it is set here before :mod:`corsproxy.metrics` is.
+#: Read by prometheus-client when it is first imported, so it is set here before :mod:`corsproxy.ops.metrics` is.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -84,21 +85,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def run(config: Config) -> None:
-    """Serve with one worker per core until SIGTERM (kept for callers of the single-process era)."""
-    sys.exit(serve(config, default_workers()))
-
-
 # -- the gunicorn side: arbiter, worker, application --------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -123,24 +110,16 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 def check_admin_tokens(config: Config) -> None:
     """Refuse to serve an admin listener whose token source yields no token (an empty file is no protection)."""
-    from corsproxy.admin import load_tokens
+    from corsproxy.ops.admin import load_tokens
 
     admin = config.admin
     if admin.port is None:
         return
-    if admin.port == config.listen.port and admin.port != 0:
-        raise ConfigError(
-            [
-                f"admin.listen.port: {admin.port} is also listen.port; the admin API needs its own port (every path "
-                "on the proxied port belongs to the upstream)"
-            ],
-            config.source,
-        )
     try:
         tokens = load_tokens(admin)
     except (OSError, ValueError) as exc:
         raise ConfigError([f"admin token: {exc}"], config.source) from None
-    if not tokens and (admin.token_file or not _is_loopback(admin.host)):
+    if not tokens and (admin.token_file or not is_loopback_host(admin.host)):
         raise ConfigError(
             [f"admin: no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"], config.source
         )
@@ -242,21 +221,21 @@ def event_loop_choice() -> tuple[str, str]:
     """The worker class to run and a line saying which event loop it uses and why (logged once at start).
 
     uvloop when it is installed (``pip install 'corsproxy[speed]'``) unless ``CORSPROXY_UVLOOP`` is ``0``, ``false``,
-    ``no`` or ``off``: it takes ≈ 5 µs of event-loop and socket work off every request (issue 6, bench/RESULTS.md).
+    ``no`` or ``off``: it takes event-loop and socket work off every request (bench/RESULTS.md has the figure).
     """
     setting = os.environ.get(UVLOOP_ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off"):
-        return "corsproxy.server.CorsproxyWorker", f"event loop: asyncio ({UVLOOP_ENV}={setting})"
+        return "corsproxy.ops.server.CorsproxyWorker", f"event loop: asyncio ({UVLOOP_ENV}={setting})"
     # Looked up, not imported: the arbiter never runs an event loop, and uvloop is loaded only where it serves.
     if importlib.util.find_spec("uvloop") is None:
         if setting:
             log.warning("%s=%s but uvloop is not installed (pip install 'corsproxy[speed]')", UVLOOP_ENV, setting)
-        return "corsproxy.server.CorsproxyWorker", "event loop: asyncio (uvloop not installed)"
+        return "corsproxy.ops.server.CorsproxyWorker", "event loop: asyncio (uvloop not installed)"
     try:
         version = importlib.metadata.version("uvloop")
     except importlib.metadata.PackageNotFoundError:
         version = "(version unknown)"
-    return "corsproxy.server.CorsproxyUVLoopWorker", f"event loop: uvloop {version}"
+    return "corsproxy.ops.server.CorsproxyUVLoopWorker", f"event loop: uvloop {version}"
 
 
 #: Seconds between attempts to start a worker after one failed to boot (doubling, up to the last value).
@@ -584,7 +563,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
         self.config, self.admin_socket, self._admin_address = previous
 
     def count_reload(self, result: str) -> None:
-        from corsproxy.metrics import Metrics
+        from corsproxy.ops.metrics import Metrics
 
         if self._metrics is None:
             self._metrics = Metrics()
@@ -604,7 +583,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
             partial.replace(path)
 
     def load_config(self) -> None:
-        from corsproxy.request_log import log_dict_config
+        from corsproxy.ops.request_log import log_dict_config
 
         config = self.config
         limits = config.limits
@@ -642,7 +621,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
         arbiter.log.info("%s", self.event_loop)  # after gunicorn configured logging, in the operator's format
         admin = self.config.admin
         if admin.port is not None:
-            from corsproxy.admin import auth_mode, load_tokens
+            from corsproxy.ops.admin import auth_mode, load_tokens
 
             tokens = load_tokens(admin)
             (arbiter.log.info if tokens or not admin.allow_anonymous_writes else arbiter.log.warning)(
@@ -653,7 +632,7 @@ class CorsproxyApplication(BaseApplication):  # type: ignore[misc]
     # -- worker side (after the fork) -----------------------------------------------------------------------------
 
     async def _build_runner(self) -> web.AppRunner:
-        from corsproxy.metrics import Metrics
+        from corsproxy.ops.metrics import Metrics
 
         config = self.config
         metrics = Metrics()
@@ -679,7 +658,7 @@ def _post_fork(server: Any, worker: Any) -> None:
 
 
 def _child_exit(server: Any, worker: Any) -> None:
-    from corsproxy.metrics import fold_dead_process, mark_process_dead
+    from corsproxy.ops.metrics import fold_dead_process, mark_process_dead
 
     mark_process_dead(worker.pid)
     try:
@@ -691,8 +670,8 @@ def _child_exit(server: Any, worker: Any) -> None:
 class _StoreErrorCounter(logging.Filter):
     """Counts the LMDB errors that reach aiohttp: a handler that raised ``lmdb.Error`` is answered 500 and logged by
     aiohttp's ``handle_error`` with the exception attached, so the count costs nothing on requests that succeed (a
-    middleware did the same at ≈ 3 µs per request, issue 6). Code that catches ``lmdb.Error`` itself and answers
-    calls :meth:`Metrics.count_store_error` instead, so no error is counted twice."""
+    middleware costs every request, see bench/RESULTS.md). Code that catches ``lmdb.Error`` itself and answers calls
+    :meth:`Metrics.count_store_error` instead, so no error is counted twice."""
 
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
@@ -720,10 +699,10 @@ async def _worker_runtime(
     application: CorsproxyApplication, app: web.Application, metrics: Metrics
 ) -> AsyncIterator[None]:
     """What a worker runs beside the proxy: observers, the admin site, the origins-file watcher."""
-    from corsproxy.admin import AdminContext, create_admin_app, load_tokens
-    from corsproxy.metrics import CONTENT_TYPE
-    from corsproxy.origins_file import OriginsFileWatcher, SyncResult
-    from corsproxy.request_log import RequestLog
+    from corsproxy.ops.admin import AdminContext, create_admin_app, load_tokens
+    from corsproxy.ops.metrics import CONTENT_TYPE
+    from corsproxy.ops.request_log import RequestLog
+    from corsproxy.origins.file import OriginsFileWatcher, SyncResult
 
     state = app[STATE]
     config = state.config
@@ -864,7 +843,7 @@ def check_store_path(config: Config) -> None:
 def reconcile_store(config: Config) -> None:
     """Open the store, make its config-owned entries ``cors.allow_origins``, close it (LMDB must not cross a fork:
     the arbiter calls this before forking any worker, or in a child of its own)."""
-    from corsproxy.proxy import reconcile_and_log
+    from corsproxy.http.app import reconcile_and_log
     from corsproxy.store import OriginStore
 
     with OriginStore(

@@ -24,8 +24,8 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from corsproxy.decision import StaticOriginSet
-from corsproxy.origin import EntryError, lookup_keys, parse_origin_entry, parse_request_origin
+from corsproxy.core.decision import StaticOriginSet
+from corsproxy.core.origin import EntryError, lookup_keys, parse_origin_entry, parse_request_origin
 
 __all__ = ["Conversion", "RegexImportError", "SampleTimeout", "compare_samples", "convert_regex"]
 

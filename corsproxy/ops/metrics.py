@@ -3,10 +3,10 @@
 Owns the metric names and labels. Uses prometheus-client's multiprocess mode: each worker writes its samples to
 memory-mapped files in ``PROMETHEUS_MULTIPROC_DIR`` and whichever worker answers ``GET /metrics`` sums them all, so a
 scrape sees the whole server whichever worker it reaches. That environment variable must be set *before*
-``prometheus_client`` is first imported (it picks its value store at import time): :mod:`corsproxy.server` sets it
+``prometheus_client`` is first imported (it picks its value store at import time): :mod:`corsproxy.ops.server` sets it
 up, then imports this module.
 
-Must not import aiohttp or lmdb; requests are seen as :class:`corsproxy.proxy.Outcome` values.
+Must not import aiohttp or lmdb; requests are seen as :class:`corsproxy.core.outcome.Outcome` values.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
 from prometheus_client.mmap_dict import MmapedDict
 
-from corsproxy.log_limit import PROXY_LINES
+from corsproxy.core.log_limit import PROXY_LINES
 
 if TYPE_CHECKING:
-    from corsproxy.proxy import Outcome
+    from corsproxy.core.outcome import Outcome
     from corsproxy.store import StoreUsage
 
 __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "fold_dead_process", "mark_process_dead"]
@@ -35,7 +35,7 @@ __all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics", "fold_dead_process", "mar
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 #: What the proxy refuses before a request reaches its handler (so ``corsproxy_requests`` never sees it): the
-#: :data:`~corsproxy.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
+#: :data:`~corsproxy.core.log_limit.PROXY_LINES` keys whose counts become ``corsproxy_malformed_requests{type}``.
 MALFORMED_TYPES = ("malformed_request", "head_too_large", "head_timeout")
 
 # Seconds. A preflight answered from LMDB takes well under a millisecond; an upstream call anything up to read_timeout.
@@ -46,12 +46,12 @@ class Metrics:
     """The metric objects of one process; :meth:`observe` is an observer for :attr:`ProxyState.observers`.
 
     The per-request metrics (requests, upstream responses and errors, the two latency histograms) are counted by
-    :meth:`observe` in plain ints and folded into the prometheus-client objects by :meth:`flush`, which the worker
-    calls about once a second, before it answers a scrape, and when it stops (issue 6: ``Counter.inc`` and
-    ``Histogram.observe`` in multiprocess mode write memory-mapped files under a lock, ≈ 9 µs per request; a few
-    dict increments cost well under 1 µs). The price is that a scrape may miss up to a second of another worker's
-    requests, which it picks up on the next scrape. The rare events (reloads, origins-file syncs, store errors, the
-    origin count) are written straight through.
+    :meth:`observe` in plain ints and folded into the prometheus-client objects by :meth:`flush`, which the worker calls
+    about once a second, before it answers a scrape, and when it stops (for speed: ``Counter.inc`` and
+    ``Histogram.observe`` in multiprocess mode write memory-mapped files under a lock, on every call; a few dict
+    increments cost a small fraction of that, see bench/RESULTS.md). The price is that a scrape may miss up to a second
+    of another worker's requests, which it picks up on the next scrape. The rare events (reloads, origins-file syncs,
+    store errors, the origin count) are written straight through.
 
     :meth:`observe` and :meth:`flush` must run on the same thread (the worker's event loop): the buffers have no lock.
     """
@@ -62,93 +62,85 @@ class Metrics:
         # from prometheus-client's global one.
         self.registry = None if os.environ.get(MULTIPROC_ENV) else CollectorRegistry()
         registry = self.registry
-        self.requests = Counter(
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            # Read from the store when metrics are scraped: the latest live worker's reading is the value.
+            return Gauge(name, doc, labels, multiprocess_mode="livemostrecent", registry=registry)
+
+        def histogram(name: str, doc: str, *labels: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=registry)
+
+        self.requests = counter(
             "corsproxy_requests",
             "Requests on the proxied port, by CORS kind (preflight, actual, non_cors) and decision reason.",
-            ["kind", "reason"],
-            registry=registry,
+            "kind",
+            "reason",
         )
-        self.upstream_responses = Counter(
+        self.upstream_responses = counter(
             "corsproxy_upstream_responses",
             "Responses received from the upstream, by status class (2xx, 3xx, 4xx, 5xx).",
-            ["status_class"],
-            registry=registry,
+            "status_class",
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = counter(
             "corsproxy_upstream_errors",
             "Upstream calls that failed, by type (connect, timeout, protocol, disconnect).",
-            ["type"],
-            registry=registry,
+            "type",
         )
-        self.request_duration = Histogram(
+        self.request_duration = histogram(
             "corsproxy_request_duration_seconds",
             "Whole request time as corsproxy saw it, by CORS kind.",
-            ["kind"],
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+            "kind",
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = histogram(
             "corsproxy_upstream_latency_seconds",
             "Time from sending a request upstream to receiving the upstream's response head.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.malformed_requests = Counter(
+        self.malformed_requests = counter(
             "corsproxy_malformed_requests",
             "Requests refused before the handler, by type: malformed_request (400), head_too_large (431), "
             "head_timeout (no complete head within limits.header_read_timeout). Exact, whatever the logs left out.",
-            ["type"],
-            registry=registry,
+            "type",
         )
-        self.origins = Gauge(
+        self.origins = gauge(
             "corsproxy_origins",
             "Entries in the origin store (read when metrics are scraped).",
-            multiprocess_mode="livemostrecent",
-            registry=registry,
         )
-        self.store_read_errors = Counter(
+        self.store_read_errors = counter(
             "corsproxy_store_read_errors",
             "Failed reads of the origin store (the request was answered with an error).",
-            registry=registry,
         )
         # The store's room, read when metrics are scraped: alert on used/limit and on disk free before writes fail.
-        self.store_bytes = Gauge(
+        self.store_bytes = gauge(
             "corsproxy_store_bytes",
             "The origin store's size, by kind: used (live data), file (the data file's high-water mark), map_size "
             "(store.map_size_mb), limit (where additions stop: the map less the removal reserve), disk_free.",
-            ["kind"],
-            multiprocess_mode="livemostrecent",
-            registry=registry,
+            "kind",
         )
-        self.store_audit_events = Gauge(
+        self.store_audit_events = gauge(
             "corsproxy_store_audit_events",
             "Events in the store's audit trail (bounded by store.audit_retention).",
-            multiprocess_mode="livemostrecent",
-            registry=registry,
         )
-        self.store_writable = Gauge(
+        self.store_writable = gauge(
             "corsproxy_store_writable",
             "1 when an ordinary addition fits in the store and on its disk, else 0 (removals still work longer).",
-            multiprocess_mode="livemostrecent",
-            registry=registry,
         )
-        self.store_write_errors = Counter(
+        self.store_write_errors = counter(
             "corsproxy_store_write_errors",
             "Admin API writes the store refused, by reason (store_full, disk_full, io); nothing was written.",
-            ["reason"],
-            registry=registry,
+            "reason",
         )
-        self.reloads = Counter(
+        self.reloads = counter(
             "corsproxy_reloads",
             "Configuration reloads requested (SIGHUP or POST /reload), by result (applied, refused).",
-            ["result"],
-            registry=registry,
+            "result",
         )
-        self.origins_file_syncs = Counter(
+        self.origins_file_syncs = counter(
             "corsproxy_origins_file_syncs",
             "Times the watched origins file was read after a change, by result (applied, refused).",
-            ["result"],
-            registry=registry,
+            "result",
         )
         # Not yet flushed: requests by (kind, reason) enum pair; upstream responses by status // 100; upstream errors
         # by type; per histogram (kind, or None for the upstream latency) its bucket counts (the last one is +Inf)

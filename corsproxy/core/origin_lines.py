@@ -16,7 +16,7 @@ Two readings of a line:
   refused, since replicas starting at different times would each count it from their own start; an ``expires``
   already past skips the line with a warning.
 * :func:`parse_edits` — an *edit* (``origins import``, admin import): the fields a line gives, the others kept from
-  the stored entry (see :mod:`corsproxy.origin_writes`, which also checks each entry against its final policy).
+  the stored entry (see :mod:`corsproxy.origins.writes`, which also checks each entry against its final policy).
 
 Must not import aiohttp or lmdb.
 """
@@ -29,20 +29,20 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from corsproxy.config import (
+from corsproxy.core.origin import EntryError, OriginEntry, parse_origin_entry
+from corsproxy.core.safety import check_origin_entry
+from corsproxy.core.settings import (
     DEFAULT_POLICY,
     ConfiguredOrigin,
     PolicySafety,
-    check_origin_entry,
     parse_duration,
     parse_expiry,
     unknown_policy,
 )
-from corsproxy.origin import EntryError, OriginEntry, parse_origin_entry
 
 __all__ = [
     "KEEP",
@@ -161,6 +161,18 @@ def split_words(line: str) -> list[str]:
 _FIELDS = {"policy", "expires", "ttl", "note"}
 
 
+def _read_lines(lines: Iterable[str], errors: list[tuple[int, str]]) -> Iterator[tuple[int, str, dict[str, str]]]:
+    """Each entry line's number, origin and fields; a malformed line goes to ``errors`` (with its number) instead."""
+    for number, raw in enumerate(lines, 1):
+        try:
+            read = _read_line(raw)
+        except ValueError as exc:
+            errors.append((number, str(exc)))
+            continue
+        if read is not None:
+            yield number, *read
+
+
 def _read_line(raw: str) -> tuple[str, dict[str, str]] | None:
     """The origin and its ``name=value`` fields, ``None`` for a blank or comment line; ``ValueError`` if malformed."""
     line = raw.strip()
@@ -265,15 +277,7 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
     """
     now = time.time() if now is None else now
     out = ParsedLines()
-    for number, raw in enumerate(lines, 1):
-        try:
-            read = _read_line(raw)
-        except ValueError as exc:
-            out.errors.append((number, str(exc)))
-            continue
-        if read is None:
-            continue
-        origin, options = read
+    for number, origin, options in _read_lines(lines, out.errors):
         if "ttl" in options:
             out.errors.append((number, TTL_IN_FILE))
             continue
@@ -321,16 +325,12 @@ def parse_expires_field(
 
 def parse_edits(lines: Iterable[str], now: float | None = None) -> ParsedEdits:
     """Read the line format as edits (``origins import``): syntax, origins and times here; policies and ownership are
-    checked where the write happens (:func:`corsproxy.origin_writes.write_entries`), against the entry's final
+    checked where the write happens (:func:`corsproxy.origins.writes.write_entries`), against the entry's final
     policy. An expired entry is kept as such (an export of expired entries reads back the same) with a warning."""
     now = time.time() if now is None else now
     out = ParsedEdits()
-    for number, raw in enumerate(lines, 1):
+    for number, origin, options in _read_lines(lines, out.errors):
         try:
-            read = _read_line(raw)
-            if read is None:
-                continue
-            origin, options = read
             entry = parse_origin_entry(origin)
             expires, warning = parse_expires_field(options.get("expires"), options.get("ttl"), now, allow_past=True)
         except (ValueError, EntryError) as exc:

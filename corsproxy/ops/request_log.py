@@ -1,11 +1,11 @@
 """Logs: one structured line per request, and the formatters every corsproxy (and gunicorn) log line goes through.
 
-Owns the log line shape (issue 5): ``time, client, method, path, origin, decision, reason, status, bytes,
+Owns the log line shape: ``time, client, method, path, origin, decision, reason, status, bytes,
 upstream latency`` for each request, sampling of allowed requests (``logging.sample_allowed``) while refusals and
-failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.log_limit`), and the
+failures are logged up to ``logging.per_reason_lines`` per reason and window (:mod:`corsproxy.core.log_limit`), and the
 choice between JSON (for log pipelines) and plain text (for a human at a terminal).
 
-Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.proxy.Outcome` values.
+Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.core.outcome.Outcome` values.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from corsproxy.config import Logging
-from corsproxy.decision import Kind
-from corsproxy.log_limit import REQUEST_LINES, LineLimiter
+from corsproxy.core.decision import Kind
+from corsproxy.core.log_limit import REQUEST_LINES, LineLimiter
+from corsproxy.core.settings import Logging
 
 if TYPE_CHECKING:
-    from corsproxy.proxy import Outcome
+    from corsproxy.core.outcome import Outcome
 
 __all__ = ["REQUEST_LOGGER", "JsonFormatter", "RequestLog", "TextFormatter", "log_dict_config", "wants_json"]
 
@@ -112,7 +112,8 @@ class RequestLog:
     Allowed requests are sampled with probability ``sample_allowed`` (busy sites log a fraction). Refusals and
     corsproxy's own errors (5xx, upstream failures) are what an operator looks for, so they are not sampled; but any
     client can send them by the thousand, so ``limiter`` writes at most ``logging.per_reason_lines`` of each reason per
-    window and a summary of the rest (the process's :data:`~corsproxy.log_limit.REQUEST_LINES` unless one is given).
+    window and a summary of the rest (the process's :data:`~corsproxy.core.log_limit.REQUEST_LINES` unless one is
+    given).
     """
 
     def __init__(
@@ -125,7 +126,7 @@ class RequestLog:
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
-        # an observer that formats nothing costs a request a dict lookup, not a dozen fields (issue 6).
+        # an observer that formats nothing costs a request a dict lookup, not a dozen fields.
         level = logging.WARNING if outcome.status >= 500 else logging.INFO
         if not self.logger.isEnabledFor(level):
             return

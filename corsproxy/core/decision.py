@@ -2,7 +2,7 @@
 CORS response headers that decision calls for.
 
 Owns classification (Fetch ``#http-requests``), policies and routes in compiled form, origin resolution against an
-:class:`OriginSet`, and header construction (CORS-RULES 7-14). Header values that do not depend on the request are
+:class:`OriginSet`, and header construction. Header values that do not depend on the request are
 computed once when a :class:`Policy` is built (the Starlette shape); the request path only copies them.
 
 Must not import aiohttp or lmdb: the shell turns a request into arguments and a decision into headers, and the origin
@@ -20,14 +20,15 @@ from functools import lru_cache
 from typing import Protocol
 from urllib.parse import unquote
 
-from corsproxy.header_list import is_token, parse_request_header_names
-from corsproxy.origin import ANY_ORIGIN, NULL_ORIGIN, RequestOrigin, lookup_keys, parse_request_origin
+from corsproxy.core.header_list import is_token, parse_request_header_names
+from corsproxy.core.origin import ANY_ORIGIN, NULL_ORIGIN, RequestOrigin, lookup_keys, parse_request_origin
 
 __all__ = [
     "SAFE_METHODS",
     "BlockMode",
     "CorsEngine",
     "CorsHeaders",
+    "CorsRequest",
     "Decision",
     "DecisionCache",
     "Found",
@@ -78,7 +79,8 @@ class Mode(enum.StrEnum):
 
 
 class BlockMode(enum.StrEnum):
-    """Server-side blocking of refused origins (CORS-RULES 17: CORS alone is not access control)."""
+    """Server-side blocking of refused origins: CORS alone is not access control (a refused origin's simple POST still
+    reaches the upstream unless the proxy blocks it)."""
 
     OFF = "off"
     UNSAFE_METHODS = "unsafe_methods"
@@ -102,7 +104,7 @@ class Policy:
     allow_private_network: bool = False
     preflight_status: int = 204
     any_method: bool = False  # "*" in allow_methods
-    any_header: bool = False  # "*" in allow_headers; never covers authorization (CORS-RULES 9)
+    any_header: bool = False  # "*" in allow_headers; never covers authorization (the Fetch standard)
     expose_all: bool = False  # "*" in expose_headers
     # Prepared header values.
     methods_value: str = field(init=False)
@@ -206,6 +208,46 @@ def _prefix_matches(prefix: str, path: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsRequest:
+    """What the engine judges of a request: its method and target, and the CORS field lines as received.
+
+    A frozen value, so that the decision cache can key on it (see :meth:`shape`) and every door that judges a request
+    (the ordinary handler, the preflight fast path, a refused head, ``explain``) builds the same thing."""
+
+    method: str
+    origins: tuple[str, ...] = ()  # the ``Origin`` field lines
+    request_methods: tuple[str, ...] = ()  # ``Access-Control-Request-Method`` lines (read for OPTIONS only)
+    request_headers: tuple[str, ...] = ()  # ``Access-Control-Request-Headers`` lines
+    path: str = "/"  # the request target as received
+    private_network: bool = False  # ``Access-Control-Request-Private-Network: true``
+
+    @classmethod
+    def from_fields(cls, method: str, path: str, field_lines: Callable[[str], Sequence[str]]) -> CorsRequest:
+        """The request from ``field_lines(name)``: every line of a header field, by its canonical name."""
+        return cls(
+            method,
+            tuple(field_lines("Origin")),
+            tuple(field_lines("Access-Control-Request-Method")) if method == "OPTIONS" else (),
+            tuple(field_lines("Access-Control-Request-Headers")),
+            path,
+            next(iter(field_lines("Access-Control-Request-Private-Network")), None) == "true",
+        )
+
+    @property
+    def is_preflight(self) -> bool:
+        return self.method == "OPTIONS" and bool(self.request_methods)
+
+    def shape(self) -> CorsRequest:
+        """The request with what its decision cannot depend on cleared: the path (the routes it reaches stand for it,
+        see :class:`DecisionCache`), the method of a non-preflight, and the preflight fields of a non-preflight."""
+        if self.is_preflight:
+            return CorsRequest(
+                "OPTIONS", self.origins, self.request_methods, self.request_headers, "", self.private_network
+            )
+        return CorsRequest("", self.origins, path="")
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     kind: Kind
     reason: Reason
@@ -226,6 +268,12 @@ class Decision:
     def mode(self) -> Mode:
         return Mode.ENFORCE if self.route is None else self.route.mode
 
+    @property
+    def refused_cross_origin(self) -> bool:
+        """An actual request from another origin that the policy does not allow: what blocking mode and the WebSocket
+        origin check refuse (a same-origin request carries an ``Origin`` too, and is never refused)."""
+        return self.kind is Kind.ACTUAL and not self.allowed and self.reason is not Reason.SAME_ORIGIN
+
 
 @dataclass(frozen=True, slots=True)
 class CorsEngine:
@@ -238,7 +286,7 @@ class CorsEngine:
     public_origins: frozenset[str] = frozenset()
     private_network: bool = False  # any policy enables PNA: preflights then also vary on its request header
     debug_reason_header: bool = False
-    #: ``(entry key, policy name) -> is it safe``: the write-time checks (CORS-RULES 15-16) again, for entries written
+    #: ``(entry key, policy name) -> is it safe``: the write-time safety checks again, for entries written
     #: under an earlier configuration — an entry "*" added while the policy had no credentials must not turn into
     #: "reflect every origin with credentials" when the policy later gains them. Only consulted on a match.
     entry_is_safe: Callable[[str, str], bool] | None = field(default=None, compare=False)
@@ -299,30 +347,34 @@ class CorsEngine:
         now: float,
         private_network: bool = False,
     ) -> Decision:
-        """Classify a request and decide it. ``origins``, ``request_methods`` and ``request_headers`` are the field
-        lines of ``Origin``, ``Access-Control-Request-Method`` and ``-Request-Headers`` as received."""
-        reached = self.routes_for(path) if self.routes else (None,)
-        return self._decide(method, origins, request_methods, request_headers, reached, store, now, private_network)
+        """:meth:`judge` with the request's parts as arguments (kept for embedding code and table tests)."""
+        request = CorsRequest(
+            method, tuple(origins), tuple(request_methods), tuple(request_headers), path, private_network
+        )
+        return self.judge(request, store, now)
+
+    def judge(self, request: CorsRequest, store: OriginSet, now: float) -> Decision:
+        """Classify a request and decide it."""
+        reached = self.routes_for(request.path) if self.routes else (None,)
+        return self._decide(request, reached, store, now)
+
+    def report_only(self, decision: Decision) -> bool:
+        """Whether this decision is only reported, not enforced: the whole engine, or the decision's route, is in
+        report-only mode."""
+        return self.mode is Mode.REPORT_ONLY or decision.mode is Mode.REPORT_ONLY
 
     def _decide(
-        self,
-        method: str,
-        origins: Sequence[str],
-        request_methods: Sequence[str],
-        request_headers: Sequence[str],
-        reached: tuple[Route | None, ...],
-        store: OriginSet,
-        now: float,
-        private_network: bool,
+        self, request: CorsRequest, reached: tuple[Route | None, ...], store: OriginSet, now: float
     ) -> Decision:
-        kind = Kind.PREFLIGHT if origins and method == "OPTIONS" and request_methods else Kind.ACTUAL
+        origins = request.origins
+        kind = Kind.PREFLIGHT if origins and request.is_preflight else Kind.ACTUAL
         if len(reached) > 1:
             return self._ambiguous(kind, origins, reached, store, now)
         if not origins:
             return _NO_ORIGIN
         route = reached[0]
         if len(origins) != 1:
-            return Decision(kind, Reason.ORIGIN_MALFORMED, route=route)  # exactly one Origin line (CORS-RULES 3)
+            return Decision(kind, Reason.ORIGIN_MALFORMED, route=route)  # browsers send exactly one Origin line
         origin_value = origins[0]
         if origin_value in self.public_origins:
             return Decision(kind, Reason.SAME_ORIGIN, origin=origin_value, route=route)
@@ -355,7 +407,13 @@ class CorsEngine:
         if kind is Kind.ACTUAL:
             return Decision(kind, Reason.ALLOWED, origin_value, found.key, policy, route)
         return _decide_preflight(
-            origin_value, found.key, policy, route, request_methods, request_headers, private_network
+            origin_value,
+            found.key,
+            policy,
+            route,
+            request.request_methods,
+            request.request_headers,
+            request.private_network,
         )
 
     def _ambiguous(
@@ -368,7 +426,8 @@ class CorsEngine:
         detail = " | ".join("(no route)" if route is None else route.prefix for route in reached)
         if not origins:
             return Decision(Kind.NON_CORS, Reason.PATH_AMBIGUOUS, detail=detail)
-        judged = [self._decide("GET", origins, [], [], (route,), store, now, False) for route in reached]
+        as_actual = CorsRequest("GET", tuple(origins))
+        judged = [self._decide(as_actual, (route,), store, now) for route in reached]
         origin = judged[0].origin
         if not all(d.allowed for d in judged):
             return Decision(kind, Reason.PATH_AMBIGUOUS, origin=origin, detail=detail)
@@ -377,8 +436,8 @@ class CorsEngine:
         return Decision(kind, Reason.PATH_AMBIGUOUS, origin, base.matched, base.policy, detail=detail)
 
     def blocks(self, decision: Decision, method: str) -> bool:
-        """Whether the proxy refuses an actual request itself, before the upstream sees it (CORS-RULES 17)."""
-        if decision.kind is not Kind.ACTUAL or decision.allowed or decision.reason is Reason.SAME_ORIGIN:
+        """Whether the proxy refuses an actual request itself, before the upstream sees it (blocking mode)."""
+        if not decision.refused_cross_origin:
             return False
         if decision.mode is Mode.REPORT_ONLY or self.block_disallowed is BlockMode.OFF:
             return False
@@ -395,7 +454,7 @@ class DecisionCache:
     """Memoises decisions and their CORS headers per request shape, for one engine and one origin-set generation.
 
     The request path of a busy proxy sees the same few (origin, method, headers) shapes over and over; answering
-    them from a dict skips origin parsing, the store lookups and header building (issue 6). Correctness rules:
+    them from a dict skips origin parsing, the store lookups and header building. Correctness rules:
     entries are dropped whenever the origin set's generation changes (any committed write, from any process) or
     the engine is replaced (a reload), an allowed answer is not used past its entry's expiry, and the dict is
     bounded (cleared when full), so hostile requests with ever-new origins cannot grow it.
@@ -406,47 +465,25 @@ class DecisionCache:
     def __init__(self, engine: CorsEngine, max_entries: int = 8192) -> None:
         self.engine = engine
         self.max_entries = max_entries
-        self._entries: dict[tuple[object, ...], tuple[Decision, CorsHeaders | None, float]] = {}
+        self._entries: dict[tuple[CorsRequest, tuple[int, ...]], tuple[Decision, CorsHeaders | None, float]] = {}
         self._generation = -1
 
-    def decide(
-        self,
-        method: str,
-        origins: Sequence[str],
-        request_methods: Sequence[str],
-        request_headers: Sequence[str],
-        path: str,
-        store: OriginSet,
-        now: float,
-        private_network: bool = False,
-    ) -> tuple[Decision, CorsHeaders | None]:
+    def judge(self, request: CorsRequest, store: OriginSet, now: float) -> tuple[Decision, CorsHeaders | None]:
         """The decision and, when they do not depend on the response, its CORS headers (else ``None``)."""
         engine = self.engine
-        if len(origins) != 1:
-            decision = engine.decide(
-                method, origins, request_methods, request_headers, path, store, now, private_network
-            )
+        if len(request.origins) != 1:
+            decision = engine.judge(request, store, now)
             return decision, self._headers(decision)
         generation = store.generation()
         if generation != self._generation:
             self._entries.clear()
             self._generation = generation
-        preflight = method == "OPTIONS" and bool(request_methods)
-        reached = engine.routes_for(path) if engine.routes else (None,)
-        key: tuple[object, ...] = (
-            origins[0],
-            tuple(-1 if route is None else route.index for route in reached),
-            preflight,
-            tuple(request_methods) if preflight else (),
-            tuple(request_headers) if preflight else (),
-            private_network and preflight,
-        )
+        reached = engine.routes_for(request.path) if engine.routes else (None,)
+        key = (request.shape(), tuple(-1 if route is None else route.index for route in reached))
         hit = self._entries.get(key)
         if hit is not None and now < hit[2]:
             return hit[0], hit[1]
-        decision = engine._decide(
-            method, origins, request_methods, request_headers, reached, store, now, private_network
-        )
+        decision = engine._decide(request, reached, store, now)
         headers = self._headers(decision)
         valid_until = float("inf")
         if decision.matched is not None:
@@ -681,7 +718,7 @@ def _decide_preflight(
 
 def _allow_origin_value(decision: Decision, policy: Policy) -> str:
     # "*" only for a credential-free policy reached through the "*" entry; with credentials a matched "*" (an
-    # explicit dangerous opt-in) can only be honoured by reflecting the origin (CORS-RULES 9, 15).
+    # explicit dangerous opt-in) can only be honoured by reflecting the origin (with credentials, "*" is never sent).
     if decision.matched == ANY_ORIGIN and not policy.allow_credentials:
         return "*"
     assert decision.origin is not None
@@ -689,7 +726,7 @@ def _allow_origin_value(decision: Decision, policy: Policy) -> str:
 
 
 def preflight_headers(engine: CorsEngine, decision: Decision) -> list[tuple[str, str]]:
-    """The complete CORS header set of the proxy's answer to a preflight (CORS-RULES 7, 9, 11, 13, 14)."""
+    """The complete CORS header set of the proxy's answer to a preflight."""
     headers = [("Vary", ", ".join(engine.preflight_vary))]
     policy = decision.policy
     if not decision.allowed or policy is None:
@@ -717,7 +754,7 @@ _NEVER_EXPOSED = frozenset({"set-cookie", "set-cookie2"})
 
 
 def actual_headers(decision: Decision, response_header_names: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """The CORS headers for an actual response (CORS-RULES 10); ``[]`` for a refused or non-CORS request.
+    """The CORS headers for an actual response; ``[]`` for a refused or non-CORS request.
 
     ``response_header_names`` is only read for a credentialed policy with ``expose_headers: ["*"]``, where the
     wildcard is literal and the proxy lists the response's own header names instead.

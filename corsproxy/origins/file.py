@@ -3,8 +3,8 @@
 The file is the fleet's source of truth (a Kubernetes ConfigMap, a mounted secret, a file written by config
 management); each host's LMDB store is its local, read-optimised copy. The watcher polls the file's identity (inode,
 size, mtime) every ``poll_interval`` seconds and, when it changed, hashes the content; a new hash is parsed with the
-shared line format (:func:`corsproxy.origin_lines.parse_lines`, or a YAML list) and reconciled with
-``source="file"`` in one LMDB transaction (:func:`corsproxy.origin_writes.reconcile_file`: the file takes over
+shared line format (:func:`corsproxy.core.origin_lines.parse_lines`, or a YAML list) and reconciled with
+``source="file"`` in one LMDB transaction (:func:`corsproxy.origins.writes.reconcile_file`: the file takes over
 entries the CLI or admin API added, and leaves ``cors.allow_origins``' own). A file with any bad line is refused
 whole: the errors are logged and the last good state stays, because applying only the good lines would silently drop
 the origins the bad lines meant. A line whose ``expires`` has passed is not bad — it is skipped with a warning, so one
@@ -35,9 +35,9 @@ from typing import Any
 
 import yaml
 
-from corsproxy.config import PolicySafety
-from corsproxy.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
-from corsproxy.origin_writes import reconcile_file
+from corsproxy.core.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
+from corsproxy.core.settings import PolicySafety
+from corsproxy.origins.writes import reconcile_file
 from corsproxy.store import OriginStore, StoreError
 
 __all__ = ["OriginsFileWatcher", "SyncResult", "applied", "parse_origins_file"]

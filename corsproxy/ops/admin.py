@@ -3,7 +3,7 @@ the upstream).
 
 Owns the admin endpoints, their bearer-token authentication and their JSON error shape. It shares the running proxy's
 state (the config snapshot and the open LMDB store); every write goes through the one write service
-(:mod:`corsproxy.origin_writes`: ownership and validation), and explain uses the explain engine. Endpoints::
+(:mod:`corsproxy.origins.writes`: ownership and validation), and explain uses the explain engine. Endpoints::
 
     GET    /origins?limit=&after=&filter=     page through the store (``next`` is the cursor for ``after``)
     GET    /origins/{origin}                  one entry (origin URL-encoded)
@@ -38,19 +38,14 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from corsproxy.config import Admin, Config, ConfigError, load_config, parse_duration, parse_expiry, unknown_policy
-from corsproxy.explain import explain
-from corsproxy.origin import EntryError, parse_origin_entry
-from corsproxy.origin_lines import (
-    MAX_NOTE_LENGTH,
-    NEVER,
-    EntryEdit,
-    parse_edits,
-    parse_expires_field,
-)
-from corsproxy.origin_writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
-from corsproxy.origins_file import applied as origins_file_applied
-from corsproxy.proxy import STATE, ProxyState
+from corsproxy.config import ConfigError, load_config
+from corsproxy.core.explain import explain
+from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry
+from corsproxy.core.origin_lines import MAX_NOTE_LENGTH, NEVER, EntryEdit, parse_edits, parse_expires_field
+from corsproxy.core.settings import Admin, Config, parse_duration, parse_expiry, unknown_policy
+from corsproxy.http.app import STATE, ProxyState
+from corsproxy.origins.file import applied as origins_file_applied
+from corsproxy.origins.writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
 from corsproxy.store import OriginRecord, StoreError, StoreSpaceError
 
 __all__ = ["ADMIN", "AdminContext", "AdminError", "auth_mode", "create_admin_app", "load_tokens"]
@@ -187,12 +182,7 @@ def _loopback_host(host: str) -> bool:
         name = urlsplit("//" + host).hostname or ""
     except ValueError:
         return False
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(name)
 
 
 def _host_name(host: str) -> str:

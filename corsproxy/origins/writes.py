@@ -27,8 +27,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corsproxy.config import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, check_origin_entry, unknown_policy
-from corsproxy.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit
+from corsproxy.core.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit
+from corsproxy.core.safety import check_origin_entry
+from corsproxy.core.settings import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, unknown_policy
 from corsproxy.store import OriginRecord, OriginStore, Reconciled
 
 __all__ = [

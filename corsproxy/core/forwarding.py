@@ -1,5 +1,5 @@
 """What the proxy changes in a message on its way through, as pure functions: hop-by-hop fields, ``X-Forwarded-*``,
-``Host`` and the trusted-proxy rule (issue 4).
+``Host`` and the trusted-proxy rule.
 
 Owns header arithmetic only. Imports neither aiohttp nor lmdb: headers come in and go out as ``(name, value)`` pairs
 in wire order, so the rules are tested as tables without sockets.
@@ -11,8 +11,9 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import unquote
+
+from corsproxy.core.origin import DEFAULT_PORTS
 
 __all__ = [
     "FORWARDING_FIELDS",
@@ -89,8 +90,6 @@ WEBSOCKET_HANDSHAKE_FIELDS = frozenset(
 #: Not hop-by-hop, but answered by corsproxy itself (RFC 9110 §10.1.1 lets a proxy send the 100 on its own).
 _ANSWERED_HERE = frozenset({"expect"})
 
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
 
 def hop_by_hop_names(connection_lines: Iterable[str]) -> frozenset[str]:
     """The hop-by-hop names of one message: the fixed set plus every token its ``Connection`` lines list
@@ -108,7 +107,8 @@ class TrustedProxies:
 
     @classmethod
     def parse(cls, cidrs: Sequence[str]) -> TrustedProxies:
-        return _compile(tuple(cidrs))
+        """The compiled form of CIDR strings the configuration has validated."""
+        return cls(tuple(ipaddress.ip_network(text, strict=False) for text in cidrs))
 
     def trusts(self, peer: str) -> bool:
         if not self.networks or not peer:
@@ -122,16 +122,10 @@ class TrustedProxies:
         return any(address in network for network in self.networks)
 
 
-@lru_cache(maxsize=8)
-def _compile(cidrs: tuple[str, ...]) -> TrustedProxies:
-    # config.py has validated the strings; the cache keeps the per-request path free of parsing (STYLE: compile once).
-    return TrustedProxies(tuple(ipaddress.ip_network(text, strict=False) for text in cidrs))
-
-
 def host_header(scheme: str, host: str, port: int) -> str:
     """``Host`` for an upstream address: brackets around IPv6 literals, the port only when it is not the default."""
     name = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return name if _DEFAULT_PORTS.get(scheme) == port else f"{name}:{port}"
+    return name if DEFAULT_PORTS.get(scheme) == port else f"{name}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

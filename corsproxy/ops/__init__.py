@@ -1,0 +1,1 @@
+"""Operations: the admin API, metrics, the request log, the process manager and the demo upstream."""

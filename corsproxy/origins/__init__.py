@@ -1,0 +1,1 @@
+"""The origin-write service (every entry point writes through it) and the origins-file watcher."""
