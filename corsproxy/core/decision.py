@@ -470,19 +470,28 @@ class DecisionCache:
 
     def judge(self, request: CorsRequest, store: OriginSet, now: float) -> tuple[Decision, CorsHeaders | None]:
         """The decision and, when they do not depend on the response, its CORS headers (else ``None``)."""
+        decision, headers, _ = self.judge_until(request, store, now)
+        return decision, headers
+
+    def judge_until(
+        self, request: CorsRequest, store: OriginSet, now: float
+    ) -> tuple[Decision, CorsHeaders | None, float]:
+        """:meth:`judge`, and the time until which the same request shape gets the same answer while the origin
+        set's generation stays the same (the matched entry's expiry; ``-inf`` when the answer is not memoised: a
+        request with several ``Origin`` lines). For a cache of serialised answers kept beside this one."""
         engine = self.engine
         if len(request.origins) != 1:
             decision = engine.judge(request, store, now)
-            return decision, self._headers(decision)
+            return decision, self._headers(decision), float("-inf")
         generation = store.generation()
         if generation != self._generation:
             self._entries.clear()
             self._generation = generation
-        reached = engine.routes_for(request.path) if engine.routes else (None,)
-        key = (request.shape(), tuple(-1 if route is None else route.index for route in reached))
+        key = (request.shape(), route_key(engine, request.path))
         hit = self._entries.get(key)
         if hit is not None and now < hit[2]:
-            return hit[0], hit[1]
+            return hit
+        reached = engine.routes_for(request.path) if engine.routes else (None,)
         decision = engine._decide(request, reached, store, now)
         headers = self._headers(decision)
         valid_until = float("inf")
@@ -492,8 +501,8 @@ class DecisionCache:
                 valid_until = found.expires
         if len(self._entries) >= self.max_entries:
             self._entries.clear()
-        self._entries[key] = (decision, headers, valid_until)
-        return decision, headers
+        made = self._entries[key] = (decision, headers, valid_until)
+        return made
 
     def _headers(self, decision: Decision) -> CorsHeaders | None:
         if decision.kind is Kind.PREFLIGHT:
@@ -502,6 +511,17 @@ class DecisionCache:
         if decision.allowed and policy is not None and policy.expose_all and policy.allow_credentials:
             return None  # depends on the response's header names
         return tuple(actual_headers(decision))
+
+
+def route_key(engine: CorsEngine, path: str) -> tuple[int, ...]:
+    """The routes every reading of ``path`` reaches (``-1``: no route), as the part of a cache key that stands for the
+    path: two targets reaching the same routes get the same decision for the same CORS fields."""
+    if not engine.routes:
+        return _NO_ROUTE_KEY
+    return tuple(-1 if route is None else route.index for route in engine.routes_for(path))
+
+
+_NO_ROUTE_KEY = (-1,)
 
 
 def normalize_path(raw_path: str) -> str:

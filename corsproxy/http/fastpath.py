@@ -22,7 +22,8 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 
 from corsproxy.core.answer import TEXT_PLAIN, Answer, preflight_answer
-from corsproxy.core.decision import CorsRequest
+from corsproxy.core.decision import CorsRequest, Decision, DecisionCache, route_key
+from corsproxy.core.forwarding import climbs_above_root
 from corsproxy.http.app import STATE, observe, oversized_head, peer, refused_target
 
 __all__ = ["FastAnswer", "PreflightResponder"]
@@ -34,13 +35,24 @@ FastAnswer = Callable[[RawRequestMessage, web.RequestHandler], "bytes | None"]
 
 
 class PreflightResponder:
-    """The fast path's answer function for one application (see the module docstring for what it answers)."""
+    """The fast path's answer function for one application (see the module docstring for what it answers).
+
+    Beside the decision cache it keeps the *serialised* answer per request shape — the CORS field lines and the routes
+    the target reaches, the key :class:`~corsproxy.core.decision.DecisionCache` uses — so a repeated preflight costs
+    a few header lookups and a dict hit: no request value, decision or answer is built. The entries follow the
+    decision cache's rules: dropped when the origin set's generation or the engine changes, not used past the matched
+    entry's expiry, bounded.
+    """
 
     def __init__(self, app: web.Application) -> None:
         self._app = app
         self._bytes: dict[Answer, tuple[bytes, bytes]] = {}
         self._date_second = -1
         self._date = b""
+        # shape -> (head, body, status, decision, valid until); a head of b"" marks a shape the ordinary path answers
+        self._answers: dict[tuple[object, ...], tuple[bytes, bytes, int, Decision, float]] = {}
+        self._decider: DecisionCache | None = None
+        self._generation = -1
 
     def __call__(self, message: RawRequestMessage, protocol: web.RequestHandler) -> bytes | None:
         if (
@@ -54,25 +66,49 @@ class PreflightResponder:
         if "Expect" in headers:
             return None  # the ordinary path answers expectations (417 for unknown ones)
         path = message.path
-        asked = CorsRequest.from_fields("OPTIONS", path, lambda name: headers.getall(name, ()))
-        if not asked.request_methods or not asked.origins or not path.startswith("/"):
-            return None
+        origins = tuple(headers.getall("Origin", ()))
+        methods = tuple(headers.getall("Access-Control-Request-Method", ()))
+        if not methods or not origins or not path.startswith("/") or "#" in path:
+            return None  # a fragment is refused by the ordinary path, with its reason
         state = self._app.get(STATE)
         if state is None:
             return None
         config = state.config
-        engine = config.engine
         if oversized_head("OPTIONS", path, message.raw_headers, config.limits.max_header_size) is not None:
             return None  # the ordinary path answers 414/431
-        started = time.monotonic()
-        decision, cors_headers = state.decider().judge(asked, state.store, time.time())
-        if engine.report_only(decision) or cors_headers is None:
-            return None
-        if refused_target(path, path, decision, config) is not None:
+        if config.upstream.base_path and climbs_above_root(path):
             return None  # the ordinary path answers 400 with the reason
-        answer = preflight_answer(engine, decision, cors_headers)
-        head, body = self._serialized(answer)
-        observe(state, "OPTIONS", path, peer(protocol), decision, answer.status, len(body), started)
+        started = time.monotonic()
+        now = time.time()
+        decider = state.decider()
+        store = state.store
+        generation = store.generation()
+        if decider is not self._decider or generation != self._generation:
+            self._answers.clear()
+            self._decider = decider
+            self._generation = generation
+        engine = decider.engine
+        request_headers = tuple(headers.getall("Access-Control-Request-Headers", ()))
+        private_network = headers.get("Access-Control-Request-Private-Network") == "true"
+        key = (origins, methods, request_headers, private_network, route_key(engine, path))
+        hit = self._answers.get(key)
+        if hit is None or now >= hit[4]:
+            asked = CorsRequest("OPTIONS", origins, methods, request_headers, path, private_network)
+            decision, cors_headers, valid_until = decider.judge_until(asked, store, now)
+            if engine.report_only(decision) or cors_headers is None or refused_target(path, path, decision, config):
+                head, body, status = b"", b"", 0  # report-only, response-dependent headers, an ambiguous path
+            else:
+                answer = preflight_answer(engine, decision, cors_headers)
+                (head, body), status = self._serialized(answer), answer.status
+            hit = (head, body, status, decision, valid_until)
+            if valid_until > now:  # not for what the decision cache does not memoise either (several Origin lines)
+                if len(self._answers) >= 4096:
+                    self._answers.clear()  # bounded like the decision cache
+                self._answers[key] = hit
+        head, body, status, decision, _ = hit
+        if not head:
+            return None
+        observe(state, "OPTIONS", path, peer(protocol), decision, status, len(body), started)
         return head + self._date_line() + b"\r\n" + body
 
     def _serialized(self, answer: Answer) -> tuple[bytes, bytes]:
