@@ -362,8 +362,15 @@ class OriginStore:
         return expired
 
     def generation(self) -> int:
-        """LMDB's last committed transaction id: changes on every write by any process, read without a transaction."""
-        return int(self._env.info()["last_txnid"])
+        """The id of the snapshot a read transaction begun now sees: changes on every write by any process.
+
+        Not ``env.info()``'s ``last_txnid``: that is read from the meta page, which a committing writer updates a
+        moment before it publishes the new snapshot to readers, so a lookup in that window saw the old set under the
+        new number, and the decision cache kept that stale answer until the next write (found by bench/fleet.py:
+        a preflight probing every millisecond while a write landed stayed refused). A read transaction's own id can
+        only be older than what the next lookup sees, never newer; it is also cheaper (no dict)."""
+        with self._env.begin() as txn:
+            return int(txn.id())
 
     def get(self, key: str) -> OriginRecord | None:
         with self._env.begin(db=self._origins) as txn:
