@@ -85,3 +85,25 @@ def test_rows_are_checked_like_every_other_write() -> None:
         assert record is None and words in why, (origin, why)
     record, why = check_row("https://a.customer.test", "nope", None, None, config.safety)
     assert record is None and "unknown policy 'nope'" in why
+
+
+def test_the_shipped_fleet_example_validates() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    env = {"CORSPROXY_DATABASE_URL": URL, "CORSPROXY_ADMIN_TOKEN": "a-token-for-validation-only-0123"}
+    config = parse_config(yaml.safe_load((deploy / "fleet/config.yaml").read_text()), env=env)
+    assert config.store.postgresql is not None and config.store.postgresql.url == URL
+    compose = yaml.safe_load((deploy / "docker-compose.fleet.yaml").read_text())
+    services = compose["services"]
+    assert services["migrate"]["command"][:2] == ["db", "migrate"]
+    for name in ("corsproxy-a", "corsproxy-b"):
+        service = services[name]
+        assert service["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+        assert "CORSPROXY_DATABASE_URL" in service["environment"]
+        assert service["read_only"] is True
+    # Each replica has its own store volume: replicas share PostgreSQL, never an LMDB directory.
+    stores = [v for name in ("corsproxy-a", "corsproxy-b") for v in services[name]["volumes"] if "/var/lib" in v]
+    assert len(set(stores)) == 2
