@@ -7,6 +7,7 @@ Without PostgreSQL installed these tests skip with one reason line (they fail un
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -231,10 +232,10 @@ def test_a_replica_killed_mid_batch_resumes_with_nothing_lost_or_doubled(
         last = sql(pg_url, "SELECT max(seq) FROM corsproxy_changes")[0][0]
         wait_until(lambda: position(a) > 0, 30, interval=0.005, what="the replica to start applying")
         killed_at = position(a)
-        leader = max(a.booted_pids())
-        os.kill(leader, signal.SIGKILL)
+        syncer = json.loads((a.tmp / "origins.lmdb" / "postgresql-sync.status").read_text())["pid"]
+        os.kill(syncer, signal.SIGKILL)  # the process applying the batches
         assert killed_at < last, "the replica finished before it could be killed mid-way: use more rows"
-        # The arbiter starts a new worker, which takes the syncer over and resumes from the committed position.
+        # Its worker starts it again; it resumes from the committed position.
         wait_until(lambda: position(a) == last, 60, what="the replica to resume and finish")
         with OriginStore(a.tmp / "origins.lmdb", readonly=True) as store:
             keys = {key for key, record in store.iter_all() if record.source == "postgresql"}
@@ -242,6 +243,14 @@ def test_a_replica_killed_mid_batch_resumes_with_nothing_lost_or_doubled(
         assert keys == {f"https://t{i}.customer.test" for i in range(1, total + 1)}
         assert len(adds) == total  # each change applied exactly once
         assert len({e.origin for e in adds}) == total
+        # The worker leading the syncer killed too: its syncer process goes with it, and a new worker's takes over.
+        status = a.tmp / "origins.lmdb" / "postgresql-sync.status"
+        syncer = json.loads(status.read_text())["pid"]
+        os.kill(max(a.booted_pids()), signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{syncer}").exists(), 30, what="the orphaned syncer process to exit")
+        sql(pg_url, "INSERT INTO corsproxy_origins (origin) VALUES ('https://later.customer.test')")
+        eventually(a, "https://later.customer.test")
+        assert json.loads(status.read_text())["pid"] != syncer
 
 
 def test_notifications_lost_with_the_listener_connection_still_converge_by_polling(

@@ -791,19 +791,12 @@ async def _worker_runtime(
         watcher_task = asyncio.create_task(watcher.run())
     syncer_task: asyncio.Task[None] | None = None
     if config.store.postgresql is not None:
-        from corsproxy.origins.sync import PostgresSyncer
+        from corsproxy.origins.sync import SyncSupervisor
 
-        syncer = PostgresSyncer(
-            config.store.postgresql,
-            state.store,
-            lambda: state.config.safety,
-            lambda: state.config.origins,
-            config.source,
-            on_error=lambda kind: metrics.sync_errors.labels(kind).inc(),
-            on_refused=metrics.sync_rows_refused.inc,
-        )
-        # In the background, like the watcher: /readyz says "not ready" until the first sync has completed.
-        syncer_task = asyncio.create_task(syncer.run())
+        # The syncer runs in a process of its own, led by one worker per host like the watcher; /readyz says "not
+        # ready" until its first sync has completed.
+        supervisor = SyncSupervisor(config.source, Path(config.store.path))
+        syncer_task = asyncio.create_task(supervisor.run(config.store.postgresql.poll_interval))
     try:
         yield
     finally:
