@@ -19,7 +19,7 @@ import pytest
 
 from corsproxy.store import OriginStore
 from tests.support.config import run_cli
-from tests.support.net import wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.postgres import PostgresCluster, start_cluster
 from tests.support.serve import Server, origin_path, scrape, value
 from tests.support.upstream import ThreadedUpstream
@@ -411,3 +411,26 @@ def test_concurrent_writers_never_make_a_replica_skip_a_change(
         with OriginStore(a.tmp / "origins.lmdb", readonly=True) as store:
             keys = {key for key, record in store.iter_all() if record.source == "postgresql"}
         assert keys == {row[0] for row in sql(pg_url, "SELECT origin FROM corsproxy_origins")}
+
+
+def test_a_new_replica_is_not_ready_until_its_first_sync_and_never_logs_the_password(
+    tmp_path: Path, pg_cluster: PostgresCluster, upstream_thread: ThreadedUpstream
+) -> None:
+    # PostgreSQL unreachable from the start (nothing listens there): the replica starts, but stays out of the load
+    # balancer, since it has no origin set yet.
+    secret = "pa55-w0rd-never-logged"
+    down = f"postgresql://corsproxy:{secret}@127.0.0.1:{free_port()}/corsproxy"
+    a = replica(tmp_path, "a", upstream_thread, down, workers=1)
+    with a:
+        ready = a.admin("GET", "/readyz", token=None)
+        assert ready.status == 503 and "first sync from PostgreSQL" in ready.json()["reason"]
+        assert a.admin("GET", "/healthz", token=None).status == 200
+        wait_until(lambda: "source of truth unavailable" in a.log_text(), 30, what="the syncer's error line")
+        put = a.admin("PUT", origin_path("https://x.customer.test"), body={})
+        assert put.status == 503 and put.json()["error"] == "source of truth unavailable"
+        assert secret not in put.body.decode()
+        checked = run_cli("check", "--config", str(a.config_path))
+        assert "has not completed its first sync" in checked.stderr
+        assert secret not in checked.stdout + checked.stderr
+    assert secret not in a.log_text()
+    assert "corsproxy:***@127.0.0.1" in a.log_text()

@@ -107,8 +107,12 @@ class ReplicaState:
 
     @property
     def synced(self) -> bool:
-        """The first full copy has completed (readiness)."""
-        return self.position is not None and not self.snapshot_pending
+        """A full copy has completed once (readiness): the position is written with a snapshot's last chunk.
+
+        A later snapshot (a replica beyond the log's retention, or changed host declarations) leaves it ready: the
+        store holds a complete, if older, set meanwhile, and a reload that changes ``cors.allow_origins`` on every
+        host must not take the whole fleet out of the load balancer for the length of a snapshot."""
+        return self.position is not None
 
 
 def replica_state(store: OriginStore, *, with_refused: bool = False) -> ReplicaState:
