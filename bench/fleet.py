@@ -215,6 +215,52 @@ def w1(wrk: str, replica: Replica, seconds: float, scripts: Path) -> float:
     return load.requests / load.duration
 
 
+def w1_during_bursts(root: Path, cluster: Any, upstream: int, b: Replica, url: str) -> dict[str, Any]:
+    """W1 preflights on B: quiet; while another replica (its own database) applies bursts, which is what the machine
+    itself costs; while B applies them. Interleaved, three rounds, so a drift of the shared machine hits all three."""
+    wrk = ensure_wrk()
+    scripts = root / "wrk"
+    scripts.mkdir()
+    other_url = cluster.database()
+    migrate(PostgresSource(url=other_url))
+    other = Replica(root, "other", upstream, other_url)
+    other.ready()
+    rounds: list[tuple[float, float, float]] = []
+    try:
+        for n in range(3):
+
+            def loaded(target: Replica, target_url: str, tag: str) -> float:
+                stop = threading.Event()
+
+                def bursts() -> None:
+                    i = 0
+                    while not stop.is_set():
+                        burst(target, target_url, 10_000, f"{tag}x{i}")
+                        i += 1
+
+                thread = threading.Thread(target=bursts)
+                thread.start()
+                time.sleep(0.2)
+                rate = w1(wrk, b, 5, scripts)
+                stop.set()
+                thread.join()
+                return rate
+
+            quiet = w1(wrk, b, 5, scripts)
+            rounds.append((quiet, loaded(other, other_url, f"o{n}"), loaded(b, url, f"b{n}")))
+            print("  round", n, [round(x) for x in rounds[-1]], flush=True)
+    finally:
+        other.stop()
+    quiet, elsewhere, own = (statistics.median(r[i] for r in rounds) for i in range(3))
+    return {
+        "quiet_rps": round(quiet),
+        "bursts_on_other_replica_rps": round(elsewhere),
+        "bursts_on_b_rps": round(own),
+        "ratio_vs_quiet": round(own / quiet, 2),
+        "ratio_vs_other_replica": round(own / elsewhere, 2),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a quick pass: few writes, a small cold start")
@@ -245,26 +291,7 @@ def main() -> int:
         results["burst"]["lmdb_transactions"] = -(-10_000 // results["burst"]["batch_size"])
         print("burst of 10,000 changes:", results["burst"], flush=True)
         if not args.smoke:
-            wrk = ensure_wrk()
-            scripts = root / "wrk"
-            scripts.mkdir()
-            quiet = w1(wrk, b, 5, scripts)
-            stop = threading.Event()
-
-            def bursts() -> None:
-                n = 0
-                while not stop.is_set():
-                    burst(b, url, 10_000, f"during{n}")
-                    n += 1
-
-            thread = threading.Thread(target=bursts)
-            thread.start()
-            time.sleep(0.2)
-            busy = w1(wrk, b, 5, scripts)
-            stop.set()
-            thread.join()
-            results["w1_preflights"] = {"quiet_rps": round(quiet), "during_bursts_rps": round(busy),
-                                        "ratio": round(busy / quiet, 2)}  # fmt: skip
+            results["w1_preflights"] = w1_during_bursts(root, cluster, upstream.port, b, url)
             print("W1 preflights on B:", results["w1_preflights"], flush=True)
         for r in (a, b, c):
             r.stop()
@@ -284,21 +311,25 @@ def main() -> int:
             replicas.append(r)
             seconds = r.ready()
             time.sleep(1.0)
-            mem = procstat.memory(r.worker())
+            worker = r.worker()
+            mem = procstat.memory(worker)
+            syncer = procstat.memory(procstat.children(worker)[0])
             results[f"cold_{name}"] = {
                 "rows": rows,
                 "ready_s": round(seconds, 1),
                 "worker_rss_kib": mem.rss,
                 "worker_anonymous_kib": mem.anonymous,
-                "worker_peak_rss_kib": mem.peak_rss,
+                "syncer_rss_kib": syncer.rss,
+                "syncer_anonymous_kib": syncer.anonymous,
+                "syncer_peak_rss_kib": syncer.peak_rss,
             }
             print(f"cold start, {rows} rows:", results[f"cold_{name}"], flush=True)
             r.stop()
             replicas.remove(r)
         small, large = results["cold_small"], results["cold_large"]
-        results["cold_rss_ratio"] = round(large["worker_rss_kib"] / small["worker_rss_kib"], 2)
-        results["cold_anonymous_ratio"] = round(large["worker_anonymous_kib"] / small["worker_anonymous_kib"], 2)
-        print("RSS ratio (large/small):", results["cold_rss_ratio"], "anonymous:", results["cold_anonymous_ratio"])
+        for what in ("worker_rss_kib", "worker_anonymous_kib", "syncer_peak_rss_kib", "syncer_anonymous_kib"):
+            results[f"cold_ratio_{what}"] = round(large[what] / small[what], 2)
+        print("ratios (1,000,000 rows / 10):", {k: v for k, v in results.items() if k.startswith("cold_ratio")})
         out = REPO / "bench" / "out"
         out.mkdir(exist_ok=True)
         (out / f"fleet-{int(time.time())}.json").write_text(json.dumps(results, indent=2))

@@ -229,11 +229,11 @@ class PostgresSyncer:
 
         try:
             applied = self._catch_up()
+            self._caught_up_at = time.time()
+            self._maybe_prune()
         except psycopg.Error as exc:
             self._close()
             raise unavailable(self.source, exc) from None
-        self._caught_up_at = time.time()
-        self._maybe_prune()
         return applied
 
     def _catch_up(self) -> int:
