@@ -266,6 +266,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="a quick pass: few writes, a small cold start")
     parser.add_argument("--writes", type=int, default=200)
     parser.add_argument("--cold-rows", type=int, default=1_000_000)
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-start measurements")
     args = parser.parse_args()
     writes, cold_rows = (20, 20_000) if args.smoke else (args.writes, args.cold_rows)
     results: dict[str, Any] = {"writes": writes, "cold_rows": cold_rows}
@@ -298,7 +299,7 @@ def main() -> int:
         replicas.clear()
 
         # Cold start: 10 rows, then cold_rows rows, each into an empty replica.
-        for rows, name in ((10, "small"), (cold_rows, "large")):
+        for rows, name in () if args.no_cold else ((10, "small"), (cold_rows, "large")):
             db = cluster.database()
             migrate(PostgresSource(url=db))
             with psycopg.connect(db, autocommit=True) as conn:
@@ -326,10 +327,11 @@ def main() -> int:
             print(f"cold start, {rows} rows:", results[f"cold_{name}"], flush=True)
             r.stop()
             replicas.remove(r)
-        small, large = results["cold_small"], results["cold_large"]
-        for what in ("worker_rss_kib", "worker_anonymous_kib", "syncer_peak_rss_kib", "syncer_anonymous_kib"):
-            results[f"cold_ratio_{what}"] = round(large[what] / small[what], 2)
-        print("ratios (1,000,000 rows / 10):", {k: v for k, v in results.items() if k.startswith("cold_ratio")})
+        if not args.no_cold:
+            small, large = results["cold_small"], results["cold_large"]
+            for what in ("worker_rss_kib", "worker_anonymous_kib", "syncer_peak_rss_kib", "syncer_anonymous_kib"):
+                results[f"cold_ratio_{what}"] = round(large[what] / small[what], 2)
+            print("ratios (1,000,000 rows / 10):", {k: v for k, v in results.items() if k.startswith("cold_ratio")})
         out = REPO / "bench" / "out"
         out.mkdir(exist_ok=True)
         (out / f"fleet-{int(time.time())}.json").write_text(json.dumps(results, indent=2))

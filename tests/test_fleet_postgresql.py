@@ -330,13 +330,14 @@ def test_postgresql_down_keeps_serving_and_ready_refuses_writes_then_catches_up(
 
 
 def test_a_replica_beyond_the_change_log_retention_copies_a_snapshot(
-    tmp_path: Path, pg_url: str, upstream_thread: ThreadedUpstream
+    tmp_path: Path, pg_url: str, upstream_thread: ThreadedUpstream, request: pytest.FixtureRequest
 ) -> None:
     a = replica(tmp_path, "a", upstream_thread, pg_url, workers=1, change_retention="1s")
     b = replica(tmp_path, "b", upstream_thread, pg_url, workers=1, change_retention="1s")
     sql(pg_url, "INSERT INTO corsproxy_origins (origin) VALUES ('https://old.customer.test')")
     with a:
         b.start()
+        request.addfinalizer(b.stop)  # whichever run of B is up then, even when an assertion fails
         wait_ready(b)
         assert allowed(b, "https://old.customer.test")
         b.stop()
@@ -358,7 +359,6 @@ def test_a_replica_beyond_the_change_log_retention_copies_a_snapshot(
         wait_ready(b)
         assert allowed(b, "https://new.customer.test")
         assert not allowed(b, "https://old.customer.test")
-        b.stop()
 
 
 def test_concurrent_writers_never_make_a_replica_skip_a_change(

@@ -556,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     logging.config.dictConfig(log_dict_config(config.logging))
+    # Background work: where cores are scarce, the serving workers come first (a burst applies a little later).
+    with contextlib.suppress(OSError):
+        os.nice(10)
     source = config.store.postgresql
     if source is None:
         log.error("%s no longer sets store.postgresql: the syncer stops", config.source)
