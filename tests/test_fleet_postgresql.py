@@ -188,6 +188,10 @@ def test_plain_sql_rows_are_honoured_and_unsafe_ones_refused_and_reported(
         assert preflight(a, "null") is None
         assert preflight(a, "https://anyone.test") is None
         assert not allowed(a, "https://upper.customer.test")
+        # The typo row is a later change than the one waited for: wait for its refusal to be counted too.
+        wait_until(
+            lambda: value(scrape(a), "corsproxy_sync_rows_refused_total") == len(bad) + 1, 30, what="refusals counted"
+        )
         samples = scrape(a)
         assert value(samples, "corsproxy_sync_rows_refused_total") == len(bad) + 1
         assert value(samples, "corsproxy_sync_position") >= 1
