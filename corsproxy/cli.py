@@ -40,6 +40,7 @@ from corsproxy.origins.writes import (
     Declarations,
     DeclaredElsewhere,
     WriteReport,
+    WriteTarget,
     prune_expired,
     reconcile_config,
     remove_entry,
@@ -127,12 +128,50 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: store entry refused at request time: {line}", file=sys.stderr)
         if len(refused) > 20:
             print(f"warning: ... and {len(refused) - 20} more such entries", file=sys.stderr)
+    if config.store.postgresql is not None:
+        _check_fleet(config)
     print(
         f"{config.source}: OK — {len(config.origins)} configured origin(s), "
         f"{len(config.engine.policies)} polic{'y' if len(config.engine.policies) == 1 else 'ies'}, "
         f"{len(config.engine.routes)} route(s), upstream {config.upstream.url}"
     )
     return 0
+
+
+def _check_fleet(config: Config) -> None:
+    """Fleet mode: PostgreSQL's schema, this host's replica (position, last contact) and the rows it refused."""
+    from corsproxy.origins.postgres import SchemaError, SourceUnavailable, check_schema, connect
+    from corsproxy.origins.sync import read_status, replica_state
+
+    source = config.store.postgresql
+    assert source is not None
+    try:
+        with connect(source, application_name="corsproxy-check") as conn:
+            check_schema(conn, source, config.source)
+    except SchemaError as exc:
+        raise ConfigError([f"store.postgresql: {exc}"], config.source) from None
+    except SourceUnavailable as exc:
+        print(f"warning: store.postgresql: {exc}", file=sys.stderr)
+    if not Path(config.store.path, "data.mdb").exists():
+        print(f"fleet: {source.display}; this host's replica at {config.store.path} is not created yet")
+        return
+    with OriginStore(config.store.path, readonly=True) as store:
+        state = replica_state(store, with_refused=True)
+    status = read_status(Path(config.store.path))
+    if state.synced:
+        seen = status.get("caught_up_at")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen)) if seen else "never"
+        print(f"fleet: {source.display}; replica at change {state.position}, last caught up {when}")
+    else:
+        print(f"warning: fleet: the replica at {config.store.path} has not completed its first sync", file=sys.stderr)
+    if status.get("error"):
+        print(f"warning: fleet: the syncer's last error: {status['error']}", file=sys.stderr)
+    for origin, refusal in state.refused:
+        print(
+            f"warning: PostgreSQL row {origin!r} refused (change {refusal.get('seq')}, by {refusal.get('actor')}), "
+            f"not applied on this host: {refusal.get('reason')}",
+            file=sys.stderr,
+        )
 
 
 WORKERS_ENV = "CORSPROXY_WORKERS"
@@ -309,10 +348,31 @@ def _describe(record: OriginRecord | None) -> str:
     return out
 
 
+def _target(config: Config, store: OriginStore) -> WriteTarget:
+    """Where a write goes: this host's store, or in fleet mode PostgreSQL (every replica applies it from there;
+    when PostgreSQL is unreachable the command fails with "source of truth unavailable", nothing written)."""
+    if config.store.postgresql is None:
+        return store
+    from corsproxy.origins.postgres import PostgresOrigins
+
+    return PostgresOrigins(config.store.postgresql, config.origins)
+
+
+def _stored(target: WriteTarget, store: OriginStore, key: str) -> OriginRecord | None:
+    written: dict[str, OriginRecord | None] | None = getattr(target, "written", None)
+    return store.get(key) if written is None else written.get(key)
+
+
 def _write(config: Config, store: OriginStore, edits: list[EntryEdit], **options: bool) -> WriteReport:
     """Every CLI write goes through the one write service (ownership and validation rules)."""
     return write_entries(
-        store, edits, safety=config.safety, declarations=Declarations.of(config), actor=_actor(), owner="cli", **options
+        _target(config, store),
+        edits,
+        safety=config.safety,
+        declarations=Declarations.of(config),
+        actor=_actor(),
+        owner="cli",
+        **options,
     )
 
 
@@ -327,8 +387,16 @@ def cmd_origins_add(args: argparse.Namespace) -> int:
         print(f"error: {args.origin!r} refused: {exc}", file=sys.stderr)
         return 2
     with _open_store(config) as store:
-        report = _write(config, store, [EntryEdit(entry, args.policy, expires, args.note)])
-        stored = store.get(entry.key)
+        target = _target(config, store)
+        report = write_entries(
+            target,
+            [EntryEdit(entry, args.policy, expires, args.note)],
+            safety=config.safety,
+            declarations=Declarations.of(config),
+            actor=_actor(),
+            owner="cli",
+        )
+        stored = _stored(target, store, entry.key)
     for _, warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.refused:
@@ -349,7 +417,9 @@ def cmd_origins_remove(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with _open_store(config) as store:
-        old = remove_entry(store, key, declarations=Declarations.of(config), actor=_actor())  # DeclaredElsewhere: main
+        old = remove_entry(
+            _target(config, store), key, declarations=Declarations.of(config), actor=_actor()
+        )  # DeclaredElsewhere: main
     if old is None:
         print(f"error: {key} is not in the store (see `corsproxy origins list`)", file=sys.stderr)
         return 1
@@ -425,10 +495,30 @@ def cmd_origins_history(args: argparse.Namespace) -> int:
 def cmd_origins_prune(args: argparse.Namespace) -> int:
     config = _load(args)
     with _open_store(config) as store:
-        removed = prune_expired(store, _actor())
+        removed = prune_expired(_target(config, store), _actor())
     for key in removed:
         print(f"removed expired {key}")
     print(f"pruned {len(removed)} expired origin(s)")
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from corsproxy.origins.postgres import SCHEMA_VERSION, migrate
+
+    config = _load(args)
+    source = config.store.postgresql
+    if source is None:
+        print(
+            f"error: {config.source} sets no store.postgresql (or CORSPROXY_DATABASE_URL): no database", file=sys.stderr
+        )
+        return 2
+    before, after = migrate(source)
+    if before == after:
+        print(f"{source.display}: corsproxy schema version {after} is current; nothing to do")
+    else:
+        print(
+            f"{source.display}: corsproxy schema migrated from version {before} to {after} (current: {SCHEMA_VERSION})"
+        )
     return 0
 
 
@@ -623,6 +713,13 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = with_config(origins.add_parser("prune", help="remove expired entries"))
     prune.set_defaults(func=cmd_origins_prune)
+
+    db = commands.add_parser("db", help="fleet mode: the PostgreSQL source of truth").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    with_config(
+        db.add_parser("migrate", help="create or upgrade corsproxy's schema in store.postgresql (idempotent)")
+    ).set_defaults(func=cmd_db_migrate)
 
     store = commands.add_parser("store", help="maintain the origin store").add_subparsers(
         dest="store_command", required=True, metavar="ACTION"

@@ -37,10 +37,12 @@ from corsproxy.core.settings import (
     Logging,
     OriginsFile,
     PolicySafety,
+    PostgresSource,
     Store,
     Upstream,
     parse_duration,
     parse_expiry,
+    redact_dsn,
     similar,
     unknown_policy,
 )
@@ -452,7 +454,7 @@ def parse_config(
 
     upstream = _upstream(data, p, env, base_dir)
 
-    store_section = _section(data, "store", "", p, {"path", "map_size_mb", "audit_retention"})
+    store_section = _section(data, "store", "", p, {"path", "map_size_mb", "audit_retention", "postgresql"})
     store_path = store_section.get("path", DEFAULT_STORE_PATH)
     if not isinstance(store_path, str) or not store_path:
         p.error("store.path", f"must be a directory path, got {store_path!r}")
@@ -463,7 +465,12 @@ def parse_config(
     if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size < 1:
         p.error("store.map_size_mb", f"must be a whole number of MiB >= 1, got {map_size!r}")
         map_size = 1024
-    store = Store(path=store_path, map_size_mb=map_size, audit_retention=_audit_retention(store_section, p))
+    store = Store(
+        path=store_path,
+        map_size_mb=map_size,
+        audit_retention=_audit_retention(store_section, p),
+        postgresql=_postgresql(store_section, p, env),
+    )
 
     cors = _section(data, "cors", "", p, _POLICY_KEYS | {"allow_origins"})
     policies: dict[str, Policy] = {}
@@ -521,6 +528,13 @@ def parse_config(
         )
     logging_ = _logging(data, p)
     origins_file = _origins_file(data, p, base_dir)
+    if store.postgresql is not None and origins_file.path:
+        p.error(
+            "origins_file",
+            "store.postgresql makes PostgreSQL the fleet's source of truth, so the origins file would be a second "
+            "one (which wins when they disagree?): remove origins_file and load its lines into PostgreSQL with "
+            "`corsproxy origins import FILE --config ...`, or remove store.postgresql",
+        )
 
     # Checked before the first refusal, so that a broken route does not hide a typo here.
     mode = _enum(data.get("mode", "enforce"), Mode, "mode", p)
@@ -719,6 +733,57 @@ def _logging(data: Mapping[str, Any], p: _Problems) -> Logging:
         sample_allowed=float(sample),
         per_reason_lines=lines,
         per_reason_window=float(window),
+    )
+
+
+_POSTGRESQL_KEYS = {"url", "poll_interval", "change_retention", "batch_size"}
+
+
+def _postgresql(store_section: Mapping[str, Any], p: _Problems, env: Mapping[str, str]) -> PostgresSource | None:
+    """``store.postgresql``: a URL, or a mapping with ``url`` and the sync settings. ``$CORSPROXY_DATABASE_URL``,
+    when set, gives the URL (and turns fleet mode on by itself), so the password can live in a secret."""
+    value = store_section.get("postgresql")
+    from_env = env.get("CORSPROXY_DATABASE_URL") or None
+    if value is None and from_env is None:
+        return None
+    where = "store.postgresql"
+    spec: Mapping[str, Any]
+    if value is None or isinstance(value, str):
+        spec = {"url": value}
+    elif isinstance(value, dict):
+        spec = value
+        _unknown_keys(spec, where, p, _POSTGRESQL_KEYS)
+    else:
+        p.error(where, "must be a PostgreSQL URL, e.g. postgresql://corsproxy@db.internal:5432/corsproxy, or a mapping")
+        return None
+    url = from_env or spec.get("url")
+    if not isinstance(url, str) or not url.strip():
+        p.error(
+            where,
+            "no database: give a URL such as postgresql://corsproxy@db.internal:5432/corsproxy, or set "
+            "CORSPROXY_DATABASE_URL",
+        )
+        return None
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        p.error(where, f"{redact_dsn(url)!r} is not a PostgreSQL URL: it starts with postgresql://")
+        return None
+    d = PostgresSource(url="")
+    retention = d.change_retention
+    if "change_retention" in spec:
+        text = spec["change_retention"]
+        try:
+            retention = parse_duration(text) if isinstance(text, str) else parse_duration(str(text) + "?")
+        except ValueError as exc:
+            p.error(f"{where}.change_retention", f"{exc} (how long the change log is kept)")
+    batch = spec.get("batch_size", d.batch_size)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 100_000:
+        p.error(f"{where}.batch_size", f"must be a whole number from 1 to 100000, got {batch!r}")
+        batch = d.batch_size
+    return PostgresSource(
+        url=url.strip(),
+        poll_interval=_number(spec, "poll_interval", where, p, d.poll_interval),
+        change_retention=retention,
+        batch_size=batch,
     )
 
 

@@ -282,7 +282,7 @@ class OriginStore:
             self._env = lmdb.open(
                 str(self.path),
                 map_size=map_size,
-                max_dbs=4,
+                max_dbs=8,
                 readonly=readonly,
                 readahead=False,  # random B-tree reads: read-ahead only evicts useful pages
                 writemap=False,  # see the module docstring: a write must never be able to SIGBUS the process
@@ -293,6 +293,10 @@ class OriginStore:
             self._origins = self._env.open_db(b"origins", create=not readonly)
             self._audit = self._env.open_db(b"audit", create=not readonly)
             self._owners = self._env.open_db(b"by_source", create=not readonly)
+            # Fleet mode's replica state (change log position, rows refused), written with the rows it covers.
+            self._sync = (
+                self._env.open_db(b"sync", create=not readonly) if not readonly or self._has_db(b"sync") else None
+            )
             if not readonly:
                 self._index_owners()
         except StoreError:
@@ -306,6 +310,10 @@ class OriginStore:
                     "store.path to a larger volume"
                 ) from exc
             raise StoreError(f"cannot open the origin store at {self.path}: {exc}") from exc
+
+    def _has_db(self, name: bytes) -> bool:
+        with self._env.begin() as txn:
+            return txn.get(name) is not None
 
     def _close_quietly(self) -> None:
         env = getattr(self, "_env", None)
@@ -354,8 +362,15 @@ class OriginStore:
         return expired
 
     def generation(self) -> int:
-        """LMDB's last committed transaction id: changes on every write by any process, read without a transaction."""
-        return int(self._env.info()["last_txnid"])
+        """The id of the snapshot a read transaction begun now sees: changes on every write by any process.
+
+        Not ``env.info()``'s ``last_txnid``: that is read from the meta page, which a committing writer updates a
+        moment before it publishes the new snapshot to readers, so a lookup in that window saw the old set under the
+        new number, and the decision cache kept that stale answer until the next write (found by bench/fleet.py:
+        a preflight probing every millisecond while a write landed stayed refused). A read transaction's own id can
+        only be older than what the next lookup sees, never newer; it is also cheaper (no dict)."""
+        with self._env.begin() as txn:
+            return int(txn.id())
 
     def get(self, key: str) -> OriginRecord | None:
         with self._env.begin(db=self._origins) as txn:
@@ -498,6 +513,131 @@ class OriginStore:
 
         return self._write(work, grows=False)
 
+    # -- fleet mode: the replica of PostgreSQL -------------------------------------------------------------------
+
+    def sync_get(self, name: bytes) -> bytes | None:
+        """One value of the replica's state (``None`` when never written, or outside fleet mode)."""
+        if self._sync is None:
+            return None
+        with self._env.begin(db=self._sync) as txn:
+            value = txn.get(name)
+        return None if value is None else bytes(value)
+
+    def sync_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """The replica's state values whose names start with ``prefix``, in name order."""
+        out: list[tuple[bytes, bytes]] = []
+        if self._sync is None:
+            return out
+        with self._env.begin(db=self._sync) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for name, value in cursor:
+                    if not bytes(name).startswith(prefix):
+                        break
+                    out.append((bytes(name), bytes(value)))
+        return out
+
+    def replicate(
+        self,
+        changes: Iterable[tuple[str, OriginRecord | None, str]],
+        *,
+        keep_sources: Collection[str],
+        state: Mapping[bytes, bytes | None],
+        clear_prefix: bytes | None = None,
+        remove_between: tuple[str, str | None] | None = None,
+        audit: bool = True,
+    ) -> tuple[int, int]:
+        """Apply a batch copied from the source of truth, and the replica's ``state`` (its position: ``None``
+        values delete), in one transaction, so a process killed at any point has applied the batch with its
+        position or neither. Returns (entries written, entries removed).
+
+        ``changes``: ``(key, record, actor)``, in order; a ``None`` record removes the key. Entries owned by
+        ``keep_sources`` (this host's declarations) are never touched. ``remove_between=(after, upto)`` (a snapshot
+        chunk, keys in order): also remove every other entry with ``after < key <= upto`` (``upto`` ``None``: to
+        the end), except ``keep_sources``' — they are not in the source any more. ``clear_prefix``: first delete
+        the state values whose names start with it. Unchanged entries write nothing (no audit event either).
+        """
+        assert self._sync is not None
+
+        def work(txn: lmdb.Transaction) -> tuple[int, int]:
+            written = removed = 0
+            stamps = self._stamps(txn)
+            if clear_prefix is not None:
+                cursor = txn.cursor(db=self._sync)
+                if cursor.set_range(clear_prefix):
+                    while bytes(cursor.key()).startswith(clear_prefix):
+                        if not cursor.delete() or not cursor.key():
+                            break
+            seen: set[str] = set()
+            for key, record, actor in changes:
+                seen.add(key)
+                stored = txn.get(key.encode(), db=self._origins)
+                current = None if stored is None else OriginRecord.decode(stored)
+                if current is not None and current.source in keep_sources:
+                    continue
+                if record is None:
+                    if current is not None:
+                        self._remove_quiet(txn, key, actor, stamps, audit)
+                        removed += 1
+                    continue
+                if current is not None and current.source == record.source and current.same_rule(record):
+                    continue
+                self._put_quiet(txn, key, record, actor, stamps, audit)
+                written += 1
+            if remove_between is not None:
+                after, upto = remove_between
+                cursor = txn.cursor(db=self._origins)
+                stale: list[str] = []
+                positioned = cursor.set_range(after.encode()) if after else cursor.first()
+                while positioned:
+                    key = bytes(cursor.key()).decode()
+                    if upto is not None and key > upto:
+                        break
+                    if (
+                        key != after
+                        and key not in seen
+                        and OriginRecord.decode(cursor.value()).source not in keep_sources
+                    ):
+                        stale.append(key)
+                    positioned = cursor.next()
+                for key in stale:
+                    self._remove_quiet(txn, key, "postgresql:snapshot", stamps, audit)
+                    removed += 1
+            for name, value in state.items():
+                if value is None:
+                    txn.delete(name, db=self._sync)
+                else:
+                    txn.put(name, value, db=self._sync)
+            return written, removed
+
+        return self._write(work, grows=True)
+
+    def _put_quiet(
+        self, txn: lmdb.Transaction, key: str, record: OriginRecord, actor: str, stamps: Iterator[int], audit: bool
+    ) -> None:
+        if audit:
+            self._put(txn, key, record, actor, stamps)
+            return
+        # A cold start copies a whole snapshot: one audit event per row would only push the trail's real
+        # history out (store.audit_retention), for rows whose writers the snapshot does not know.
+        raw = key.encode()
+        old = txn.get(raw, db=self._origins)
+        if old is not None:
+            txn.delete(_owner_key(OriginRecord.decode(old).source, raw), db=self._owners)
+        if record.added == 0.0:
+            record = replace(record, added=time.time())
+        txn.put(raw, record.encode(), db=self._origins)
+        txn.put(_owner_key(record.source, raw), b"", db=self._owners)
+
+    def _remove_quiet(self, txn: lmdb.Transaction, key: str, actor: str, stamps: Iterator[int], audit: bool) -> None:
+        if audit:
+            self._remove(txn, key, actor, stamps, "remove")
+            return
+        raw = key.encode()
+        old = txn.pop(raw, db=self._origins)
+        if old is not None:
+            txn.delete(_owner_key(OriginRecord.decode(old).source, raw), db=self._owners)
+
     def reconcile(
         self,
         wanted: Mapping[str, OriginRecord],
@@ -597,7 +737,10 @@ class OriginStore:
 
     def _live_pages(self, txn: lmdb.Transaction) -> int:
         """Pages holding data as this transaction sees it (its own writes included), the two meta pages counted."""
-        return 2 + sum(_pages(txn.stat(db)) for db in (self._origins, self._audit, self._owners, self._main))
+        dbs = [self._origins, self._audit, self._owners, self._main]
+        if self._sync is not None:
+            dbs.append(self._sync)
+        return 2 + sum(_pages(txn.stat(db)) for db in dbs)
 
     def _trim_audit(self, txn: lmdb.Transaction) -> None:
         """Drop the oldest audit events beyond ``store.audit_retention`` (time order is key order)."""
@@ -808,7 +951,9 @@ def compact(path: str | os.PathLike[str]) -> tuple[int, int]:
             env = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=4, readahead=False)
             try:
                 with env.begin() as txn:
-                    pages = 2 + sum(_pages(txn.stat(env.open_db(name, txn=txn, create=False))) for name in _DBS)
+                    pages = 2 + sum(
+                        _pages(txn.stat(env.open_db(name, txn=txn, create=False))) for name in _DBS if txn.get(name)
+                    )
                 used = int(env.stat()["psize"]) * pages
                 free = _disk_free(directory)
                 if free < used + _DISK_SLACK:
@@ -837,7 +982,7 @@ def compact(path: str | os.PathLike[str]) -> tuple[int, int]:
         return old_size, data.stat().st_size
 
 
-_DBS = (b"origins", b"audit", b"by_source")
+_DBS = (b"origins", b"audit", b"by_source", b"sync")
 
 
 def _pages(stat: Mapping[str, Any]) -> int:

@@ -140,11 +140,41 @@ class AuditRetention:
     max_events: int | None = 500_000
 
 
+def redact_dsn(dsn: str) -> str:
+    """A PostgreSQL URL or ``key=value`` connection string with any password replaced by ``***``: what logs, errors
+    and ``corsproxy check`` show (a password must never reach a log line)."""
+    if "://" in dsn:
+        scheme, _, rest = dsn.partition("://")
+        authority, slash, tail = rest.partition("/")
+        if "@" in authority:
+            userinfo, _, hostport = authority.rpartition("@")
+            user, colon, _password = userinfo.partition(":")
+            authority = f"{user}:***@{hostport}" if colon else f"{user}@{hostport}"
+        tail = re.sub(r"(?i)(password=)[^&]*", r"\1***", tail)
+        return f"{scheme}://{authority}{slash}{tail}"
+    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSource:
+    """The fleet's source of truth: a PostgreSQL database each host copies into its own store (its replica)."""
+
+    url: str = field(repr=False)  # may hold a password: never logged, see ``display``
+    poll_interval: float = 1.0  # seconds between polls of the change log (NOTIFY wakes the syncer sooner)
+    change_retention: float = 7 * 86400.0  # seconds of change log kept; a replica further behind copies a snapshot
+    batch_size: int = 5000  # changes (or snapshot rows) applied per LMDB transaction
+
+    @property
+    def display(self) -> str:
+        return redact_dsn(self.url)
+
+
 @dataclass(frozen=True, slots=True)
 class Store:
     path: str = DEFAULT_STORE_PATH
     map_size_mb: int = 1024
     audit_retention: AuditRetention = AuditRetention()
+    postgresql: PostgresSource | None = None  # fleet mode: PostgreSQL is the source of truth, this store its replica
 
 
 @dataclass(frozen=True, slots=True)

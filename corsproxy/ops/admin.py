@@ -45,7 +45,7 @@ from corsproxy.core.origin_lines import MAX_NOTE_LENGTH, NEVER, EntryEdit, parse
 from corsproxy.core.settings import Admin, Config, parse_duration, parse_expiry, unknown_policy
 from corsproxy.http.app import STATE, ProxyState
 from corsproxy.origins.file import applied as origins_file_applied
-from corsproxy.origins.writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
+from corsproxy.origins.writes import Declarations, DeclaredElsewhere, WriteTarget, remove_entry, write_entries
 from corsproxy.store import OriginRecord, StoreError, StoreSpaceError
 
 __all__ = ["ADMIN", "AdminContext", "AdminError", "auth_mode", "create_admin_app", "load_tokens"]
@@ -151,7 +151,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except StoreError as exc:
         # The store refused the write as a whole (nothing was written): the operator's message, not a 500.
         ctx = request.app[ADMIN]
-        reason = exc.reason if isinstance(exc, StoreSpaceError) else "io"
+        # A fleet write PostgreSQL did not take (unreachable: "source of truth unavailable") is a 503 as well.
+        reason = str(getattr(exc, "reason", "io"))
         if ctx.on_store_write_error is not None:
             ctx.on_store_write_error(reason)
         log.error("admin %s %s refused by the origin store: %s", request.method, request.path, exc)
@@ -395,6 +396,37 @@ def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
     return {name: body.get(name) for name in ("policy", "note", "expires", "ttl")}
 
 
+def _write_target(state: ProxyState) -> WriteTarget:
+    """Where operator writes go: the local store, or in fleet mode PostgreSQL (never the local store only)."""
+    source = state.config.store.postgresql
+    if source is None:
+        return state.store
+    from corsproxy.origins.postgres import PostgresOrigins
+
+    return PostgresOrigins(source, state.config.origins)
+
+
+#: How long a fleet write waits for this host's replica to apply it, so that the answer (and the next read here)
+#: shows it; the write itself is already committed in PostgreSQL.
+REPLICA_WAIT = 5.0
+
+
+async def _read_your_write(state: ProxyState, target: WriteTarget) -> None:
+    from corsproxy.origins.postgres import PostgresOrigins
+    from corsproxy.origins.sync import replica_state
+
+    if not isinstance(target, PostgresOrigins):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REPLICA_WAIT
+    while loop.time() < deadline:
+        position = replica_state(state.store).position
+        if position is not None and position >= target.last_seq:
+            return
+        await asyncio.sleep(0.005)
+    log.warning("change %d is in PostgreSQL but not yet applied on this host after %gs", target.last_seq, REPLICA_WAIT)
+
+
 async def put_origin(request: web.Request) -> web.Response:
     ctx = request.app[ADMIN]
     state = ctx.state
@@ -407,9 +439,10 @@ async def put_origin(request: web.Request) -> web.Response:
         raise AdminError(400, "invalid expires", str(exc), field="expires") from None
     edit = EntryEdit(parse_origin_entry(key), options["policy"], expires, options["note"])
     actor = request[_ACTOR]
+    target = _write_target(state)
     report = await asyncio.to_thread(
         write_entries,
-        state.store,
+        target,
         [edit],
         safety=config.safety,
         declarations=Declarations.of(config),
@@ -420,7 +453,10 @@ async def put_origin(request: web.Request) -> web.Response:
         raise _conflict(report.conflicts[0])
     if report.refused:
         raise AdminError(400, "invalid origin entry", report.refused[0][1], field="origin")
+    await _read_your_write(state, target)
     stored = state.store.get(key)
+    if stored is None or stored.source == "config":  # not applied here yet: what PostgreSQL has
+        stored = getattr(target, "written", {}).get(key)
     assert stored is not None
     created = bool(report.added)
     warnings = [warning for _, warning in report.warnings]
@@ -432,12 +468,14 @@ async def put_origin(request: web.Request) -> web.Response:
 async def delete_origin(request: web.Request) -> web.Response:
     state = request.app[ADMIN].state
     key = _origin_from_path(request)
+    target = _write_target(state)
     try:
         old = await asyncio.to_thread(
-            remove_entry, state.store, key, declarations=Declarations.of(state.config), actor=request[_ACTOR]
+            remove_entry, target, key, declarations=Declarations.of(state.config), actor=request[_ACTOR]
         )
     except DeclaredElsewhere as exc:
         raise _conflict(exc) from None
+    await _read_your_write(state, target)
     if old is None:
         raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
     return web.json_response({"removed": key, "old": old.as_json()})
@@ -456,9 +494,10 @@ async def import_origins(request: web.Request) -> web.Response:
     refused: list[dict[str, Any]] = [{"line": n, "reason": reason} for n, reason in parsed.errors]
     warnings = [{"line": n, "warning": w} for n, w in parsed.warnings]
     actor = request[_ACTOR]
+    target = _write_target(state)
     report = await asyncio.to_thread(
         write_entries,
-        state.store,
+        target,
         parsed.edits,
         safety=config.safety,
         declarations=Declarations.of(config),
@@ -468,6 +507,8 @@ async def import_origins(request: web.Request) -> web.Response:
         all_or_nothing=not partial,
         commit=partial or not refused,  # a bad line refuses the whole import; its other problems are reported too
     )
+    if report.written:
+        await _read_your_write(state, target)
     refused.extend({"line": edit.line, "origin": edit.key, "reason": why} for edit, why in report.refused)
     refused.sort(key=lambda item: item["line"] or 0)
     warnings.extend({"line": edit.line, "warning": w} for edit, w in report.warnings)
@@ -549,6 +590,22 @@ async def readyz(request: web.Request) -> web.Response:
     if watched and not await asyncio.to_thread(origins_file_applied, watched, Path(state.config.store.path)):
         reason = f"the origins file {watched} has not been applied yet (missing, or refused: see the log)"
         return web.json_response({"ready": False, "reason": reason}, status=503)
+    sync: dict[str, Any] | None = None
+    if state.config.store.postgresql is not None:
+        from corsproxy.origins.sync import read_status, replica_state
+
+        replica = await asyncio.to_thread(replica_state, state.store)
+        status = await asyncio.to_thread(read_status, state.store.path)
+        sync = {
+            "position": replica.position,
+            "connected": bool(status.get("connected")),
+            "error": status.get("error") or None,
+        }
+        if not replica.synced:
+            # A new replica must not join the load balancer with a partial origin set. Once synced, an outage of
+            # PostgreSQL leaves it ready: it serves what it has, and requests never wait on PostgreSQL.
+            reason = f"the first sync from PostgreSQL ({state.config.store.postgresql.display}) has not completed"
+            return web.json_response({"ready": False, "reason": reason, "sync": sync}, status=503)
     upstream = state.config.upstream
     timeout = min(upstream.connect_timeout, 2.0)
     try:
@@ -562,7 +619,10 @@ async def readyz(request: web.Request) -> web.Response:
     writer.close()
     # A full store or disk leaves this worker serving every request from what is stored (only writes are refused,
     # with their own error), so it stays ready; "store" says so, for the operator and for alerts.
-    return web.json_response({"ready": True, "origins": entries, "upstream": upstream.url, "store": usage.as_json()})
+    body: dict[str, Any] = {"ready": True, "origins": entries, "upstream": upstream.url, "store": usage.as_json()}
+    if sync is not None:
+        body["sync"] = sync
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

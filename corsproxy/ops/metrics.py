@@ -142,6 +142,23 @@ class Metrics:
             "Times the watched origins file was read after a change, by result (applied, refused).",
             "result",
         )
+        # Fleet mode (store.postgresql): counted by the worker that runs this host's syncer, read from the store.
+        self.sync_errors = counter(
+            "corsproxy_sync_errors",
+            "Failed exchanges with PostgreSQL in fleet mode, by kind (connect, sync, listen, schema, store).",
+            "kind",
+        )
+        self.sync_rows_refused = counter(
+            "corsproxy_sync_rows_refused",
+            "Rows of corsproxy_origins this host refused to apply: invalid or unsafe (`corsproxy check` lists them).",
+        )
+        self.sync_position = gauge(
+            "corsproxy_sync_position", "The change log sequence number this host's replica has applied."
+        )
+        self.sync_lag = gauge(
+            "corsproxy_sync_lag_seconds",
+            "Seconds since this host's replica last confirmed it had every change (grows while PostgreSQL is down).",
+        )
         # Not yet flushed: requests by (kind, reason) enum pair; upstream responses by status // 100; upstream errors
         # by type; per histogram (kind, or None for the upstream latency) its bucket counts (the last one is +Inf)
         # followed by its sum. Keys are whatever the request path already holds, so observe() builds no strings.

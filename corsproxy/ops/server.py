@@ -721,6 +721,13 @@ async def _worker_runtime(
         try:
             metrics.origins.set(len(state.store))
             metrics.set_store_usage(state.store.usage())
+            if config.store.postgresql is not None:
+                from corsproxy.origins.sync import read_status, replica_state
+
+                position = replica_state(state.store).position
+                metrics.sync_position.set(position or 0)
+                caught_up = float(read_status(state.store.path).get("caught_up_at") or 0.0)
+                metrics.sync_lag.set(max(0.0, time.time() - caught_up) if caught_up else float("inf"))
         except lmdb.Error:
             metrics.count_store_error()
         return metrics.render(), CONTENT_TYPE
@@ -782,6 +789,14 @@ async def _worker_runtime(
         # The watcher's first poll runs in the background: a start must not wait for LMDB's writer lock (/readyz
         # says "not ready" until the file is applied).
         watcher_task = asyncio.create_task(watcher.run())
+    syncer_task: asyncio.Task[None] | None = None
+    if config.store.postgresql is not None:
+        from corsproxy.origins.sync import SyncSupervisor
+
+        # The syncer runs in a process of its own, led by one worker per host like the watcher; /readyz says "not
+        # ready" until its first sync has completed.
+        supervisor = SyncSupervisor(config.source, Path(config.store.path))
+        syncer_task = asyncio.create_task(supervisor.run(config.store.postgresql.poll_interval))
     try:
         yield
     finally:
@@ -792,10 +807,11 @@ async def _worker_runtime(
         if stop_console is not None:
             await stop_console()  # after the last metrics flush, which hands the console its last counts
         aiohttp_server_log.removeFilter(store_errors)
-        if watcher_task is not None:
-            watcher_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher_task
+        for task in (watcher_task, syncer_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if admin_runner is not None:
             await admin_runner.cleanup()
 
@@ -838,6 +854,23 @@ def check_store_path(config: Config) -> None:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     check_store_writable(config)
+
+
+def check_source_of_truth(config: Config) -> None:
+    """Fleet mode: refuse to start against a schema this corsproxy does not know (saying which command fixes it).
+    PostgreSQL being unreachable does not stop a start: the replica serves what it last synced."""
+    source = config.store.postgresql
+    if source is None:
+        return
+    from corsproxy.origins.postgres import SchemaError, SourceUnavailable, check_schema, connect
+
+    try:
+        with connect(source, application_name="corsproxy-serve") as conn:
+            check_schema(conn, source, config.source)
+    except SchemaError as exc:
+        raise ConfigError([f"store.postgresql: {exc}"], config.source) from None
+    except SourceUnavailable as exc:
+        print(f"warning: {exc}; serving the last synced replica until it is back", file=sys.stderr)
 
 
 def reconcile_store(config: Config) -> None:
@@ -908,6 +941,7 @@ def serve(config: Config, workers: int) -> int:
     check_admin_tokens(config)
     # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
     check_store_path(config)
+    check_source_of_truth(config)
     # gunicorn retries a taken port five times over five seconds and then names no setting: try it once here.
     check_can_listen(config.listen.host, config.listen.port, "listen", config.source)
     # Reconciled once, here, before any worker forks (the environment is closed again: it must not cross a fork).

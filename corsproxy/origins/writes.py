@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from corsproxy.core.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit
 from corsproxy.core.safety import check_origin_entry
@@ -37,6 +38,7 @@ __all__ = [
     "Declarations",
     "DeclaredElsewhere",
     "WriteReport",
+    "WriteTarget",
     "prune_expired",
     "reconcile_config",
     "reconcile_file",
@@ -46,6 +48,26 @@ __all__ = [
 ]
 
 log = logging.getLogger("corsproxy.origins")
+
+
+class WriteTarget(Protocol):
+    """Where operator writes go: the local store, or in fleet mode PostgreSQL
+    (:class:`corsproxy.origins.postgres.PostgresOrigins`), with the store's read-check-write contracts."""
+
+    def apply(
+        self,
+        keys: Iterable[str],
+        resolve: Callable[[str, OriginRecord | None], OriginRecord | None],
+        actor: str,
+        finish: Callable[[], None] | None = None,
+    ) -> tuple[int, int]: ...
+
+    def remove(
+        self, key: str, actor: str, action: str = "remove", guard: Callable[[OriginRecord], None] | None = None
+    ) -> OriginRecord | None: ...
+
+    def prune_expired(self, now: float, actor: str, keep_sources: Collection[str] = ()) -> list[str]: ...
+
 
 #: Declared sources, in precedence order: a declaration takes over entries of the sources after it.
 DECLARED_SOURCES = ("config", "file")
@@ -134,7 +156,7 @@ def _check(edit: EntryEdit, policy: str, safety: Mapping[str, PolicySafety]) -> 
 
 
 def write_entries(
-    store: OriginStore,
+    store: WriteTarget,
     edits: Iterable[EntryEdit],
     *,
     safety: Mapping[str, PolicySafety],
@@ -195,7 +217,7 @@ def write_entries(
     return report
 
 
-def remove_entry(store: OriginStore, key: str, *, declarations: Declarations, actor: str) -> OriginRecord | None:
+def remove_entry(store: WriteTarget, key: str, *, declarations: Declarations, actor: str) -> OriginRecord | None:
     """Remove an operator-owned entry (``None`` if absent); a declared one raises :class:`DeclaredElsewhere`."""
 
     def guard(stored: OriginRecord) -> None:
@@ -205,7 +227,7 @@ def remove_entry(store: OriginStore, key: str, *, declarations: Declarations, ac
     return store.remove(key, actor, guard=guard)
 
 
-def prune_expired(store: OriginStore, actor: str, now: float | None = None) -> list[str]:
+def prune_expired(store: WriteTarget, actor: str, now: float | None = None) -> list[str]:
     """Remove expired operator-owned entries; expired declared ones stay until their declaration drops them (pruning
     them would only be undone by the next reconciliation)."""
     return store.prune_expired(time.time() if now is None else now, actor, keep_sources=DECLARED_SOURCES)
@@ -250,6 +272,15 @@ def reconcile_on_start(store: OriginStore, config: Config) -> Reconciled:
     """The server's start: the config's entries, and without ``origins_file`` the file's old entries revoked (fleet
     mode turned off must not leave the fleet's list allowed, unremovable by anyone)."""
     result = reconcile_config(store, config.origins)
+    if config.store.postgresql is None:
+        # Fleet mode turned off: the entries copied from PostgreSQL go too, as the origins file's do below.
+        copied = store.reconcile({}, source="postgresql")
+        if copied.removed:
+            log.warning(
+                "store.postgresql is not set: removed %d entr%s copied from PostgreSQL",
+                len(copied.removed),
+                "y" if len(copied.removed) == 1 else "ies",
+            )
     if not config.origins_file.path:
         orphans = store.reconcile({}, source="file")
         if orphans.removed:
