@@ -54,8 +54,8 @@ def test_a_later_route_for_the_bare_path_can_never_match() -> None:
     data = merge(BASE_CONFIG, {"routes": [{"path": "/admin/", "mode": "report-only"}, {"path": "/admin"}]})
     with pytest.raises(ConfigError) as info:
         parse_config(data, env={})
-    assert [p.split(":", 1)[0] for p in info.value.problems] == ["routes[1].path"]
-    assert "can never match" in info.value.problems[0]
+    assert [(p.path, p.code) for p in info.value.problems] == [("routes[1].path", "route_shadowed")]
+    assert "can never match" in info.value.problems[0].message
 
 
 async def test_proxy_refuses_the_bare_admin_path_to_the_default_policys_origin(make_proxy: ProxyFactory) -> None:

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ from aiohttp import web
 from corsproxy.config import ConfigError, load_config
 from corsproxy.core.explain import explain
 from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry
-from corsproxy.core.origin_lines import MAX_NOTE_LENGTH, NEVER, EntryEdit, parse_edits, parse_expires_field
-from corsproxy.core.settings import Admin, Config, parse_duration, parse_expiry, unknown_policy
+from corsproxy.core.origin_lines import EntryEdit, parse_edits, parse_expires_field
+from corsproxy.core.problems import Problem, ProblemError
+from corsproxy.core.settings import Admin, Config
 from corsproxy.http.app import STATE, ProxyState
 from corsproxy.origins.file import applied as origins_file_applied
 from corsproxy.origins.writes import Declarations, DeclaredElsewhere, remove_entry, write_entries
@@ -61,14 +62,33 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 class AdminError(Exception):
-    """An answer the client can act on: status, a short error, the offending field (if any) and why."""
+    """An answer the client can act on: status, a short error and the :class:`Problem` s that say where and why.
 
-    def __init__(self, status: int, error: str, reason: str = "", field: str | None = None, **extra: Any) -> None:
+    ``problems`` come from the layer that found them (origin parsing, the write service, config validation),
+    placed at a request location (``path.origin``, ``query.limit``, ``body.policy``; ``config.*`` YAML paths for a
+    reload): the admin API never re-validates to learn which field was wrong. Without ``problems``, ``reason`` (and
+    ``field``) make the one problem, its code the error's words in snake_case (``forbidden``, ``not_found``).
+    ``field`` and ``reason`` stay in the answer as the first problem's field and message, for older clients.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str = "",
+        field: str | None = None,
+        *,
+        problems: Sequence[Problem] = (),
+        **extra: Any,
+    ) -> None:
         super().__init__(error)
+        if not problems and reason:
+            problems = (Problem(field or "", field or "", error.replace(" ", "_"), reason),)
         self.status = status
         self.error = error
-        self.reason = reason
-        self.field = field
+        self.problems = tuple(problems)
+        self.reason = reason or (self.problems[0].message if self.problems else "")
+        self.field = field if field is not None or not self.problems else self.problems[0].field
         self.extra = extra
 
     def response(self) -> web.Response:
@@ -77,6 +97,7 @@ class AdminError(Exception):
             body["field"] = self.field
         if self.reason:
             body["reason"] = self.reason
+        body["problems"] = [problem.as_json() for problem in self.problems]
         body.update(self.extra)
         response = web.json_response(body, status=self.status)
         if self.status == 401:
@@ -293,7 +314,7 @@ def _origin_from_path(request: web.Request) -> str:
     try:
         return parse_origin_entry(text).key
     except EntryError as exc:
-        raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+        raise _invalid(exc.problems, "path") from None
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -305,7 +326,8 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise AdminError(400, f"invalid {name}", f"must be a whole number from {low} to {high}", field=name)
+        problem = Problem(f"query.{name}", name, "out_of_range", f"must be a whole number from {low} to {high}")
+        raise AdminError(400, f"invalid {name}", problems=[problem])
     return value
 
 
@@ -313,14 +335,28 @@ def _record_json(key: str, record: OriginRecord, now: float) -> dict[str, Any]:
     return {"origin": key, **record.as_json(), "expired": record.is_expired(now)}
 
 
+def _not_stored(key: str) -> Problem:
+    return Problem("path.origin", "origin", "not_found", f"{key} is not in the origin store")
+
+
 def _conflict(exc: DeclaredElsewhere) -> AdminError:
-    return AdminError(409, "conflict", str(exc), field="origin", source=exc.source, declared_in=exc.where)
+    return AdminError(
+        409, "conflict", problems=[exc.problem.at("path.origin")], source=exc.source, declared_in=exc.where
+    )
+
+
+def _invalid(problems: Sequence[Problem], origin_in: str = "path") -> AdminError:
+    """A 400 for problems found by the layer that owns the rule, placed where the request gave each field: the
+    origin in the URL path (or, for the console, the body), everything else in the JSON body."""
+    placed = [p.at(f"{origin_in}.origin" if p.field == "origin" else f"body.{p.field}") for p in problems]
+    return AdminError(400, f"invalid {placed[0].field}", problems=placed)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
     too_large = AdminError(413, "request body too large", f"a JSON body is at most {_MAX_JSON_BODY} bytes", "body")
+    invalid = "invalid JSON body"
     if request.content_length is not None and request.content_length > _MAX_JSON_BODY:
         raise too_large
     raw = b""
@@ -331,11 +367,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise AdminError(400, "invalid JSON body", "nested too deeply", field="body") from None
+        raise AdminError(
+            400, invalid, problems=[Problem("body", "body", "json_too_deep", "nested too deeply")]
+        ) from None
     except ValueError as exc:
-        raise AdminError(400, "invalid JSON body", str(exc), field="body") from None
+        raise AdminError(400, invalid, problems=[Problem("body", "body", "invalid_json", str(exc))]) from None
     if not isinstance(body, dict):
-        raise AdminError(400, "invalid JSON body", 'must be a JSON object such as {"policy": "default"}', field="body")
+        message = 'must be a JSON object such as {"policy": "default"}'
+        raise AdminError(400, invalid, problems=[Problem("body", "body", "not_object", message)])
     return body
 
 
@@ -363,34 +402,23 @@ async def get_origin(request: web.Request) -> web.Response:
     key = _origin_from_path(request)
     record = request.app[ADMIN].state.store.get(key)
     if record is None:
-        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+        raise AdminError(404, "not found", problems=[_not_stored(key)])
     return web.json_response(_record_json(key, record, time.time()))
 
 
-def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
+def _validate_put(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON shape of a PUT (known fields, strings): what only JSON can get wrong. The values are checked by the
+    layers that own their rules (:func:`~corsproxy.core.origin_lines.parse_expires_field`, the write service), so
+    a policy, note or expiry is refused in the same words as from the CLI or the config."""
     for name in body:
         if name not in _PUT_FIELDS:
-            raise AdminError(400, "invalid field", f"unknown field; allowed: {', '.join(sorted(_PUT_FIELDS))}", name)
+            message = f"unknown field; allowed: {', '.join(sorted(_PUT_FIELDS))}"
+            raise AdminError(400, "invalid field", problems=[Problem(f"body.{name}", name, "unknown_field", message)])
     for name in _PUT_FIELDS:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
-            raise AdminError(400, f"invalid {name}", f"must be a string, got {type(value).__name__}", field=name)
-    note = body.get("note") or ""
-    if len(note) > MAX_NOTE_LENGTH:
-        raise AdminError(400, "invalid note", f"{len(note)} characters; at most {MAX_NOTE_LENGTH}", field="note")
-    if body.get("expires") is not None and body.get("ttl") is not None:
-        raise AdminError(400, "invalid expires", "give either expires or ttl, not both", field="expires")
-    policy = body.get("policy")
-    if policy is not None and policy not in config.safety:
-        raise AdminError(400, "invalid policy", unknown_policy(policy, config.safety), "policy")
-    for name, parse in (("expires", parse_expiry), ("ttl", parse_duration)):
-        if body.get(name) is not None and not (name == "expires" and body[name].strip().lower() == NEVER):
-            try:
-                when = parse(body[name])
-            except ValueError as exc:
-                raise AdminError(400, f"invalid {name}", str(exc), field=name) from None
-            if name == "expires" and when <= time.time():
-                raise AdminError(400, "invalid expires", f"{body[name]} is in the past", field=name)
+            problem = Problem(f"body.{name}", name, "not_string", f"must be a string, got {type(value).__name__}")
+            raise AdminError(400, f"invalid {name}", problems=[problem])
     # A field left out (or null) keeps the stored value: a PUT that only renews the note keeps policy and expiry.
     return {name: body.get(name) for name in ("policy", "note", "expires", "ttl")}
 
@@ -400,11 +428,11 @@ async def put_origin(request: web.Request) -> web.Response:
     state = ctx.state
     config = state.config
     key = _origin_from_path(request)
-    options = _validate_put(await _json_body(request), config)
+    options = _validate_put(await _json_body(request))
     try:
         expires, _ = parse_expires_field(options["expires"], options["ttl"], time.time(), allow_past=False)
-    except ValueError as exc:
-        raise AdminError(400, "invalid expires", str(exc), field="expires") from None
+    except ProblemError as exc:
+        raise _invalid(exc.problems) from None
     edit = EntryEdit(parse_origin_entry(key), options["policy"], expires, options["note"])
     actor = request[_ACTOR]
     report = await asyncio.to_thread(
@@ -419,7 +447,7 @@ async def put_origin(request: web.Request) -> web.Response:
     if report.conflicts:
         raise _conflict(report.conflicts[0])
     if report.refused:
-        raise AdminError(400, "invalid origin entry", report.refused[0][1], field="origin")
+        raise _invalid(report.refused[0][1])
     stored = state.store.get(key)
     assert stored is not None
     created = bool(report.added)
@@ -439,7 +467,7 @@ async def delete_origin(request: web.Request) -> web.Response:
     except DeclaredElsewhere as exc:
         raise _conflict(exc) from None
     if old is None:
-        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+        raise AdminError(404, "not found", problems=[_not_stored(key)])
     return web.json_response({"removed": key, "old": old.as_json()})
 
 
@@ -450,7 +478,8 @@ async def import_origins(request: web.Request) -> web.Response:
     try:
         text = await request.text()
     except UnicodeDecodeError as exc:
-        raise AdminError(400, "invalid body", f"not UTF-8 text: {exc}", field="body") from None
+        problem = Problem("body", "body", "not_utf8", f"not UTF-8 text: {exc}")
+        raise AdminError(400, "invalid body", problems=[problem]) from None
     # Lines end at "\n" only: str.splitlines() would also break at U+2028, U+0085 and other separators a note may hold.
     parsed = await asyncio.to_thread(parse_edits, text.split("\n"))
     refused: list[dict[str, Any]] = [{"line": n, "reason": reason} for n, reason in parsed.errors]
@@ -468,7 +497,15 @@ async def import_origins(request: web.Request) -> web.Response:
         all_or_nothing=not partial,
         commit=partial or not refused,  # a bad line refuses the whole import; its other problems are reported too
     )
-    refused.extend({"line": edit.line, "origin": edit.key, "reason": why} for edit, why in report.refused)
+    refused.extend(
+        {
+            "line": edit.line,
+            "origin": edit.key,
+            "reason": "; ".join(problem.message for problem in why),
+            "problems": [problem.at(f"body.line[{edit.line}].{problem.field}").as_json() for problem in why],
+        }
+        for edit, why in report.refused
+    )
     refused.sort(key=lambda item: item["line"] or 0)
     warnings.extend({"line": edit.line, "warning": w} for edit, w in report.warnings)
     if not report.written:
@@ -499,11 +536,14 @@ async def explain_request(request: web.Request) -> web.Response:
     state = request.app[ADMIN].state
     origin = request.query.get("origin")
     if not origin:
-        raise AdminError(400, "missing origin", "give ?origin= as the browser would send it", field="origin")
+        problem = Problem("query.origin", "origin", "missing_origin", "give ?origin= as the browser would send it")
+        raise AdminError(400, "missing origin", problems=[problem])
     method = request.query.get("method") or None
     path = request.query.get("path") or "/"
     if not path.startswith("/"):
-        raise AdminError(400, "invalid path", 'must start with "/"', field="path")
+        raise AdminError(
+            400, "invalid path", problems=[Problem("query.path", "path", "invalid_path", 'must start with "/"')]
+        )
     result = explain(state.config, state.store, origin, method, request.query.get("headers", ""), path)
     return web.json_response(result.as_json())
 
@@ -516,7 +556,7 @@ async def audit(request: web.Request) -> web.Response:
         try:
             origin = parse_origin_entry(origin).key
         except EntryError as exc:
-            raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+            raise AdminError(400, "invalid origin", problems=[exc.problem.at("query.origin")]) from None
     events = await asyncio.to_thread(state.store.history, origin=origin, limit=limit)
     return web.json_response({"events": [event.as_json() for event in events]})
 
@@ -582,9 +622,10 @@ async def reload(request: web.Request) -> web.Response:
         log.error("reload refused, the running configuration stays: %s", exc)
         if ctx.on_reload_refused is not None:
             ctx.on_reload_refused()
-        raise AdminError(
-            400, "configuration refused", "the running configuration stays", field="config", problems=exc.problems
-        ) from None
+        # The reason stays the summary older clients print; the problems are the config's own, with their YAML paths.
+        error = AdminError(400, "configuration refused", "the running configuration stays", "config")
+        error.problems = exc.problems
+        raise error from None
     verdict: Mapping[str, Any] | None = None
     if ctx.request_reload is None:
         ctx.state.config = config  # no arbiter: swap the snapshot; the next request uses it

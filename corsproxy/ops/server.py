@@ -47,8 +47,9 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 from gunicorn.errors import HaltServer  # type: ignore[import-untyped]
 
-from corsproxy.config import ConfigError, load_config
+from corsproxy.config import ConfigError, load_config, store_path_problem
 from corsproxy.core.origin import is_loopback_host
+from corsproxy.core.problems import Problem, field_of
 from corsproxy.core.settings import Config
 from corsproxy.http.app import STATE, ProxyState, create_app
 from corsproxy.http.protocol import ProxyRunner
@@ -118,11 +119,11 @@ def check_admin_tokens(config: Config) -> None:
     try:
         tokens = load_tokens(admin)
     except (OSError, ValueError) as exc:
-        raise ConfigError([f"admin token: {exc}"], config.source) from None
+        where = "admin.token_file" if admin.token_file else "env CORSPROXY_ADMIN_TOKEN"
+        raise ConfigError([Problem(where, field_of(where), "invalid_admin_token", str(exc))], config.source) from None
     if not tokens and (admin.token_file or not is_loopback_host(admin.host)):
-        raise ConfigError(
-            [f"admin: no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"], config.source
-        )
+        message = f"no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"
+        raise ConfigError([Problem("admin", "admin", "admin_token_missing", message)], config.source)
 
 
 def _boot_status_path(runtime_dir: str | os.PathLike[str], pid: int) -> Path:
@@ -834,7 +835,7 @@ def check_store_path(config: Config) -> None:
 
     errors, warnings = check_location(config.store.path, config.store.map_size_mb << 20)
     if errors:
-        raise ConfigError(errors, config.source)
+        raise ConfigError([store_path_problem(error) for error in errors], config.source)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     check_store_writable(config)
@@ -869,18 +870,17 @@ def check_store_writable(config: Config) -> None:
         with tempfile.TemporaryFile(dir=store_dir, prefix=".corsproxy-write-check-"):
             pass
     except OSError as exc:
-        raise ConfigError(
-            [f"store.path: {store_dir} is not writable by uid {os.getuid()} ({exc.strerror or exc}) — {fix}"],
-            config.source,
-        ) from None
+        why = f"{store_dir} is not writable by uid {os.getuid()} ({exc.strerror or exc}) — {fix}"
+        raise ConfigError([store_path_problem(why, "store_not_writable")], config.source) from None
 
 
 def _listen_error(section: str, host: str, port: int, exc: OSError, source: str) -> ConfigError:
     """The problem with listening on ``host:port`` (configured under ``section``), named by the key to change."""
     address = _bind_address(host, port)
     also = " (or $CORSPROXY_PORT)" if section == "listen" else ""
+    code = "cannot_listen"
     if exc.errno == errno.EADDRINUSE:
-        key = "port"
+        key, code = "port", "port_in_use"
         why = f"{address} is already in use (another corsproxy, or another program) — stop it or pick another "
         why += f"{section}.port{also}"
     elif exc.errno == errno.EACCES:
@@ -889,7 +889,7 @@ def _listen_error(section: str, host: str, port: int, exc: OSError, source: str)
         key, why = "host", f"{host!r} is not an address of this machine ({exc.strerror or exc}) — e.g. 0.0.0.0"
     else:
         key, why = "port", f"cannot listen on {address}: {exc.strerror or exc}"
-    return ConfigError([f"{section}.{key}: {why}"], source)
+    return ConfigError([Problem(f"{section}.{key}", key, code, why)], source)
 
 
 def check_can_listen(host: str, port: int, section: str, source: str) -> None:
@@ -915,9 +915,9 @@ def serve(config: Config, workers: int) -> int:
     try:
         reconcile_store(config)
     except StoreError as exc:
-        raise ConfigError([f"store.path: {exc}"], config.source) from None
+        raise ConfigError([store_path_problem(str(exc))], config.source) from None
     except lmdb.Error as exc:
-        raise ConfigError([f"store.path: {config.store.path}: {_describe(exc)}"], config.source) from None
+        raise ConfigError([store_path_problem(f"{config.store.path}: {_describe(exc)}")], config.source) from None
     owner = os.getpid()
     runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
     metrics_dir = os.environ.get(MULTIPROC_ENV)
