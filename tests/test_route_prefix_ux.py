@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.core.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import CorsRequest, Reason, StaticOriginSet
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.inprocess import ProxyFactory
 
@@ -45,7 +45,9 @@ def test_which_route_judges_a_path(path: str, prefix: str | None) -> None:
 def test_the_bare_admin_path_is_judged_by_the_admin_route() -> None:
     config = parse_config(ROUTED, env={})
     store = StaticOriginSet({key: entry.policy for key, entry in config.origins.items()})
-    decision = config.engine.decide("OPTIONS", ["https://app.example.com"], ["GET"], [], "/admin", store, 0.0)
+    decision = config.engine.judge(
+        CorsRequest("OPTIONS", ("https://app.example.com",), ("GET",), path="/admin"), store, 0.0
+    )
     assert decision.reason is Reason.ORIGIN_NOT_ALLOWED  # in the store, but the route's own list replaces it
     assert decision.route is not None and decision.route.prefix == "/admin/"
 

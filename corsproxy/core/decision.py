@@ -336,23 +336,6 @@ class CorsEngine:
                     reached.append(route)  # all of them, not just two: the origin must be allowed under each
         return tuple(reached)
 
-    def decide(
-        self,
-        method: str,
-        origins: Sequence[str],
-        request_methods: Sequence[str],
-        request_headers: Sequence[str],
-        path: str,
-        store: OriginSet,
-        now: float,
-        private_network: bool = False,
-    ) -> Decision:
-        """:meth:`judge` with the request's parts as arguments (kept for embedding code and table tests)."""
-        request = CorsRequest(
-            method, tuple(origins), tuple(request_methods), tuple(request_headers), path, private_network
-        )
-        return self.judge(request, store, now)
-
     def judge(self, request: CorsRequest, store: OriginSet, now: float) -> Decision:
         """Classify a request and decide it."""
         reached = self.routes_for(request.path) if self.routes else (None,)
