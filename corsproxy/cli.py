@@ -164,7 +164,8 @@ DEMO_CONFIG = "demo.yaml"
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
-    from corsproxy.ops.server import _listen_socket, run_demo
+    from corsproxy.ops.demo import run_demo
+    from corsproxy.ops.server import _listen_socket
 
     with contextlib.ExitStack() as stack:
         if args.config is None:
