@@ -524,6 +524,10 @@ def _simple_fold(path: str) -> str:
     return "".join(map(_fold_char, path))
 
 
+# Not config-derived, so there is nothing to compile at load: a fixed function of the Unicode tables, applied to the
+# characters of untrusted request paths. A table of every cased code point would cost ~0.2 s at every start (and
+# str.lower() on the whole path is not the same fold: it applies the final-sigma rule), so the characters requests
+# actually send are memoised — bounded, because the keys are the client's: a flood of new characters only churns it.
 @lru_cache(maxsize=1024)
 def _fold_char(char: str) -> str:
     upper = char.upper()
@@ -640,7 +644,10 @@ def path_readings(target: str) -> tuple[str, ...] | None:
     return _cached_readings(path) if len(path) <= 512 else _readings(path)
 
 
-@lru_cache(maxsize=4096)  # paths repeat; short ones only, so the cache stays small (hostile ones are long or new)
+# Keyed by the request's path, not by configuration: the routes are compiled at load, the readings of a path can
+# only be known when it arrives. Paths repeat, so they are memoised; bounded, because the keys are the client's (a
+# scan of new paths only churns the cache), and only short ones (hostile paths are long or new), so it stays small.
+@lru_cache(maxsize=4096)
 def _cached_readings(path: str) -> tuple[str, ...] | None:
     return _readings(path)
 

@@ -167,6 +167,10 @@ _CODE_HOSTING = frozenset(CODE_HOSTING_DOMAINS)
 def entry_checker(safety: Mapping[str, PolicySafety]) -> Callable[[str, str], bool]:
     """The engine's request-time re-check of a matched store entry against the policies as configured now."""
 
+    # Built with each compiled config (a reload gets a new, empty cache: it never answers for old policies), but it
+    # cannot be filled at load: its keys are store entries, which any process (CLI, admin API, origins file, another
+    # host's sync) writes at any time, and a store may hold millions. So the entries requests actually match are
+    # memoised — bounded, so a large store or a scan over many allowed origins cannot grow it without limit.
     @lru_cache(maxsize=16384)
     def entry_is_safe(key: str, policy: str) -> bool:
         flags = safety.get(policy)
