@@ -164,6 +164,21 @@ def test_a_refused_reload_answers_the_configs_problems(server: Server) -> None:
     assert "got 'enforcing'" in problem["message"]
 
 
+def test_corsproxy_reload_prints_the_servers_problems_as_check_does(server: Server) -> None:
+    original = server.config_path.read_text()
+    server.config_path.write_text(original + "\nmode: enforcing\n")
+    try:
+        env = {"PYTHONPATH": str(REPO), "CORSPROXY_ADMIN_TOKEN": server.env["CORSPROXY_ADMIN_TOKEN"]}
+        reload = run_cli("reload", "-c", str(server.config_path), env=env)
+        check = run_cli("check", "-c", str(server.config_path), env=env)
+    finally:
+        server.config_path.write_text(original)
+    assert reload.returncode == 1 and check.returncode == 2, (reload.stderr, check.stderr)
+    (line,) = [line for line in check.stderr.splitlines() if line.strip().startswith("- mode:")]
+    assert line.strip() == "- mode: must be one of enforce, report-only, got 'enforcing'"
+    assert f"{line}\n" in reload.stderr, reload.stderr
+
+
 @pytest.mark.parametrize(
     ("path", "field"),
     [

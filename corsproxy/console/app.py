@@ -558,7 +558,7 @@ async def check_origin(request: web.Request) -> web.Response:
         current = state.store.get(entry.key)
         if current is not None and current.source in DECLARED_SOURCES:
             where = Declarations.of(config).where(current.source)
-            raise admin._conflict(DeclaredElsewhere(entry.key, current.source, where))
+            raise admin._conflict(DeclaredElsewhere(entry.key, current.source, where), origin_in="body")
     except admin.AdminError as exc:
         problems = [problem.as_json() for problem in exc.problems]
         return web.json_response(

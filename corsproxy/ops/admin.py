@@ -339,9 +339,9 @@ def _not_stored(key: str) -> Problem:
     return Problem("path.origin", "origin", "not_found", f"{key} is not in the origin store")
 
 
-def _conflict(exc: DeclaredElsewhere) -> AdminError:
+def _conflict(exc: DeclaredElsewhere, origin_in: str = "path") -> AdminError:
     return AdminError(
-        409, "conflict", problems=[exc.problem.at("path.origin")], source=exc.source, declared_in=exc.where
+        409, "conflict", problems=[exc.problem.at(f"{origin_in}.origin")], source=exc.source, declared_in=exc.where
     )
 
 
