@@ -209,3 +209,21 @@ def test_a_problem_reads_as_path_and_message_and_moves_whole() -> None:
     assert str(both) == "unknown policy 'x'; too long" and both.problem is unplaced
     with pytest.raises(TypeError):
         ProblemError()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nothing-here", 404, "not_found"),
+        ("PATCH", "/origins", 405, "method_not_allowed"),
+        ("GET", "/origins?limit=0", 400, "out_of_range"),
+        ("GET", "/audit?origin=https://a.example.com/x", 400, "origin_has_path"),
+    ],
+)
+def test_every_error_answer_has_the_same_shape(server: Server, method: str, path: str, status: int, code: str) -> None:
+    answer = server.admin(method, path)
+    assert answer.status == status, answer.body
+    error = answer.json()
+    (problem,) = error["problems"]
+    assert set(problem) == {"path", "field", "code", "message"} and problem["code"] == code, error
+    assert error["reason"] == problem["message"]

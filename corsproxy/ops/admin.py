@@ -15,7 +15,8 @@ state (the config snapshot and the open LMDB store); every write goes through th
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
     GET    /console/                          the operator console (:mod:`corsproxy.console`, its own sign-in)
 
-Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; a write the store has no room for is a 507
+Every error is JSON ``{"error", "problems": [{"path", "field", "code", "message"}]}`` (plus ``field`` and ``reason``,
+the first problem's, for older clients) with a 4xx status; a write the store has no room for is a 507
 naming the setting to change, a store that cannot be written a 503; an unexpected failure is a 500 with no stack
 trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work; like
 everything else they answer only Hosts a DNS-rebinding page cannot present (see :func:`_authenticate`).
@@ -88,7 +89,9 @@ class AdminError(Exception):
         self.error = error
         self.problems = tuple(problems)
         self.reason = reason or (self.problems[0].message if self.problems else "")
-        self.field = field if field is not None or not self.problems else self.problems[0].field
+        if field is None and self.problems:
+            field = self.problems[0].field or None  # no field at all (a 404 endpoint, a 500): no "field" key
+        self.field = field
         self.extra = extra
 
     def response(self) -> web.Response:
@@ -181,20 +184,23 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body: dict[str, Any] = {"error": exc.reason}
+        reason = ""
         if exc.status == 405:
-            body["reason"] = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            reason = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
         elif exc.status == 404:
-            body["reason"] = f"no admin endpoint at {request.path}"
+            reason = f"no admin endpoint at {request.path}"
         elif exc.status == 413:
-            body["reason"] = "request body too large"
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
-        return web.json_response(body, status=exc.status, headers=headers)
+            reason = "request body too large"
+        code = exc.reason.lower().replace(" ", "_")  # "Method Not Allowed" -> method_not_allowed
+        problems = [Problem("", "", code, reason)] if reason else []
+        response = AdminError(exc.status, exc.reason, problems=problems).response()
+        response.headers.update({k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")})
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error", "reason": "see the corsproxy log"}, status=500)
+        return AdminError(500, "internal error", "see the corsproxy log").response()
 
 
 def _loopback_host(host: str) -> bool:
