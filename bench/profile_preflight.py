@@ -9,7 +9,7 @@
    event loop — both *self* (innermost frame) and *inclusive* (a key function anywhere on the stack). Shares are turned
    into microseconds per preflight with the process's own CPU-seconds per request from the same run.
    With ``--forward`` (the default) the same for a forwarded small GET (W3), against the minimal aiohttp forwarder.
-2. Times the request-path pieces in-process with ``timeit`` (no sockets): ``CorsEngine.decide`` (allowed / refused),
+2. Times the request-path pieces in-process with ``timeit`` (no sockets): ``CorsEngine.judge`` (allowed / refused),
    ``OriginStore.find``, origin parsing, ``preflight_headers``, building the ``web.Response``.
 
 Raw py-spy output goes to ``bench/out/``.
@@ -175,7 +175,7 @@ def micro(config_path: Path, label: str) -> list[str]:
 
     from corsproxy.config import load_config
     from corsproxy.core.answer import preflight_answer
-    from corsproxy.core.decision import preflight_headers
+    from corsproxy.core.decision import CorsRequest, preflight_headers
     from corsproxy.core.origin import lookup_keys, parse_request_origin
     from corsproxy.http.app import as_response
     from corsproxy.origins.writes import reconcile_config
@@ -187,9 +187,12 @@ def micro(config_path: Path, label: str) -> list[str]:
     reconcile_config(store, config.origins)
     n = len(store)
     origin = store_origin(n - 12) if n > 20 else ALLOWED  # near the end of the import order
-    acrm, acrh = ["POST"], ["content-type"]
+    acrm, acrh = ("POST",), ("content-type",)
     now = time.time()
-    allowed = engine.decide("OPTIONS", [origin], acrm, acrh, "/api/items", store, now)
+    # Built once, as the shell builds one per request; what is timed is the engine's judgement.
+    allowed_request = CorsRequest("OPTIONS", (origin,), acrm, acrh, "/api/items")
+    refused_request = CorsRequest("OPTIONS", (REFUSED,), acrm, acrh, "/api/items")
+    allowed = engine.judge(allowed_request, store, now)
     assert allowed.allowed, allowed
     parsed = parse_request_origin(origin)
     assert parsed is not None
@@ -203,10 +206,8 @@ def micro(config_path: Path, label: str) -> list[str]:
         ("list(lookup_keys(origin))", lambda: list(lookup_keys(parsed))),
         ("OriginStore.find (hit on 1st key)", lambda: store.find(keys, now)),
         ("OriginStore.find (miss: all keys)", lambda: store.find(refused_keys, now)),
-        ("CorsEngine.decide, allowed preflight", lambda: engine.decide("OPTIONS", [origin], acrm, acrh, "/api/items",
-                                                                        store, now)),
-        ("CorsEngine.decide, refused preflight", lambda: engine.decide("OPTIONS", [REFUSED], acrm, acrh, "/api/items",
-                                                                        store, now)),
+        ("CorsEngine.judge, allowed preflight", lambda: engine.judge(allowed_request, store, now)),
+        ("CorsEngine.judge, refused preflight", lambda: engine.judge(refused_request, store, now)),
         ("preflight_headers (list of 7 pairs)", lambda: preflight_headers(engine, allowed)),
         ("as_response(preflight_answer)", lambda: as_response(preflight_answer(engine, allowed))),
         ("web.Response(status=204) alone", lambda: web.Response(status=204)),

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from corsproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config
+from corsproxy.config import DEFAULT_CONFIG_PATH, ConfigError, load_config, parse_config, store_path_problem
 from corsproxy.core.origin_lines import (
     KEEP,
     EntryEdit,
@@ -35,10 +35,10 @@ from corsproxy.core.origin_lines import (
     parse_entry,
     parse_expires_field,
 )
+from corsproxy.core.problems import Problem, ProblemError
 from corsproxy.core.settings import Admin, Config
 from corsproxy.origins.writes import (
     Declarations,
-    DeclaredElsewhere,
     WriteReport,
     WriteTarget,
     prune_expired,
@@ -95,13 +95,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     map_size = config.store.map_size_mb << 20
     errors, warnings = check_location(config.store.path, map_size)
     if errors:
-        raise ConfigError(errors, config.source)
+        raise ConfigError([store_path_problem(error) for error in errors], config.source)
     if Path(config.store.path, "data.mdb").exists():
         try:
             with OriginStore(config.store.path, map_size=map_size, readonly=True) as store:
                 warnings.extend(f"store.map_size_mb: {problem}" for problem in store.usage().problems())
         except StoreError as exc:
-            raise ConfigError([f"store.path: {exc}"], config.source) from None
+            raise ConfigError([store_path_problem(str(exc))], config.source) from None
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if Path(config.store.path, "data.mdb").exists():
@@ -120,10 +120,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                     refused.append(f"{key} names policy {record.policy!r}, which this config does not define")
                     continue
                 try:
-                    errors, _ = check_origin_entry(parse_origin_entry(key), flags)
+                    problems, _ = check_origin_entry(parse_origin_entry(key), flags)
                 except EntryError as exc:
-                    errors = [str(exc)]
-                refused.extend(f"{key} (source {record.source}): {error}" for error in errors)
+                    problems = list(exc.problems)
+                refused.extend(f"{key} (source {record.source}): {problem.message}" for problem in problems)
         for line in refused[:20]:
             print(f"warning: store entry refused at request time: {line}", file=sys.stderr)
         if len(refused) > 20:
@@ -149,7 +149,9 @@ def _check_fleet(config: Config) -> None:
         with connect(source, application_name="corsproxy-check") as conn:
             check_schema(conn, source, config.source)
     except SchemaError as exc:
-        raise ConfigError([f"store.postgresql: {exc}"], config.source) from None
+        raise ConfigError(
+            [Problem("store.postgresql", "postgresql", "postgresql_schema", str(exc))], config.source
+        ) from None
     except SourceUnavailable as exc:
         print(f"warning: store.postgresql: {exc}", file=sys.stderr)
     if not Path(config.store.path, "data.mdb").exists():
@@ -203,7 +205,8 @@ DEMO_CONFIG = "demo.yaml"
 def cmd_demo(args: argparse.Namespace) -> int:
     from importlib.resources import as_file, files
 
-    from corsproxy.ops.server import _listen_socket, run_demo
+    from corsproxy.ops.demo import run_demo
+    from corsproxy.ops.server import _listen_socket
 
     with contextlib.ExitStack() as stack:
         if args.config is None:
@@ -298,7 +301,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
         why = body.get("reason") or body.get("error") or exc.reason
         print(f"error: reload refused by {url} ({exc.code}): {why}", file=sys.stderr)
         for problem in body.get("problems") or []:
-            print(f"  - {problem}", file=sys.stderr)
+            # The server's Problem objects, printed as `corsproxy check` prints its own: path: message.
+            if isinstance(problem, dict) and problem.get("path"):
+                print(f"  - {problem['path']}: {problem.get('message', '')}", file=sys.stderr)
+            elif isinstance(problem, dict):
+                print(f"  - {problem.get('message', '')}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -335,6 +342,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(result.text())
     return 0 if result.allowed else 1
+
+
+def _messages(problems: Sequence[Problem]) -> str:
+    """One import line's problems, as its one ``refused:`` line says them."""
+    return "; ".join(problem.message for problem in problems)
 
 
 def _describe(record: OriginRecord | None) -> str:
@@ -376,16 +388,26 @@ def _write(config: Config, store: OriginStore, edits: list[EntryEdit], **options
     )
 
 
+#: Where a problem of each field was given on the command line (``origins add``): what the CLI names as its path.
+_ARGUMENTS = {"origin": "origin", "policy": "--policy", "note": "--note", "expires": "--expires", "ttl": "--ttl"}
+
+
+def _refused(problems: Sequence[Problem]) -> int:
+    """Print each problem as ``error: ARGUMENT: message`` (the message is the config's and the admin API's)."""
+    for problem in problems:
+        print(f"error: {problem.at(_ARGUMENTS.get(problem.field, problem.field))}", file=sys.stderr)
+    return 2
+
+
 def cmd_origins_add(args: argparse.Namespace) -> int:
-    from corsproxy.core.origin import EntryError, parse_origin_entry
+    from corsproxy.core.origin import parse_origin_entry
 
     config = _load(args)
     try:
         entry = parse_origin_entry(args.origin)
         expires, _ = parse_expires_field(args.expires, args.ttl, time.time(), allow_past=False)
-    except (EntryError, ValueError) as exc:
-        print(f"error: {args.origin!r} refused: {exc}", file=sys.stderr)
-        return 2
+    except ProblemError as exc:
+        return _refused(exc.problems)
     with _open_store(config) as store:
         target = _target(config, store)
         report = write_entries(
@@ -400,26 +422,22 @@ def cmd_origins_add(args: argparse.Namespace) -> int:
     for _, warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if report.refused:
-        print(f"error: {args.origin!r} refused: {report.refused[0][1]}", file=sys.stderr)
-        return 2
+        return _refused(report.refused[0][1])
     verb = "added" if report.added else "updated" if report.updated else "unchanged"
     print(f"{verb} {entry.key}{_describe(stored)}")
     return 0
 
 
 def cmd_origins_remove(args: argparse.Namespace) -> int:
-    from corsproxy.core.origin import EntryError, parse_origin_entry
+    from corsproxy.core.origin import parse_origin_entry
 
     config = _load(args)
     try:
         key = parse_origin_entry(args.origin).key
-    except EntryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with _open_store(config) as store:
-        old = remove_entry(
-            _target(config, store), key, declarations=Declarations.of(config), actor=_actor()
-        )  # DeclaredElsewhere: main
+        with _open_store(config) as store:
+            old = remove_entry(_target(config, store), key, declarations=Declarations.of(config), actor=_actor())
+    except ProblemError as exc:  # a bad origin, or one declared elsewhere
+        return _refused(exc.problems)
     if old is None:
         print(f"error: {key} is not in the store (see `corsproxy origins list`)", file=sys.stderr)
         return 1
@@ -455,7 +473,7 @@ def cmd_origins_import(args: argparse.Namespace) -> int:
         parsed = parse_edits(stream)
     with _open_store(config) as store:
         report = _write(config, store, parsed.edits, batch=True)
-    refused = sorted([*parsed.errors, *((edit.line or 0, why) for edit, why in report.refused)])
+    refused = sorted([*parsed.errors, *((edit.line or 0, _messages(why)) for edit, why in report.refused)])
     warnings = sorted([*parsed.warnings, *((edit.line or 0, why) for edit, why in report.warnings)])
     for number, reason in refused:
         print(f"{args.file}:{number}: refused: {reason}", file=sys.stderr)
@@ -548,7 +566,7 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
             print(f"refused: {key}: {exc}", file=sys.stderr)
             continue
         for warning in warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {warning.message}", file=sys.stderr)
         accepted.append(entry.key)
         print(format_line(entry.key, entry.policy, None, ""))
     for note in conversion.notes:
@@ -582,8 +600,8 @@ def cmd_origins_import_regex(args: argparse.Namespace) -> int:
         edits = [EntryEdit(parse_origin_entry(key), args.policy, KEEP, note) for key in accepted]
         with _open_store(config) as store:
             report = _write(config, store, edits, batch=True)
-        for _, reason in report.refused:
-            print(f"refused: {reason}", file=sys.stderr)
+        for _, problems in report.refused:
+            print(f"refused: {_messages(problems)}", file=sys.stderr)
         print(f"applied: {len(report.added)} new, {len(report.updated)} replaced", file=sys.stderr)
     return 1 if stopped or conversion.unconverted or len(accepted) < len(conversion.entries) else 0
 
@@ -737,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, StoreError, DeclaredElsewhere) as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:

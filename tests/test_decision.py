@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.core.decision import Kind, Reason, StaticOriginSet, actual_headers, merge_vary, preflight_headers
+from corsproxy.core.decision import (
+    CorsRequest,
+    Kind,
+    Reason,
+    StaticOriginSet,
+    actual_headers,
+    merge_vary,
+    preflight_headers,
+)
 from corsproxy.core.settings import Config
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.decision_table import CONFIG, PREFLIGHTS, REFUSED, Preflight
@@ -21,8 +29,17 @@ def config() -> Config:
 
 def _run(config: Config, case: Preflight) -> tuple[Reason, dict[str, str]]:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide(
-        "OPTIONS", case.origin, case.method, case.headers, case.path, store, 0.0, case.private_network
+    decision = config.engine.judge(
+        CorsRequest(
+            "OPTIONS",
+            tuple(case.origin),
+            tuple(case.method),
+            tuple(case.headers),
+            case.path,
+            private_network=case.private_network,
+        ),
+        store,
+        0.0,
     )
     assert decision.kind is Kind.PREFLIGHT
     headers = preflight_headers(config.engine, decision)
@@ -76,28 +93,28 @@ ACTUALS: dict[str, tuple[list[str], str, Reason, dict[str, str]]] = {
 @pytest.mark.parametrize(("origins", "path", "reason", "expected"), ACTUALS.values(), ids=ACTUALS.keys())
 def test_actual(config: Config, origins: list[str], path: str, reason: Reason, expected: dict[str, str]) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("POST", origins, [], [], path, store, 0.0)
+    decision = config.engine.judge(CorsRequest("POST", tuple(origins), path=path), store, 0.0)
     assert decision.kind is Kind.ACTUAL
     assert decision.reason is reason
     assert dict(actual_headers(decision)) == expected
 
 
 def test_no_origin_is_not_cors(config: Config) -> None:
-    decision = config.engine.decide("OPTIONS", [], ["GET"], [], "/", StaticOriginSet({}), 0.0)
+    decision = config.engine.judge(CorsRequest("OPTIONS", (), ("GET",)), StaticOriginSet({}), 0.0)
     assert decision.kind is Kind.NON_CORS
     assert actual_headers(decision) == []
 
 
 def test_plain_options_is_an_actual_request(config: Config) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("OPTIONS", ["https://app.example.com"], [], [], "/", store, 0.0)
+    decision = config.engine.judge(CorsRequest("OPTIONS", ("https://app.example.com",)), store, 0.0)
     assert decision.kind is Kind.ACTUAL
 
 
 def test_expose_all_with_credentials_lists_response_headers_but_never_set_cookie() -> None:
     config = parse_config(merge(CONFIG, {"cors": {"expose_headers": ["*"]}}), env={})
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("GET", ["https://app.example.com"], [], [], "/", store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", ("https://app.example.com",)), store, 0.0)
     names = ["Content-Type", "Set-Cookie", "X-Request-Id", "Access-Control-Allow-Origin"]
     assert dict(actual_headers(decision, names))["Access-Control-Expose-Headers"] == "content-type, x-request-id"
 
@@ -119,7 +136,7 @@ def test_merge_vary(existing: list[str], expected: str) -> None:
 def _decide_one(data: dict[str, Any], origin: str, method: str = "GET") -> tuple[Reason, dict[str, str]]:
     config = parse_config(data, env={})
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("OPTIONS", [origin], [method], [], "/", store, 0.0)
+    decision = config.engine.judge(CorsRequest("OPTIONS", (origin,), (method,)), store, 0.0)
     return decision.reason, dict(preflight_headers(config.engine, decision))
 
 
@@ -161,7 +178,7 @@ def test_max_age_null_omits_the_header() -> None:
 def test_store_entry_unsafe_under_todays_policy_is_refused(key: str, origin: str) -> None:
     """An entry accepted when the policy had no credentials is refused once it has them (CORS-RULES 15)."""
     config = parse_config(BASE_CONFIG, env={})  # the default policy allows credentials
-    decision = config.engine.decide("GET", [origin], [], [], "/", StaticOriginSet({key: "default"}), 0.0)
+    decision = config.engine.judge(CorsRequest("GET", (origin,)), StaticOriginSet({key: "default"}), 0.0)
     assert decision.reason is Reason.ORIGIN_UNSAFE_FOR_POLICY
     assert actual_headers(decision) == []
 

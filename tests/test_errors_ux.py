@@ -15,7 +15,7 @@ from tests.support.config import BASE_CONFIG, merge, run_cli
 def _problems(data: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as info:
         parse_config(data, env={})
-    return info.value.problems
+    return [str(problem) for problem in info.value.problems]  # what the operator reads: "path: message"
 
 
 LIST_AS_STRING = {

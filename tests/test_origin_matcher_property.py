@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corsproxy.config import parse_config
-from corsproxy.core.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import CorsRequest, Reason, StaticOriginSet
 from corsproxy.core.origin import DEFAULT_PORTS, RequestOrigin, lookup_keys, parse_origin_entry, parse_request_origin
 from corsproxy.core.settings import Config
 from tests.support.config import BASE_CONFIG, merge
@@ -84,7 +84,7 @@ def normalised(spec: Spec) -> Spec:
 
 def allowed_by_engine(spec: Spec, request: RequestOrigin) -> bool:
     entries = StaticOriginSet({parse_origin_entry(spec.text).key: "default"})
-    decision = CONFIG.engine.decide("GET", [request.value], [], [], "/", entries, 0.0)
+    decision = CONFIG.engine.judge(CorsRequest("GET", (request.value,)), entries, 0.0)
     assert decision.reason in (Reason.ALLOWED, Reason.ORIGIN_NOT_ALLOWED), decision
     return decision.reason is Reason.ALLOWED
 
@@ -186,4 +186,4 @@ def test_named_look_alikes_are_refused(entry: str, origin_value: str) -> None:
     assert request is not None
     assert parse_origin_entry(entry).key not in set(lookup_keys(request))
     entries = StaticOriginSet({parse_origin_entry(entry).key: "default"})
-    assert CONFIG.engine.decide("GET", [origin_value], [], [], "/", entries, 0.0).reason is Reason.ORIGIN_NOT_ALLOWED
+    assert CONFIG.engine.judge(CorsRequest("GET", (origin_value,)), entries, 0.0).reason is Reason.ORIGIN_NOT_ALLOWED

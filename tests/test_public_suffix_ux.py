@@ -54,7 +54,13 @@ def test_wildcards_over_public_suffixes(origin: str, policy: dict[str, Any], ref
         return
     with pytest.raises(ConfigError) as info:
         parse_config(data, env={})
-    (problem,) = info.value.problems
+    (placed,) = info.value.problems
+    assert (placed.path, placed.field, placed.code) == (
+        "cors.allow_origins[0]",
+        "origin",
+        "public_suffix_wildcard",
+    )
+    problem = str(placed)
     assert problem.startswith("cors.allow_origins[0]: ")
     assert message in problem
     assert "dangerously_allow_public_suffix_wildcards: true" in problem

@@ -94,7 +94,11 @@ def test_reload_endpoint(server: Server) -> None:
     assert refused.status == 400
     body = refused.json()
     assert body["error"] == "configuration refused" and body["field"] == "config"
-    assert body["problems"] and "invalid YAML" in body["problems"][0]
+    assert (
+        body["problems"]
+        and body["problems"][0]["code"] == "invalid_yaml"
+        and "invalid YAML" in body["problems"][0]["message"]
+    )
     assert _preflight(server, "PATCH").status == 403
 
     server.write_config(_with_patch(server))

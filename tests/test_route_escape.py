@@ -139,7 +139,7 @@ HOSTILE = sorted(
 def test_no_server_reading_escapes_the_judged_route(config: Config, path: str, method: str, origin: str) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     methods = ["GET"] if method == "OPTIONS" else []
-    decision = config.engine.decide(method, [origin], methods, [], path, store, 0.0)
+    decision = config.engine.judge(CorsRequest(method, (origin,), tuple(methods), path=path), store, 0.0)
     served = {name: _served_under(config, read(path), folded) for name, read, folded in SERVERS}
     if decision.reason is Reason.PATH_AMBIGUOUS:  # refused with 400: never judged by any route
         # Readable only when the origin is allowed under every route any server serves it under.
@@ -162,7 +162,9 @@ def test_the_reported_escapes_are_refused(config: Config) -> None:
         ("/legacy/..;/admin/x", "https://app.example.com"),
     ]:
         for method, request_methods in (("GET", []), ("OPTIONS", ["GET"])):
-            decision = config.engine.decide(method, [origin], request_methods, [], path, store, 0.0)
+            decision = config.engine.judge(
+                CorsRequest(method, (origin,), tuple(request_methods), path=path), store, 0.0
+            )
             assert decision.reason is Reason.PATH_AMBIGUOUS, (path, method)
             assert decision.kind is (Kind.PREFLIGHT if request_methods else Kind.ACTUAL)
             assert actual_headers(decision) == []  # /admin/ refuses both origins: nothing readable
@@ -171,13 +173,13 @@ def test_the_reported_escapes_are_refused(config: Config) -> None:
 def test_ambiguous_but_allowed_everywhere_gets_the_least_privileged_headers(config: Config) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     # /public/ (* without credentials) or the default (credentialed app origin): both allow the app origin.
-    decision = config.engine.decide("GET", ["https://app.example.com"], [], [], "/public/..;/x", store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", ("https://app.example.com",), path="/public/..;/x"), store, 0.0)
     assert decision.reason is Reason.PATH_AMBIGUOUS
     assert dict(actual_headers(decision)) == {
         "Access-Control-Allow-Origin": "*",
         "Access-Control-Expose-Headers": "x-request-id",
     }
-    no_origin = config.engine.decide("GET", [], [], [], "/public/..;/x", store, 0.0)
+    no_origin = config.engine.judge(CorsRequest("GET", (), path="/public/..;/x"), store, 0.0)
     assert (no_origin.kind, no_origin.reason) == (Kind.NON_CORS, Reason.PATH_AMBIGUOUS)
 
 
@@ -200,7 +202,7 @@ BENIGN = {
 @pytest.mark.parametrize(("path", "prefix"), BENIGN.items(), ids=BENIGN.keys())
 def test_unambiguous_paths_are_judged_as_before(config: Config, path: str, prefix: str | None) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("GET", ["https://evil.example.net"], [], [], path, store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", ("https://evil.example.net",), path=path), store, 0.0)
     assert decision.reason is not Reason.PATH_AMBIGUOUS
     assert (decision.route.prefix if decision.route else None) == prefix
 
@@ -209,7 +211,7 @@ def test_without_routes_nothing_is_ambiguous() -> None:
     config = parse_config(BASE_CONFIG, env={})
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     for path in HOSTILE:
-        assert config.engine.decide("GET", ["https://app.example.com"], [], [], path, store, 0.0).allowed
+        assert config.engine.judge(CorsRequest("GET", ("https://app.example.com",), path=path), store, 0.0).allowed
 
 
 def test_readings_are_bounded() -> None:
@@ -221,7 +223,7 @@ def test_readings_are_bounded() -> None:
     assert path_readings("/a" * 65) == ("/a" * 65,)  # nothing to read: no bound needed
     config = parse_config(ROUTED, env={})
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("GET", ["https://app.example.com"], [], [], "/a%20" * 2049, store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", ("https://app.example.com",), path="/a%20" * 2049), store, 0.0)
     assert decision.reason is Reason.PATH_AMBIGUOUS and actual_headers(decision) == []
 
 
@@ -273,7 +275,7 @@ def test_no_generated_path_escapes_either(config: Config) -> None:
     checked = 0
     for _ in range(4000):
         path = "/" + "".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))
-        decision = config.engine.decide("GET", ["https://app.example.com"], [], [], path, store, 0.0)
+        decision = config.engine.judge(CorsRequest("GET", ("https://app.example.com",), path=path), store, 0.0)
         if decision.reason is Reason.PATH_AMBIGUOUS:
             continue
         checked += 1

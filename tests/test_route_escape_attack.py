@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.core.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import CorsRequest, Reason, StaticOriginSet
 from tests.support.raw_upstream import RawUpstream
 from tests.support.routes import ROUTED, ask_twice, get_request, preflight_request, routed_proxy
 
@@ -36,7 +36,7 @@ def test_percent_u_escapes_are_ambiguous(path: str, origin: str) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     admin = next(route for route in config.engine.routes if route.prefix == "/admin/")
     assert admin in config.engine.routes_for(path)
-    decision = config.engine.decide("GET", [origin], [], [], path, store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", (origin,), path=path), store, 0.0)
     assert decision.reason is Reason.PATH_AMBIGUOUS
 
 
@@ -95,7 +95,7 @@ def test_unicode_case_mappings_reach_the_route(path: str, origin: str) -> None:
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
     admin = next(route for route in config.engine.routes if route.prefix == "/admin/")
     assert admin in config.engine.routes_for(path)
-    assert config.engine.decide("GET", [origin], [], [], path, store, 0.0).reason is Reason.PATH_AMBIGUOUS
+    assert config.engine.judge(CorsRequest("GET", (origin,), path=path), store, 0.0).reason is Reason.PATH_AMBIGUOUS
 
 
 def test_non_ascii_paths_without_a_case_collision_keep_their_route() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import ConfigError, parse_config
-from corsproxy.core.decision import Reason, StaticOriginSet
+from corsproxy.core.decision import CorsRequest, Reason, StaticOriginSet
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.inprocess import ProxyFactory
 
@@ -45,7 +45,9 @@ def test_which_route_judges_a_path(path: str, prefix: str | None) -> None:
 def test_the_bare_admin_path_is_judged_by_the_admin_route() -> None:
     config = parse_config(ROUTED, env={})
     store = StaticOriginSet({key: entry.policy for key, entry in config.origins.items()})
-    decision = config.engine.decide("OPTIONS", ["https://app.example.com"], ["GET"], [], "/admin", store, 0.0)
+    decision = config.engine.judge(
+        CorsRequest("OPTIONS", ("https://app.example.com",), ("GET",), path="/admin"), store, 0.0
+    )
     assert decision.reason is Reason.ORIGIN_NOT_ALLOWED  # in the store, but the route's own list replaces it
     assert decision.route is not None and decision.route.prefix == "/admin/"
 
@@ -54,8 +56,8 @@ def test_a_later_route_for_the_bare_path_can_never_match() -> None:
     data = merge(BASE_CONFIG, {"routes": [{"path": "/admin/", "mode": "report-only"}, {"path": "/admin"}]})
     with pytest.raises(ConfigError) as info:
         parse_config(data, env={})
-    assert [p.split(":", 1)[0] for p in info.value.problems] == ["routes[1].path"]
-    assert "can never match" in info.value.problems[0]
+    assert [(p.path, p.code) for p in info.value.problems] == [("routes[1].path", "route_shadowed")]
+    assert "can never match" in info.value.problems[0].message
 
 
 async def test_proxy_refuses_the_bare_admin_path_to_the_default_policys_origin(make_proxy: ProxyFactory) -> None:

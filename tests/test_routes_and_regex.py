@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from corsproxy.config import parse_config
-from corsproxy.core.decision import Mode, Reason, StaticOriginSet
+from corsproxy.core.decision import CorsRequest, Mode, Reason, StaticOriginSet
 from corsproxy.core.regex_import import RegexImportError, compare_samples, convert_regex
 from tests.support.config import BASE_CONFIG, merge
 
@@ -73,7 +73,7 @@ TRUTH_TABLE = {
 def test_route_origin_truth_table(path: str, origin: str, reason: Reason, policy: str | None, mode: Mode) -> None:
     config = parse_config(ROUTED, env={})
     store = StaticOriginSet({k: e.policy for k, e in config.origins.items()})
-    decision = config.engine.decide("GET", [origin], [], [], path, store, 0.0)
+    decision = config.engine.judge(CorsRequest("GET", (origin,), path=path), store, 0.0)
     assert decision.reason is reason
     assert (decision.policy.name if decision.allowed and decision.policy else None) == policy
     assert decision.mode is mode

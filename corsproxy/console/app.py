@@ -43,6 +43,7 @@ from corsproxy.config import ConfigError, load_config
 from corsproxy.console.db import SERIES_STEP, ConsoleDB, console_db_path
 from corsproxy.core.decision import Reason
 from corsproxy.core.origin_lines import parse_entry
+from corsproxy.core.problems import ProblemError
 from corsproxy.core.settings import Config
 from corsproxy.ops import admin
 from corsproxy.origins.file import applied as origins_file_applied
@@ -542,7 +543,7 @@ async def check_origin(request: web.Request) -> web.Response:
     if not isinstance(origin, str) or not origin.strip():
         return web.json_response({"ok": False, "field": "origin", "error": "type the origin or pattern to allow"})
     try:
-        options = admin._validate_put(body, config)
+        options = admin._validate_put(body)
         try:
             entry, warnings = parse_entry(
                 origin.strip(),
@@ -552,20 +553,23 @@ async def check_origin(request: web.Request) -> web.Response:
                 ttl=options["ttl"],
                 note=options["note"] or "",
             )
-        except ValueError as exc:
-            raise admin.AdminError(400, "invalid origin entry", str(exc), field="origin") from None
+        except ProblemError as exc:
+            raise admin._invalid(exc.problems, origin_in="body") from None
         current = state.store.get(entry.key)
         if current is not None and current.source in DECLARED_SOURCES:
             where = Declarations.of(config).where(current.source)
-            raise admin._conflict(DeclaredElsewhere(entry.key, current.source, where))
+            raise admin._conflict(DeclaredElsewhere(entry.key, current.source, where), origin_in="body")
     except admin.AdminError as exc:
-        return web.json_response({"ok": False, "field": exc.field, "error": exc.error, "reason": exc.reason})
+        problems = [problem.as_json() for problem in exc.problems]
+        return web.json_response(
+            {"ok": False, "field": exc.field, "error": exc.error, "reason": exc.reason, "problems": problems}
+        )
     return web.json_response(
         {
             "ok": True,
             "origin": entry.key,
             "policy": entry.policy,
-            "warnings": warnings,
+            "warnings": [warning.message for warning in warnings],
             "replaces": None if current is None else current.as_json(),
         }
     )
@@ -612,7 +616,7 @@ def _canonical(origin: str) -> str:
     try:
         return parse_origin_entry(origin).key
     except EntryError as exc:
-        raise admin.AdminError(400, "invalid origin", str(exc), field="origin") from None
+        raise admin.AdminError(400, "invalid origin", problems=[exc.problem.at("query.origin")]) from None
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -708,7 +712,7 @@ async def check_config(request: web.Request) -> web.Response:
     try:
         config = await asyncio.to_thread(validate)
     except ConfigError as exc:
-        return web.json_response({"ok": False, "config": path, "problems": list(exc.problems)})
+        return web.json_response({"ok": False, "config": path, "problems": [p.as_json() for p in exc.problems]})
     return web.json_response({"ok": True, "config": path, "warnings": list(config.warnings), "problems": []})
 
 

@@ -336,23 +336,6 @@ class CorsEngine:
                     reached.append(route)  # all of them, not just two: the origin must be allowed under each
         return tuple(reached)
 
-    def decide(
-        self,
-        method: str,
-        origins: Sequence[str],
-        request_methods: Sequence[str],
-        request_headers: Sequence[str],
-        path: str,
-        store: OriginSet,
-        now: float,
-        private_network: bool = False,
-    ) -> Decision:
-        """:meth:`judge` with the request's parts as arguments (kept for embedding code and table tests)."""
-        request = CorsRequest(
-            method, tuple(origins), tuple(request_methods), tuple(request_headers), path, private_network
-        )
-        return self.judge(request, store, now)
-
     def judge(self, request: CorsRequest, store: OriginSet, now: float) -> Decision:
         """Classify a request and decide it."""
         reached = self.routes_for(request.path) if self.routes else (None,)
@@ -561,6 +544,10 @@ def _simple_fold(path: str) -> str:
     return "".join(map(_fold_char, path))
 
 
+# Not config-derived, so there is nothing to compile at load: a fixed function of the Unicode tables, applied to the
+# characters of untrusted request paths. A table of every cased code point would cost ~0.2 s at every start (and
+# str.lower() on the whole path is not the same fold: it applies the final-sigma rule), so the characters requests
+# actually send are memoised — bounded, because the keys are the client's: a flood of new characters only churns it.
 @lru_cache(maxsize=1024)
 def _fold_char(char: str) -> str:
     upper = char.upper()
@@ -677,7 +664,10 @@ def path_readings(target: str) -> tuple[str, ...] | None:
     return _cached_readings(path) if len(path) <= 512 else _readings(path)
 
 
-@lru_cache(maxsize=4096)  # paths repeat; short ones only, so the cache stays small (hostile ones are long or new)
+# Keyed by the request's path, not by configuration: the routes are compiled at load, the readings of a path can
+# only be known when it arrives. Paths repeat, so they are memoised; bounded, because the keys are the client's (a
+# scan of new paths only churns the cache), and only short ones (hostile paths are long or new), so it stays small.
+@lru_cache(maxsize=4096)
 def _cached_readings(path: str) -> tuple[str, ...] | None:
     return _readings(path)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import idna
 
+from corsproxy.core.problems import Problem, ProblemError
+
 __all__ = [
     "ANY_ORIGIN",
     "MAX_ORIGIN_LENGTH",
@@ -132,8 +134,12 @@ def lookup_keys(origin: RequestOrigin) -> Iterator[str]:
     yield ANY_ORIGIN
 
 
-class EntryError(ValueError):
-    """A configured origin entry that cannot be canonicalised; the message says what is wrong and how to fix it."""
+class EntryError(ProblemError):
+    """A configured origin entry that cannot be canonicalised; the message says what is wrong and how to fix it, the
+    code (``origin_*``) what kind of mistake it is. Its :class:`Problem` is unplaced: each door says where."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(Problem("", "origin", code, message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,28 +187,33 @@ _ENTRY_HINT = 'write it as scheme://host[:port], e.g. "https://app.example.com"'
 def _canonical_host(raw: str, text: str) -> str:
     if raw.startswith("["):
         if not raw.endswith("]"):
-            raise EntryError(f"{text!r}: unterminated IPv6 literal; {_ENTRY_HINT}")
+            raise EntryError(f"{text!r}: unterminated IPv6 literal; {_ENTRY_HINT}", "origin_bad_host")
         try:
             return "[" + ipaddress.IPv6Address(raw[1:-1]).compressed + "]"
         except ValueError:
-            raise EntryError(f"{text!r}: {raw!r} is not an IPv6 address") from None
+            raise EntryError(f"{text!r}: {raw!r} is not an IPv6 address", "origin_bad_host") from None
     host = raw.lower()
     if _host_is_ip_shaped(host):
         try:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
-            raise EntryError(f"{text!r}: {raw!r} is neither a domain name nor an IPv4 address") from None
+            raise EntryError(
+                f"{text!r}: {raw!r} is neither a domain name nor an IPv4 address", "origin_bad_host"
+            ) from None
     if "*" in host:
         raise EntryError(
-            f'{text!r}: a wildcard must be a whole label at the start of the host, e.g. "https://*.example.com"'
+            f'{text!r}: a wildcard must be a whole label at the start of the host, e.g. "https://*.example.com"',
+            "origin_bad_wildcard",
         )
     try:
         # UTS #46 non-transitional processing, as browsers do (WHATWG URL "domain to ASCII").
         ascii_host = idna.encode(host, uts46=True, transitional=False).decode("ascii")
     except idna.IDNAError as exc:
-        raise EntryError(f"{text!r}: {raw!r} is not a valid host name ({exc})") from None
+        raise EntryError(f"{text!r}: {raw!r} is not a valid host name ({exc})", "origin_bad_host") from None
     if re.fullmatch(_DOMAIN, ascii_host) is None or len(ascii_host) > 253:
-        raise EntryError(f"{text!r}: {raw!r} is not a valid host name (letters, digits, hyphens and dots only)")
+        raise EntryError(
+            f"{text!r}: {raw!r} is not a valid host name (letters, digits, hyphens and dots only)", "origin_bad_host"
+        )
     return ascii_host
 
 
@@ -214,14 +225,16 @@ def parse_origin_entry(text: str) -> OriginEntry:
     canonicalised. Paths, trailing slashes, user info, queries, fragments and regexes are refused, never guessed at.
     """
     if not isinstance(text, str) or not text:
-        raise EntryError(f"{text!r}: an origin must be a non-empty string; {_ENTRY_HINT}")
+        raise EntryError(f"{text!r}: an origin must be a non-empty string; {_ENTRY_HINT}", "origin_empty")
     fast = parse_request_origin(text)
     if fast is not None:  # already in the canonical form browsers send: nothing to canonicalise (fast bulk import)
         return OriginEntry(fast.value, fast.scheme, fast.host, subdomains=False, any_port=False)
     if _WHITESPACE.search(text):
-        raise EntryError(f"{text!r}: whitespace is not allowed in an origin; {_ENTRY_HINT}")
+        raise EntryError(f"{text!r}: whitespace is not allowed in an origin; {_ENTRY_HINT}", "origin_whitespace")
     if len(text) > MAX_ORIGIN_LENGTH:
-        raise EntryError(f"{text[:40]!r}...: longer than {MAX_ORIGIN_LENGTH} characters, no browser sends that")
+        raise EntryError(
+            f"{text[:40]!r}...: longer than {MAX_ORIGIN_LENGTH} characters, no browser sends that", "origin_too_long"
+        )
     if text == ANY_ORIGIN:
         return OriginEntry(ANY_ORIGIN, "", "", subdomains=False, any_port=False)
     if text.lower() == NULL_ORIGIN:
@@ -229,27 +242,31 @@ def parse_origin_entry(text: str) -> OriginEntry:
     if any(c in text for c in "^$()|\\?+[]{}") and not text.count("[") == text.count("]") == 1:
         raise EntryError(
             f"{text!r}: looks like a regular expression; corsproxy takes exact origins and patterns only: "
-            f'"https://app.example.com", "https://*.example.com" (any subdomain), "http://localhost:*" (any port)'
+            f'"https://app.example.com", "https://*.example.com" (any subdomain), "http://localhost:*" (any port)',
+            "origin_regex",
         )
     scheme, sep, rest = text.partition("://")
     if not sep:
-        raise EntryError(f"{text!r}: missing scheme; {_ENTRY_HINT}")
+        raise EntryError(f"{text!r}: missing scheme; {_ENTRY_HINT}", "origin_no_scheme")
     scheme = scheme.lower()
     if re.fullmatch(_SCHEME, scheme) is None:
-        raise EntryError(f"{text!r}: {scheme!r} is not a valid URL scheme")
+        raise EntryError(f"{text!r}: {scheme!r} is not a valid URL scheme", "origin_bad_scheme")
     authority, slash, path = rest.partition("/")
     if slash:
         if path == "":
-            raise EntryError(f"{text!r}: an origin has no trailing slash; browsers send {text.rstrip('/')!r}, use that")
-        raise EntryError(f"{text!r}: an origin has no path; use {scheme + '://' + authority!r}")
+            raise EntryError(
+                f"{text!r}: an origin has no trailing slash; browsers send {text.rstrip('/')!r}, use that",
+                "origin_trailing_slash",
+            )
+        raise EntryError(f"{text!r}: an origin has no path; use {scheme + '://' + authority!r}", "origin_has_path")
     for char, what in (("@", "user info"), ("?", "a query"), ("#", "a fragment")):
         if char in authority:
-            raise EntryError(f"{text!r}: an origin has no {what}; {_ENTRY_HINT}")
+            raise EntryError(f"{text!r}: an origin has no {what}; {_ENTRY_HINT}", "origin_has_extra")
     if authority.startswith("["):
         close = authority.find("]")
         host_text, port_text = authority[: close + 1], authority[close + 1 :]
         if port_text and not port_text.startswith(":"):
-            raise EntryError(f"{text!r}: unexpected text after the IPv6 literal")
+            raise EntryError(f"{text!r}: unexpected text after the IPv6 literal", "origin_bad_host")
         port_text = port_text[1:]
         has_port = bool(authority[close + 1 :])
     else:
@@ -259,12 +276,14 @@ def parse_origin_entry(text: str) -> OriginEntry:
     if subdomains:
         host_text = host_text[2:]
         if scheme not in ("http", "https"):
-            raise EntryError(f"{text!r}: subdomain wildcards are only meaningful for http and https origins")
+            raise EntryError(
+                f"{text!r}: subdomain wildcards are only meaningful for http and https origins", "origin_bad_wildcard"
+            )
     if not host_text:
-        raise EntryError(f"{text!r}: missing host; {_ENTRY_HINT}")
+        raise EntryError(f"{text!r}: missing host; {_ENTRY_HINT}", "origin_no_host")
     host = _canonical_host(host_text, text)
     if subdomains and (host.startswith("[") or _IPV4_SHAPE.fullmatch(host)):
-        raise EntryError(f"{text!r}: an IP address has no subdomains; list the address itself")
+        raise EntryError(f"{text!r}: an IP address has no subdomains; list the address itself", "origin_bad_wildcard")
     any_port = False
     port_suffix = ""
     if has_port:
@@ -276,6 +295,6 @@ def parse_origin_entry(text: str) -> OriginEntry:
             if DEFAULT_PORTS.get(scheme) != port:
                 port_suffix = f":{port}"
         else:
-            raise EntryError(f"{text!r}: {port_text!r} is not a port (1-65535, or * for any port)")
+            raise EntryError(f"{text!r}: {port_text!r} is not a port (1-65535, or * for any port)", "origin_bad_port")
     key = f"{scheme}://{'*.' if subdomains else ''}{host}{port_suffix}"
     return OriginEntry(key, scheme, host, subdomains=subdomains, any_port=any_port)

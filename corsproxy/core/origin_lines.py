@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from corsproxy.core.origin import EntryError, OriginEntry, parse_origin_entry
+from corsproxy.core.problems import Problem, ProblemError
 from corsproxy.core.safety import check_origin_entry
 from corsproxy.core.settings import (
     DEFAULT_POLICY,
@@ -41,7 +42,7 @@ from corsproxy.core.settings import (
     PolicySafety,
     parse_duration,
     parse_expiry,
-    unknown_policy,
+    unknown_policy_problem,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ParsedEdits",
     "ParsedLines",
     "format_line",
+    "note_too_long",
     "parse_edits",
     "parse_entry",
     "parse_expires_field",
@@ -204,41 +206,55 @@ def parse_entry(
     ttl: str | None = None,
     note: str = "",
     now: float | None = None,
-) -> tuple[ConfiguredOrigin, list[str]]:
-    """Validate one declared entry; raise ``ValueError`` with every reason, else return it and its warnings."""
+) -> tuple[ConfiguredOrigin, list[Problem]]:
+    """Validate one declared entry; raise :class:`ProblemError` with every problem (unplaced, each of its field),
+    else return it and its warnings."""
     policy = policy or DEFAULT_POLICY
-    problems: list[str] = []
+    problems: list[Problem] = []
     if len(note) > MAX_NOTE_LENGTH:
-        problems.append(f"the note is {len(note)} characters long; at most {MAX_NOTE_LENGTH} are kept")
+        problems.append(note_too_long(note))
     if policy not in safety:
-        problems.append(unknown_policy(policy, safety))
+        problems.append(unknown_policy_problem(policy, safety))
     when: float | None = None
     if expires is not None and ttl is not None:
-        problems.append("give either an expiry time or a ttl, not both")
+        problems.append(EXPIRES_AND_TTL)
     elif expires is not None:
         try:
             when = parse_expiry(expires)
         except ValueError as exc:
-            problems.append(str(exc))
+            problems.append(Problem("", "expires", "invalid_expires", str(exc)))
         else:
             if when <= (time.time() if now is None else now):
-                problems.append(f"{expires!r} is already past: the entry would never be allowed")
+                problems.append(expires_past(expires))
     elif ttl is not None:
         try:
             when = (time.time() if now is None else now) + parse_duration(ttl)
         except ValueError as exc:
-            problems.append(str(exc))
+            problems.append(Problem("", "ttl", "invalid_ttl", str(exc)))
     try:
         entry = parse_origin_entry(text)
     except EntryError as exc:
-        raise ValueError("; ".join([str(exc), *problems])) from None
-    warnings: list[str] = []
+        raise ProblemError(*exc.problems, *problems) from None
+    warnings: list[Problem] = []
     if policy in safety:
         errors, warnings = check_origin_entry(entry, safety[policy])
         problems.extend(errors)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ProblemError(*problems)
     return ConfiguredOrigin(entry.key, policy, when, note), warnings
+
+
+def note_too_long(note: str) -> Problem:
+    return Problem(
+        "", "note", "note_too_long", f"the note is {len(note)} characters long; at most {MAX_NOTE_LENGTH} are kept"
+    )
+
+
+EXPIRES_AND_TTL = Problem("", "expires", "expires_and_ttl", "give either an expiry time or a ttl, not both")
+
+
+def expires_past(expires: str) -> Problem:
+    return Problem("", "expires", "expires_past", f"{expires!r} is already past: the entry would never be allowed")
 
 
 #: Why the origins file takes no ``ttl``: said wherever it is refused.
@@ -288,7 +304,7 @@ def parse_lines(lines: Iterable[str], safety: Mapping[str, PolicySafety], now: f
         except ValueError as exc:
             out.errors.append((number, str(exc)))
             continue
-        out.warnings.extend((number, w) for w in warnings)
+        out.warnings.extend((number, w.message) for w in warnings)
         if entry.key in out.entries:
             out.warnings.append((number, f"{entry.key} appears again; the later line wins"))
         out.entries[entry.key] = entry
@@ -305,20 +321,26 @@ def parse_expires_field(
     """The expiry an edit sets (``KEEP`` when neither is given, ``None`` for ``never``) and a warning, if any.
 
     Expiries are whole seconds (a ttl rounds up), so that an export writes them exactly and reads back the same.
-    ``ValueError`` says what is wrong.
+    :class:`ProblemError` (a ``ValueError``) says what is wrong, as a problem of ``expires`` or ``ttl``.
     """
     if expires is not None and ttl is not None:
-        raise ValueError("give either an expiry time or a ttl, not both")
+        raise ProblemError(EXPIRES_AND_TTL)
     if ttl is not None:
-        return float(math.ceil(now + parse_duration(ttl))), None
+        try:
+            return float(math.ceil(now + parse_duration(ttl))), None
+        except ValueError as exc:
+            raise ProblemError(Problem("", "ttl", "invalid_ttl", str(exc))) from None
     if expires is None:
         return KEEP, None
     if expires.strip().lower() == NEVER:
         return None, None
-    when = parse_expiry(expires)
+    try:
+        when = parse_expiry(expires)
+    except ValueError as exc:
+        raise ProblemError(Problem("", "expires", "invalid_expires", str(exc))) from None
     if when <= now:
         if not allow_past:
-            raise ValueError(f"{expires!r} is already past: the entry would never be allowed")
+            raise ProblemError(expires_past(expires))
         return when, f"expires={expires} has passed: kept as an expired entry (refused until renewed)"
     return when, None
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from corsproxy.core.decision import CorsEngine
 from corsproxy.core.forwarding import TrustedProxies
+from corsproxy.core.problems import Problem
 
 #: The name of the policy the ``cors`` block defines.
 DEFAULT_POLICY = "default"
@@ -209,6 +210,11 @@ def similar(a: str, b: str) -> bool:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1] <= 2
+
+
+def unknown_policy_problem(name: Any, defined: Iterable[str]) -> Problem:
+    """:func:`unknown_policy` as an unplaced problem of the field ``policy`` (each door says where)."""
+    return Problem("", "policy", "unknown_policy", unknown_policy(name, defined))
 
 
 def unknown_policy(name: Any, defined: Iterable[str]) -> str:

@@ -15,7 +15,8 @@ state (the config snapshot and the open LMDB store); every write goes through th
     GET    /healthz   GET /readyz   GET /metrics   POST /reload
     GET    /console/                          the operator console (:mod:`corsproxy.console`, its own sign-in)
 
-Every error is JSON ``{"error", "field", "reason"}`` with a 4xx status; a write the store has no room for is a 507
+Every error is JSON ``{"error", "problems": [{"path", "field", "code", "message"}]}`` (plus ``field`` and ``reason``,
+the first problem's, for older clients) with a 4xx status; a write the store has no room for is a 507
 naming the setting to change, a store that cannot be written a 503; an unexpected failure is a 500 with no stack
 trace (it is logged instead). ``/healthz`` and ``/readyz`` need no token, so probes and ``HEALTHCHECK`` work; like
 everything else they answer only Hosts a DNS-rebinding page cannot present (see :func:`_authenticate`).
@@ -30,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,9 @@ from aiohttp import web
 from corsproxy.config import ConfigError, load_config
 from corsproxy.core.explain import explain
 from corsproxy.core.origin import EntryError, is_loopback_host, parse_origin_entry
-from corsproxy.core.origin_lines import MAX_NOTE_LENGTH, NEVER, EntryEdit, parse_edits, parse_expires_field
-from corsproxy.core.settings import Admin, Config, parse_duration, parse_expiry, unknown_policy
+from corsproxy.core.origin_lines import EntryEdit, parse_edits, parse_expires_field
+from corsproxy.core.problems import Problem, ProblemError
+from corsproxy.core.settings import Admin, Config
 from corsproxy.http.app import STATE, ProxyState
 from corsproxy.origins.file import applied as origins_file_applied
 from corsproxy.origins.writes import Declarations, DeclaredElsewhere, WriteTarget, remove_entry, write_entries
@@ -61,13 +63,34 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 class AdminError(Exception):
-    """An answer the client can act on: status, a short error, the offending field (if any) and why."""
+    """An answer the client can act on: status, a short error and the :class:`Problem` s that say where and why.
 
-    def __init__(self, status: int, error: str, reason: str = "", field: str | None = None, **extra: Any) -> None:
+    ``problems`` come from the layer that found them (origin parsing, the write service, config validation),
+    placed at a request location (``path.origin``, ``query.limit``, ``body.policy``; ``config.*`` YAML paths for a
+    reload): the admin API never re-validates to learn which field was wrong. Without ``problems``, ``reason`` (and
+    ``field``) make the one problem, its code the error's words in snake_case (``forbidden``, ``not_found``).
+    ``field`` and ``reason`` stay in the answer as the first problem's field and message, for older clients.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str = "",
+        field: str | None = None,
+        *,
+        problems: Sequence[Problem] = (),
+        **extra: Any,
+    ) -> None:
         super().__init__(error)
+        if not problems and reason:
+            problems = (Problem(field or "", field or "", error.replace(" ", "_"), reason),)
         self.status = status
         self.error = error
-        self.reason = reason
+        self.problems = tuple(problems)
+        self.reason = reason or (self.problems[0].message if self.problems else "")
+        if field is None and self.problems:
+            field = self.problems[0].field or None  # no field at all (a 404 endpoint, a 500): no "field" key
         self.field = field
         self.extra = extra
 
@@ -77,6 +100,7 @@ class AdminError(Exception):
             body["field"] = self.field
         if self.reason:
             body["reason"] = self.reason
+        body["problems"] = [problem.as_json() for problem in self.problems]
         body.update(self.extra)
         response = web.json_response(body, status=self.status)
         if self.status == 401:
@@ -161,20 +185,23 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body: dict[str, Any] = {"error": exc.reason}
+        reason = ""
         if exc.status == 405:
-            body["reason"] = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
+            reason = f"{request.method} is not allowed here; allowed: {exc.headers.get('Allow', '')}"
         elif exc.status == 404:
-            body["reason"] = f"no admin endpoint at {request.path}"
+            reason = f"no admin endpoint at {request.path}"
         elif exc.status == 413:
-            body["reason"] = "request body too large"
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
-        return web.json_response(body, status=exc.status, headers=headers)
+            reason = "request body too large"
+        code = exc.reason.lower().replace(" ", "_")  # "Method Not Allowed" -> method_not_allowed
+        problems = [Problem("", "", code, reason)] if reason else []
+        response = AdminError(exc.status, exc.reason, problems=problems).response()
+        response.headers.update({k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")})
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error", "reason": "see the corsproxy log"}, status=500)
+        return AdminError(500, "internal error", "see the corsproxy log").response()
 
 
 def _loopback_host(host: str) -> bool:
@@ -294,7 +321,7 @@ def _origin_from_path(request: web.Request) -> str:
     try:
         return parse_origin_entry(text).key
     except EntryError as exc:
-        raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+        raise _invalid(exc.problems, "path") from None
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -306,7 +333,8 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        raise AdminError(400, f"invalid {name}", f"must be a whole number from {low} to {high}", field=name)
+        problem = Problem(f"query.{name}", name, "out_of_range", f"must be a whole number from {low} to {high}")
+        raise AdminError(400, f"invalid {name}", problems=[problem])
     return value
 
 
@@ -314,14 +342,28 @@ def _record_json(key: str, record: OriginRecord, now: float) -> dict[str, Any]:
     return {"origin": key, **record.as_json(), "expired": record.is_expired(now)}
 
 
-def _conflict(exc: DeclaredElsewhere) -> AdminError:
-    return AdminError(409, "conflict", str(exc), field="origin", source=exc.source, declared_in=exc.where)
+def _not_stored(key: str) -> Problem:
+    return Problem("path.origin", "origin", "not_found", f"{key} is not in the origin store")
+
+
+def _conflict(exc: DeclaredElsewhere, origin_in: str = "path") -> AdminError:
+    return AdminError(
+        409, "conflict", problems=[exc.problem.at(f"{origin_in}.origin")], source=exc.source, declared_in=exc.where
+    )
+
+
+def _invalid(problems: Sequence[Problem], origin_in: str = "path") -> AdminError:
+    """A 400 for problems found by the layer that owns the rule, placed where the request gave each field: the
+    origin in the URL path (or, for the console, the body), everything else in the JSON body."""
+    placed = [p.at(f"{origin_in}.origin" if p.field == "origin" else f"body.{p.field}") for p in problems]
+    return AdminError(400, f"invalid {placed[0].field}", problems=placed)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.body_exists:
         return {}
     too_large = AdminError(413, "request body too large", f"a JSON body is at most {_MAX_JSON_BODY} bytes", "body")
+    invalid = "invalid JSON body"
     if request.content_length is not None and request.content_length > _MAX_JSON_BODY:
         raise too_large
     raw = b""
@@ -332,11 +374,14 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except RecursionError:
-        raise AdminError(400, "invalid JSON body", "nested too deeply", field="body") from None
+        raise AdminError(
+            400, invalid, problems=[Problem("body", "body", "json_too_deep", "nested too deeply")]
+        ) from None
     except ValueError as exc:
-        raise AdminError(400, "invalid JSON body", str(exc), field="body") from None
+        raise AdminError(400, invalid, problems=[Problem("body", "body", "invalid_json", str(exc))]) from None
     if not isinstance(body, dict):
-        raise AdminError(400, "invalid JSON body", 'must be a JSON object such as {"policy": "default"}', field="body")
+        message = 'must be a JSON object such as {"policy": "default"}'
+        raise AdminError(400, invalid, problems=[Problem("body", "body", "not_object", message)])
     return body
 
 
@@ -364,34 +409,23 @@ async def get_origin(request: web.Request) -> web.Response:
     key = _origin_from_path(request)
     record = request.app[ADMIN].state.store.get(key)
     if record is None:
-        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+        raise AdminError(404, "not found", problems=[_not_stored(key)])
     return web.json_response(_record_json(key, record, time.time()))
 
 
-def _validate_put(body: Mapping[str, Any], config: Config) -> dict[str, Any]:
+def _validate_put(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON shape of a PUT (known fields, strings): what only JSON can get wrong. The values are checked by the
+    layers that own their rules (:func:`~corsproxy.core.origin_lines.parse_expires_field`, the write service), so
+    a policy, note or expiry is refused in the same words as from the CLI or the config."""
     for name in body:
         if name not in _PUT_FIELDS:
-            raise AdminError(400, "invalid field", f"unknown field; allowed: {', '.join(sorted(_PUT_FIELDS))}", name)
+            message = f"unknown field; allowed: {', '.join(sorted(_PUT_FIELDS))}"
+            raise AdminError(400, "invalid field", problems=[Problem(f"body.{name}", name, "unknown_field", message)])
     for name in _PUT_FIELDS:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
-            raise AdminError(400, f"invalid {name}", f"must be a string, got {type(value).__name__}", field=name)
-    note = body.get("note") or ""
-    if len(note) > MAX_NOTE_LENGTH:
-        raise AdminError(400, "invalid note", f"{len(note)} characters; at most {MAX_NOTE_LENGTH}", field="note")
-    if body.get("expires") is not None and body.get("ttl") is not None:
-        raise AdminError(400, "invalid expires", "give either expires or ttl, not both", field="expires")
-    policy = body.get("policy")
-    if policy is not None and policy not in config.safety:
-        raise AdminError(400, "invalid policy", unknown_policy(policy, config.safety), "policy")
-    for name, parse in (("expires", parse_expiry), ("ttl", parse_duration)):
-        if body.get(name) is not None and not (name == "expires" and body[name].strip().lower() == NEVER):
-            try:
-                when = parse(body[name])
-            except ValueError as exc:
-                raise AdminError(400, f"invalid {name}", str(exc), field=name) from None
-            if name == "expires" and when <= time.time():
-                raise AdminError(400, "invalid expires", f"{body[name]} is in the past", field=name)
+            problem = Problem(f"body.{name}", name, "not_string", f"must be a string, got {type(value).__name__}")
+            raise AdminError(400, f"invalid {name}", problems=[problem])
     # A field left out (or null) keeps the stored value: a PUT that only renews the note keeps policy and expiry.
     return {name: body.get(name) for name in ("policy", "note", "expires", "ttl")}
 
@@ -432,11 +466,11 @@ async def put_origin(request: web.Request) -> web.Response:
     state = ctx.state
     config = state.config
     key = _origin_from_path(request)
-    options = _validate_put(await _json_body(request), config)
+    options = _validate_put(await _json_body(request))
     try:
         expires, _ = parse_expires_field(options["expires"], options["ttl"], time.time(), allow_past=False)
-    except ValueError as exc:
-        raise AdminError(400, "invalid expires", str(exc), field="expires") from None
+    except ProblemError as exc:
+        raise _invalid(exc.problems) from None
     edit = EntryEdit(parse_origin_entry(key), options["policy"], expires, options["note"])
     actor = request[_ACTOR]
     target = _write_target(state)
@@ -452,7 +486,7 @@ async def put_origin(request: web.Request) -> web.Response:
     if report.conflicts:
         raise _conflict(report.conflicts[0])
     if report.refused:
-        raise AdminError(400, "invalid origin entry", report.refused[0][1], field="origin")
+        raise _invalid(report.refused[0][1])
     await _read_your_write(state, target)
     stored = state.store.get(key)
     if stored is None or stored.source == "config":  # not applied here yet: what PostgreSQL has
@@ -477,7 +511,7 @@ async def delete_origin(request: web.Request) -> web.Response:
         raise _conflict(exc) from None
     await _read_your_write(state, target)
     if old is None:
-        raise AdminError(404, "not found", f"{key} is not in the origin store", field="origin")
+        raise AdminError(404, "not found", problems=[_not_stored(key)])
     return web.json_response({"removed": key, "old": old.as_json()})
 
 
@@ -488,7 +522,8 @@ async def import_origins(request: web.Request) -> web.Response:
     try:
         text = await request.text()
     except UnicodeDecodeError as exc:
-        raise AdminError(400, "invalid body", f"not UTF-8 text: {exc}", field="body") from None
+        problem = Problem("body", "body", "not_utf8", f"not UTF-8 text: {exc}")
+        raise AdminError(400, "invalid body", problems=[problem]) from None
     # Lines end at "\n" only: str.splitlines() would also break at U+2028, U+0085 and other separators a note may hold.
     parsed = await asyncio.to_thread(parse_edits, text.split("\n"))
     refused: list[dict[str, Any]] = [{"line": n, "reason": reason} for n, reason in parsed.errors]
@@ -509,7 +544,15 @@ async def import_origins(request: web.Request) -> web.Response:
     )
     if report.written:
         await _read_your_write(state, target)
-    refused.extend({"line": edit.line, "origin": edit.key, "reason": why} for edit, why in report.refused)
+    refused.extend(
+        {
+            "line": edit.line,
+            "origin": edit.key,
+            "reason": "; ".join(problem.message for problem in why),
+            "problems": [problem.at(f"body.line[{edit.line}].{problem.field}").as_json() for problem in why],
+        }
+        for edit, why in report.refused
+    )
     refused.sort(key=lambda item: item["line"] or 0)
     warnings.extend({"line": edit.line, "warning": w} for edit, w in report.warnings)
     if not report.written:
@@ -540,11 +583,14 @@ async def explain_request(request: web.Request) -> web.Response:
     state = request.app[ADMIN].state
     origin = request.query.get("origin")
     if not origin:
-        raise AdminError(400, "missing origin", "give ?origin= as the browser would send it", field="origin")
+        problem = Problem("query.origin", "origin", "missing_origin", "give ?origin= as the browser would send it")
+        raise AdminError(400, "missing origin", problems=[problem])
     method = request.query.get("method") or None
     path = request.query.get("path") or "/"
     if not path.startswith("/"):
-        raise AdminError(400, "invalid path", 'must start with "/"', field="path")
+        raise AdminError(
+            400, "invalid path", problems=[Problem("query.path", "path", "invalid_path", 'must start with "/"')]
+        )
     result = explain(state.config, state.store, origin, method, request.query.get("headers", ""), path)
     return web.json_response(result.as_json())
 
@@ -557,7 +603,7 @@ async def audit(request: web.Request) -> web.Response:
         try:
             origin = parse_origin_entry(origin).key
         except EntryError as exc:
-            raise AdminError(400, "invalid origin", str(exc), field="origin") from None
+            raise AdminError(400, "invalid origin", problems=[exc.problem.at("query.origin")]) from None
     events = await asyncio.to_thread(state.store.history, origin=origin, limit=limit)
     return web.json_response({"events": [event.as_json() for event in events]})
 
@@ -642,9 +688,10 @@ async def reload(request: web.Request) -> web.Response:
         log.error("reload refused, the running configuration stays: %s", exc)
         if ctx.on_reload_refused is not None:
             ctx.on_reload_refused()
-        raise AdminError(
-            400, "configuration refused", "the running configuration stays", field="config", problems=exc.problems
-        ) from None
+        # The reason stays the summary older clients print; the problems are the config's own, with their YAML paths.
+        error = AdminError(400, "configuration refused", "the running configuration stays", "config")
+        error.problems = exc.problems
+        raise error from None
     verdict: Mapping[str, Any] | None = None
     if ctx.request_reload is None:
         ctx.state.config = config  # no arbiter: swap the snapshot; the next request uses it

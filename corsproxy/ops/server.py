@@ -1,5 +1,5 @@
-"""Running the proxy: ``corsproxy serve`` (a gunicorn arbiter over aiohttp workers), the admin listener, fleet mode
-and the demo with its built-in echo upstream.
+"""Running the proxy: ``corsproxy serve`` (a gunicorn arbiter over aiohttp workers), the admin listener and fleet
+mode. (``corsproxy demo`` is :mod:`corsproxy.ops.demo`.)
 
 Owns the process model. The arbiter is gunicorn's, the process manager aiohttp documents: it forks N
 workers that share the proxied listening socket, replaces a worker that dies, and on ``SIGTERM`` lets every worker
@@ -47,8 +47,9 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 from gunicorn.arbiter import Arbiter  # type: ignore[import-untyped]
 from gunicorn.errors import HaltServer  # type: ignore[import-untyped]
 
-from corsproxy.config import ConfigError, load_config
+from corsproxy.config import ConfigError, load_config, store_path_problem
 from corsproxy.core.origin import is_loopback_host
+from corsproxy.core.problems import Problem, field_of
 from corsproxy.core.settings import Config
 from corsproxy.http.app import STATE, ProxyState, create_app
 from corsproxy.http.protocol import ProxyRunner
@@ -61,8 +62,6 @@ __all__ = [
     "check_can_listen",
     "check_store_writable",
     "default_workers",
-    "echo_app",
-    "run_demo",
     "serve",
     "setup_logging",
 ]
@@ -118,11 +117,11 @@ def check_admin_tokens(config: Config) -> None:
     try:
         tokens = load_tokens(admin)
     except (OSError, ValueError) as exc:
-        raise ConfigError([f"admin token: {exc}"], config.source) from None
+        where = "admin.token_file" if admin.token_file else "env CORSPROXY_ADMIN_TOKEN"
+        raise ConfigError([Problem(where, field_of(where), "invalid_admin_token", str(exc))], config.source) from None
     if not tokens and (admin.token_file or not is_loopback_host(admin.host)):
-        raise ConfigError(
-            [f"admin: no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"], config.source
-        )
+        message = f"no token found in {admin.token_file or 'CORSPROXY_ADMIN_TOKEN'} for {admin.host}"
+        raise ConfigError([Problem("admin", "admin", "admin_token_missing", message)], config.source)
 
 
 def _boot_status_path(runtime_dir: str | os.PathLike[str], pid: int) -> Path:
@@ -850,7 +849,7 @@ def check_store_path(config: Config) -> None:
 
     errors, warnings = check_location(config.store.path, config.store.map_size_mb << 20)
     if errors:
-        raise ConfigError(errors, config.source)
+        raise ConfigError([store_path_problem(error) for error in errors], config.source)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     check_store_writable(config)
@@ -868,7 +867,9 @@ def check_source_of_truth(config: Config) -> None:
         with connect(source, application_name="corsproxy-serve") as conn:
             check_schema(conn, source, config.source)
     except SchemaError as exc:
-        raise ConfigError([f"store.postgresql: {exc}"], config.source) from None
+        raise ConfigError(
+            [Problem("store.postgresql", "postgresql", "postgresql_schema", str(exc))], config.source
+        ) from None
     except SourceUnavailable as exc:
         print(f"warning: {exc}; serving the last synced replica until it is back", file=sys.stderr)
 
@@ -902,18 +903,17 @@ def check_store_writable(config: Config) -> None:
         with tempfile.TemporaryFile(dir=store_dir, prefix=".corsproxy-write-check-"):
             pass
     except OSError as exc:
-        raise ConfigError(
-            [f"store.path: {store_dir} is not writable by uid {os.getuid()} ({exc.strerror or exc}) — {fix}"],
-            config.source,
-        ) from None
+        why = f"{store_dir} is not writable by uid {os.getuid()} ({exc.strerror or exc}) — {fix}"
+        raise ConfigError([store_path_problem(why, "store_not_writable")], config.source) from None
 
 
 def _listen_error(section: str, host: str, port: int, exc: OSError, source: str) -> ConfigError:
     """The problem with listening on ``host:port`` (configured under ``section``), named by the key to change."""
     address = _bind_address(host, port)
     also = " (or $CORSPROXY_PORT)" if section == "listen" else ""
+    code = "cannot_listen"
     if exc.errno == errno.EADDRINUSE:
-        key = "port"
+        key, code = "port", "port_in_use"
         why = f"{address} is already in use (another corsproxy, or another program) — stop it or pick another "
         why += f"{section}.port{also}"
     elif exc.errno == errno.EACCES:
@@ -922,7 +922,7 @@ def _listen_error(section: str, host: str, port: int, exc: OSError, source: str)
         key, why = "host", f"{host!r} is not an address of this machine ({exc.strerror or exc}) — e.g. 0.0.0.0"
     else:
         key, why = "port", f"cannot listen on {address}: {exc.strerror or exc}"
-    return ConfigError([f"{section}.{key}: {why}"], source)
+    return ConfigError([Problem(f"{section}.{key}", key, code, why)], source)
 
 
 def check_can_listen(host: str, port: int, section: str, source: str) -> None:
@@ -949,9 +949,9 @@ def serve(config: Config, workers: int) -> int:
     try:
         reconcile_store(config)
     except StoreError as exc:
-        raise ConfigError([f"store.path: {exc}"], config.source) from None
+        raise ConfigError([store_path_problem(str(exc))], config.source) from None
     except lmdb.Error as exc:
-        raise ConfigError([f"store.path: {config.store.path}: {_describe(exc)}"], config.source) from None
+        raise ConfigError([store_path_problem(f"{config.store.path}: {_describe(exc)}")], config.source) from None
     owner = os.getpid()
     runtime_dir = Path(tempfile.mkdtemp(prefix="corsproxy-"))
     metrics_dir = os.environ.get(MULTIPROC_ENV)
@@ -980,73 +980,3 @@ def serve(config: Config, workers: int) -> int:
         if os.getpid() == owner:
             shutil.rmtree(runtime_dir, ignore_errors=True)
     return 0
-
-
-async def _echo(request: web.Request) -> web.Response:
-    body = await request.read()
-    return web.json_response(
-        {
-            "method": request.method,
-            "path": request.raw_path,
-            "headers": dict(request.headers),
-            "body": body.decode("utf-8", "replace"),
-        },
-        headers={"X-Request-Id": "demo-1", "X-Internal": "not exposed"},
-    )
-
-
-def echo_app() -> web.Application:
-    """A tiny upstream that answers every request with what it received, as JSON."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _echo)
-    return app
-
-
-async def run_demo(config: Config, listener: socket.socket | None = None) -> None:
-    """Serve the demo on ``listener`` (bound by the caller, so that a taken port fails before anything starts), or
-    on the config's address."""
-    from dataclasses import replace
-
-    setup_logging()
-    if listener is None:
-        listener = _listen_socket(config.listen.host, config.listen.port)
-    proxy_runner: web.AppRunner | None = None
-    upstream_runner = web.AppRunner(echo_app(), access_log=None)
-    try:
-        await upstream_runner.setup()
-        upstream_site = web.TCPSite(upstream_runner, "127.0.0.1", 0)
-        await upstream_site.start()
-        port = upstream_runner.addresses[0][1]
-        upstream = replace(config.upstream, url=f"http://127.0.0.1:{port}", host="127.0.0.1", port=port, base_path="")
-        config = replace(config, upstream=upstream)
-        proxy_runner = ProxyRunner(create_app(config), access_log=None)  # same limits as `serve`
-        await proxy_runner.setup()
-        await web.SockSite(proxy_runner, listener).start()
-        _demo_banner(config, listener, port)
-        await asyncio.Event().wait()
-    finally:
-        if proxy_runner is not None:
-            await proxy_runner.cleanup()
-        await upstream_runner.cleanup()
-        listener.close()
-
-
-def _demo_banner(config: Config, listener: socket.socket, port: int) -> None:
-    host, listen_port = listener.getsockname()[:2]
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # what curl on this machine reaches
-    base = f"http://{_bind_address(host, listen_port)}"
-    allowed = next((k for k in config.origins if "*" not in k and k != "null"), "https://app.example.com")
-    print(
-        f"\ncorsproxy demo: {base} -> echo upstream on 127.0.0.1:{port}\n"
-        f"origins allowed: {json.dumps(sorted(config.origins))}\n\n"
-        "An allowed preflight (204 with Access-Control-Allow-*):\n"
-        f"  curl -si -X OPTIONS {base}/api/hello -H 'Origin: {allowed}' "
-        "-H 'Access-Control-Request-Method: POST' -H 'Access-Control-Request-Headers: content-type'\n\n"
-        "A refused preflight from a look-alike origin (403, no Access-Control-Allow-*):\n"
-        f"  curl -si -X OPTIONS {base}/api/hello -H 'Origin: https://evil-example.com' "
-        "-H 'Access-Control-Request-Method: POST'\n\n"
-        "An actual request, forwarded to the upstream:\n"
-        f"  curl -si {base}/api/hello -H 'Origin: {allowed}'\n\n"
-        "Ctrl-C stops the demo.\n",
-        flush=True,
-    )

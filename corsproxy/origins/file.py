@@ -104,7 +104,7 @@ def parse_origins_file(
         except ValueError as exc:
             out.errors.append((number, str(exc)))
             continue
-        out.warnings.extend((number, w) for w in warnings)
+        out.warnings.extend((number, w.message) for w in warnings)
         out.entries[entry.key] = entry
         out.expired.discard(entry.key)
     return out

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
+from corsproxy.core.problems import Problem
 from corsproxy.core.settings import ConfiguredOrigin, PostgresSource
 from corsproxy.store import OriginRecord, StoreError
 
@@ -135,6 +136,10 @@ class SchemaError(StoreError):
     """The database has no corsproxy schema, or one of a version this corsproxy does not know."""
 
     reason = "schema"
+
+    def problem(self) -> Problem:
+        """How a config check reports it: at ``store.postgresql``, naming the command that fixes it."""
+        return Problem("store.postgresql", "postgresql", "postgresql_schema", str(self))
 
 
 def _psycopg() -> Any:

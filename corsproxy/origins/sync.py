@@ -89,7 +89,7 @@ def check_row(
         return None, f"the note is {len(note)} characters long; at most {MAX_NOTE_LENGTH} are kept"
     errors, _warnings = check_origin_entry(entry, flags)
     if errors:
-        return None, "; ".join(errors)
+        return None, "; ".join(problem.message for problem in errors)
     return OriginRecord(name, expires, SOURCE, 0.0, note or ""), ""
 
 

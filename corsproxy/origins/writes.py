@@ -28,9 +28,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from corsproxy.core.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit
+from corsproxy.core.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit, note_too_long
+from corsproxy.core.problems import Problem, ProblemError
 from corsproxy.core.safety import check_origin_entry
-from corsproxy.core.settings import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, unknown_policy
+from corsproxy.core.settings import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, unknown_policy_problem
 from corsproxy.store import OriginRecord, OriginStore, Reconciled
 
 __all__ = [
@@ -95,8 +96,8 @@ class Declarations:
         )
 
 
-class DeclaredElsewhere(ValueError):
-    """An operator write to a declared entry: refused, with where to make the change."""
+class DeclaredElsewhere(ProblemError):
+    """An operator write to a declared entry: refused, with where to make the change (code ``declared_elsewhere``)."""
 
     def __init__(self, key: str, source: str, where: str, verb: str = "change") -> None:
         self.key = key
@@ -105,10 +106,11 @@ class DeclaredElsewhere(ValueError):
         then = (
             "then reload (`POST /reload` or SIGHUP)" if source == "config" else "corsproxy re-reads the file by itself"
         )
-        super().__init__(
+        message = (
             f"{key} is declared in {where} (source {source!r}): {verb} it there, {then}; a change made here would be "
             "undone by the next reconciliation"
         )
+        super().__init__(Problem("", "origin", "declared_elsewhere", message))
 
 
 @dataclass
@@ -120,7 +122,8 @@ class WriteReport:
     updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     declared: list[str] = field(default_factory=list)  # import lines equal to a declared entry: nothing to do
-    refused: list[tuple[EntryEdit, str]] = field(default_factory=list)  # (edit, why), conflicts included
+    # (edit, why: unplaced problems, each of its field), conflicts included; the door that asked says where.
+    refused: list[tuple[EntryEdit, tuple[Problem, ...]]] = field(default_factory=list)
     conflicts: list[DeclaredElsewhere] = field(default_factory=list)
     warnings: list[tuple[EntryEdit, str]] = field(default_factory=list)
 
@@ -143,15 +146,16 @@ def _merged(edit: EntryEdit, stored: OriginRecord | None, owner: str) -> OriginR
     )
 
 
-def _check(edit: EntryEdit, policy: str, safety: Mapping[str, PolicySafety]) -> tuple[list[str], list[str]]:
+def _check(edit: EntryEdit, policy: str, safety: Mapping[str, PolicySafety]) -> tuple[list[Problem], list[Problem]]:
     if edit.note is not None and len(edit.note) > MAX_NOTE_LENGTH:
-        return [f"the note is {len(edit.note)} characters long; at most {MAX_NOTE_LENGTH} are kept"], []
+        return [note_too_long(edit.note)], []
     flags = safety.get(policy)
     if flags is None:
         defined = ", ".join(sorted(safety))
         if edit.policy is None:
-            return [f"its stored policy {policy!r} is no longer defined; give a policy (defined: {defined})"], []
-        return [unknown_policy(policy, safety)], []
+            message = f"its stored policy {policy!r} is no longer defined; give a policy (defined: {defined})"
+            return [Problem("", "policy", "stored_policy_undefined", message)], []
+        return [unknown_policy_problem(policy, safety)], []
     return check_origin_entry(edit.entry, flags)
 
 
@@ -190,13 +194,13 @@ def write_entries(
                 return None
             conflict = DeclaredElsewhere(key, stored.source, declarations.where(stored.source))
             report.conflicts.append(conflict)
-            report.refused.append((edit, str(conflict)))
+            report.refused.append((edit, conflict.problems))
             return None
         errors, warnings = _check(edit, record.policy, safety)
         if errors:
-            report.refused.append((edit, "; ".join(errors)))
+            report.refused.append((edit, tuple(errors)))
             return None
-        report.warnings.extend((edit, w) for w in warnings)
+        report.warnings.extend((edit, w.message) for w in warnings)
         if stored is not None and record.same_rule(stored):
             report.unchanged.append(key)
             return None

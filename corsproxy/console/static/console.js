@@ -110,6 +110,11 @@ function problem(data) {
   return [data.error, data.reason].filter(Boolean).join(": ");
 }
 
+// A configuration problem as `corsproxy check` prints it: "path: message".
+function problemLines(problems) {
+  return (problems || []).map((p) => (p.path ? `${p.path}: ${p.message}` : p.message));
+}
+
 function query(params) {
   const q = new URLSearchParams();
   for (const [key, value] of Object.entries(params)) if (value !== undefined && value !== null && value !== "") q.set(key, value);
@@ -679,14 +684,14 @@ async function configuration(params, gen) {
     const { data } = await api("POST", "config/check", {});
     reloadButton.disabled = !data.ok;
     if (data.ok) show(result, true, `${data.config} is valid.`, (data.warnings || []).map((w) => "warning: " + w));
-    else show(result, false, `${data.config} is refused; the running configuration stays:`, data.problems);
+    else show(result, false, `${data.config} is refused; the running configuration stays:`, problemLines(data.problems));
   }
 
   async function reload() {
     reloadButton.disabled = true;
     const { ok, data } = await api("POST", "reload", {});
     if (ok) show(result, true, `Reloading ${data.config}: new workers start on it while the current ones finish their requests.`);
-    else show(result, false, "Reload refused: " + problem(data), data.problems || []);
+    else show(result, false, "Reload refused: " + problem(data), problemLines(data.problems));
   }
 
   checkButton.addEventListener("click", () => check().catch(() => {}));
