@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FORWARDED", "Exchange", "Forwarder"]
 
+#: Request and response heads kept per forwarder (see Forwarder.__init__).
+_HEADS_KEPT = 4096
+
 log = logging.getLogger("corsproxy")
 
 #: Methods the fast path forwards; anything else (TRACE, CONNECT, extension methods) takes the ordinary handler.
@@ -60,6 +63,11 @@ class Forwarder:
         self._pool_key: tuple[Any, ...] | None = None
         self._date_second = -1
         self._date = b""
+        # Heads are pure functions of what they are built from, and clients send the same header lines request after
+        # request: the last few thousand are kept (cleared whole when full, or when the configuration is replaced).
+        self._request_heads: dict[tuple[Any, ...], bytes] = {}
+        self._response_heads: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
+        self._heads_config: Config | None = None
 
     def __call__(
         self, message: RawRequestMessage, payload: StreamReader, protocol: GuardedRequestHandler
@@ -104,7 +112,7 @@ class Forwarder:
             declared = headers.get("Content-Length")
             if declared is None or not declared.isdigit() or int(declared) > limits.max_body_size:
                 return None  # 413 (and the close that keeps the unread body from being parsed) from the ordinary path
-        head = self._upstream_head(message, state, config, protocol, has_body)
+        head = self._cached_upstream_head(message, state, config, protocol, has_body)
         return Exchange(self, state, pool, protocol, message, payload if has_body else None, decision, cors_headers,
                         head, started)  # fmt: skip
 
@@ -125,6 +133,44 @@ class Forwarder:
         )
         self._pool_key = key
         return pool
+
+    def _cached_upstream_head(
+        self,
+        message: RawRequestMessage,
+        state: ProxyState,
+        config: Config,
+        protocol: GuardedRequestHandler,
+        has_body: bool,
+    ) -> bytes:
+        if config is not self._heads_config:
+            self._request_heads.clear()
+            self._response_heads.clear()
+            self._heads_config = config
+        transport = protocol.transport
+        tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+        key = (message.method, message.path, message.raw_headers, message.chunked, has_body, peer(protocol), tls)
+        head = self._request_heads.get(key)
+        if head is None:
+            if len(self._request_heads) >= _HEADS_KEPT:
+                self._request_heads.clear()
+            head = self._request_heads[key] = self._upstream_head(message, state, config, protocol, has_body)
+        return head
+
+    def response_head(
+        self, method: str, status: int, reason: bytes, raw: list[tuple[bytes, bytes]], exchange: Exchange
+    ) -> tuple[bytes, bool, bool, bool]:
+        """The client's response head without ``Date``, whether a ``Date`` line must be added, whether the body is
+        re-chunked and whether there is a body at all — cached per response head and decision."""
+        cors = exchange.cors_headers
+        if cors is None:
+            return exchange.client_head(status, reason, raw)  # its CORS headers depend on this response's names
+        key = (method, status, reason, tuple(raw), cors)
+        made = self._response_heads.get(key)
+        if made is None:
+            if len(self._response_heads) >= _HEADS_KEPT:
+                self._response_heads.clear()
+            made = self._response_heads[key] = exchange.client_head(status, reason, raw)
+        return made
 
     def _upstream_head(
         self,
@@ -312,10 +358,17 @@ class Exchange:
         transport = self.protocol.transport
         if transport is None:
             return
-        transport.write(self._client_head(status, reason, headers))
+        head, needs_date, self._chunked_out, self._body_out = self.forwarder.response_head(
+            self.method, status, reason, headers, self
+        )
+        if needs_date:
+            transport.write(head + self.forwarder.date_line() + b"\r\n")
+        else:
+            transport.write(head + b"\r\n")
 
-    def _client_head(self, status: int, reason: bytes, raw: list[tuple[bytes, bytes]]) -> bytes:
-        """The response head as the ordinary path writes it (its ``StreamResponse`` and ``_undo_invented_headers``)."""
+    def client_head(self, status: int, reason: bytes, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool, bool]:
+        """The response head as the ordinary path writes it (its ``StreamResponse`` and ``_undo_invented_headers``),
+        without ``Date`` and the blank line; whether ``Date`` is to be added; re-chunked; with a body."""
         received = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         vary: list[str] = []
@@ -340,14 +393,11 @@ class Exchange:
         if cors is None:
             cors = tuple(actual_headers(self.decision, (name for name, _ in received)))
         out.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in cors)
-        self._body_out = self.method != "HEAD" and status not in (204, 304)
-        if self._body_out and not has_length:
-            self._chunked_out = True
+        body_out = self.method != "HEAD" and status not in (204, 304)
+        chunked_out = body_out and not has_length
+        if chunked_out:
             out.append(b"Transfer-Encoding: chunked\r\n")
-        if not has_date:
-            out.append(self.forwarder.date_line())
-        out.append(b"\r\n")
-        return b"".join(out)
+        return b"".join(out), not has_date, chunked_out, body_out
 
     def response_body(self, data: bytes) -> None:
         if not self._body_out:
