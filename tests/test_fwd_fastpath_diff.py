@@ -275,3 +275,54 @@ async def test_client_abort_closes_the_upstream_connection(tmp_path: Path) -> No
             await asyncio.wait_for(reader.readuntil(b"first"), 5)
             writer.transport.abort()
             await asyncio.wait_for(upstream.connections[0].closed.wait(), 5)
+
+
+async def test_a_client_that_does_not_read_holds_bounded_memory_and_stalls_nobody(tmp_path: Path) -> None:
+    """A 64 MiB download to a client that stops reading: the fast path stops reading the upstream (its client-side
+    write buffer stays small, the upstream is left unable to send the rest), while another client is served."""
+    total = 64 << 20
+    sent = [0]
+    piece = b"x" * (1 << 16)
+
+    async def big(connection: RawConnection) -> None:
+        received = await connection.read_request()
+        if received is None:
+            return
+        if received.target != "/big":
+            await connection.send(ANSWERS["ok"])
+            while await connection.read_request() is not None:
+                await connection.send(ANSWERS["ok"])
+            return
+        await connection.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        while sent[0] < total:
+            await connection.send(piece)
+            sent[0] += len(piece)
+
+    async with RawUpstream(big) as upstream:
+        data = merge(
+            BASE_CONFIG,
+            {"upstream": {"url": f"http://127.0.0.1:{upstream.port}"}, "store": {"path": str(tmp_path / "db")}},
+        )
+        async with serve_proxy(data) as proxy:
+            taken: list[Exchange] = []
+            _count_exchanges(proxy.runner, taken)
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(_request("GET", "/big"))
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            # Wait (bounded) until the upstream cannot send any more: the proxy stopped reading it.
+            last = -1
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if sent[0] == last:
+                    break
+                last = sent[0]
+            server: Any = proxy.runner.server
+            buffered = max(c.transport.get_write_buffer_size() for c in server._connections if c.transport)
+            assert buffered <= 1 << 20
+            assert sent[0] < total
+            # Another client is answered meanwhile.
+            for _ in range(3):
+                answer = await _raw(proxy.port, _request("GET", "/ok"), read_all=True)
+                assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"ok")
+            assert len(taken) == 4
+            writer.close()
