@@ -265,7 +265,6 @@ class Exchange:
         self._connect_task: asyncio.Task[None] | None = None
         self._body_sent = payload is None
         self._writable: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._upstream_paused = False
         self._retried = False
         upstream = state.config.upstream
@@ -299,9 +298,8 @@ class Exchange:
 
     def _send(self, connection: UpstreamConnection) -> None:
         self.connection = connection
-        connection.begin(self, self.method == "HEAD")
+        connection.begin(self, self.method == "HEAD", self._read_timeout)
         connection.write(self.head)
-        self._arm_timer()
         if self.payload is not None and not self._body_sent:
             self._body_task = self.pool.loop.create_task(self._pump_body(connection, self.payload))
 
@@ -443,7 +441,6 @@ class Exchange:
             # came: the request never reached a server that answered it, so it is sent once more on a new connection.
             self._retried = True
             self.connection = None
-            self._disarm_timer()
             self._connect_task = self.pool.loop.create_task(self._connect())
             return
         self._upstream_broke(exc, timeout=False)
@@ -470,6 +467,10 @@ class Exchange:
             )
 
     # client events (from the connection protocol)
+    def upstream_timed_out(self) -> None:
+        if not self.finished:
+            self._upstream_broke(TimeoutError("upstream read timeout"), timeout=True)
+
     def client_paused(self) -> None:
         if self.connection is not None and not self._upstream_paused:
             self._upstream_paused = True
@@ -478,7 +479,6 @@ class Exchange:
     def client_resumed(self) -> None:
         if self.connection is not None and self._upstream_paused:
             self._upstream_paused = False
-            self.connection.last_read = self.pool.loop.time()
             self.connection.resume_reading()
 
     def client_lost(self) -> None:
@@ -489,30 +489,6 @@ class Exchange:
             self.connection.close()
         self.status = 499
         self._finish(False, notify=False)
-
-    # timers
-    def _arm_timer(self) -> None:
-        if self._read_timeout:
-            self._timer = self.pool.loop.call_later(self._read_timeout, self._check_read)
-
-    def _disarm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check_read(self) -> None:
-        self._timer = None
-        connection = self.connection
-        if self.finished or connection is None:
-            return
-        loop = self.pool.loop
-        idle = loop.time() - connection.last_read
-        if self._upstream_paused or idle < self._read_timeout:
-            # Paused for a slow client (not the upstream's fault), or bytes came meanwhile: check again later.
-            wait = self._read_timeout if self._upstream_paused else self._read_timeout - idle
-            self._timer = loop.call_later(wait, self._check_read)
-            return
-        self._upstream_broke(TimeoutError("upstream read timeout"), timeout=True)
 
     # endings
     def _fail_before_head(self, status: int, text: str, error: str, key: str, line: str) -> None:
@@ -552,7 +528,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self._disarm_timer()
         for task in (self._body_task, self._connect_task):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()

@@ -20,7 +20,8 @@ import httptools
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamPool"]
 
 #: Seconds a pooled connection may sit idle before corsproxy closes it (aiohttp's connector default: most upstreams
-#: close theirs after 60-75 s, so reusing a connection idle longer than this would race the upstream's close).
+#: close theirs after 60-75 s, so reusing a connection idle longer than this would race the upstream's close). The
+#: check runs on a timer that is re-armed only when it fires, so a connection is closed 15-30 s after its last use.
 IDLE_CLOSE = 15.0
 
 
@@ -37,6 +38,8 @@ class ResponseSink(Protocol):
 
     def upstream_writable(self) -> None: ...
 
+    def upstream_timed_out(self) -> None: ...
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; carries one exchange at a time (no pipelining towards the upstream)."""
@@ -49,6 +52,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False  # a byte of the current response arrived
         self.last_read = 0.0  # loop time of the last byte from the upstream (the read timeout runs from it)
         self.writing_paused = False
+        self.reading_paused = False  # for a client that does not keep up: not the upstream's fault, no timeout
+        self.read_timeout = 0.0
+        self._idle_since = 0.0
+        # One timer per connection, re-armed only when it fires (not per request): it checks the read timeout while
+        # an exchange runs, and the idle close while the connection is pooled.
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._watch_due = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -57,7 +67,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_eof = False  # the response has neither Content-Length nor chunked framing: it ends at close
         self._skip_body = False  # a response to HEAD: no body follows whatever its head says
         self._done = False
-        self._idle_handle: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -66,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._unwatch()
         self.pool.forget(self)
         sink, self.sink = self.sink, None
         if sink is None:
@@ -156,8 +166,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.release(self)
 
     # used by the forwarder
-    def begin(self, sink: ResponseSink, head_request: bool) -> None:
-        """Start an exchange: its response goes to ``sink``."""
+    def begin(self, sink: ResponseSink, head_request: bool, read_timeout: float) -> None:
+        """Start an exchange: its response goes to ``sink``; ``read_timeout`` bounds each wait for upstream bytes."""
         self.sink = sink
         self.received_any = False
         self.last_read = self.pool.loop.time()
@@ -167,25 +177,30 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_eof = False
         self._done = False
         self._skip_body = head_request
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        self.read_timeout = read_timeout
+        self.reading_paused = False
+        # At most IDLE_CLOSE ahead, so that the same timer, left armed, serves the idle close after this exchange.
+        self._watch(min(read_timeout, IDLE_CLOSE) if read_timeout > 0 else IDLE_CLOSE)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
 
     def pause_reading(self) -> None:
+        self.reading_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        self.reading_paused = False
+        self.last_read = self.pool.loop.time()
         if self.transport is not None:
             self.transport.resume_reading()
 
     def close(self) -> None:
         """Drop the connection (the client left, the response broke, or it is not reusable)."""
         self.sink = None
+        self._unwatch()
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
@@ -193,7 +208,46 @@ class UpstreamConnection(asyncio.Protocol):
 
     def park(self) -> None:
         """Idle in the pool: closed after :data:`IDLE_CLOSE` unless an exchange takes it."""
-        self._idle_handle = self.pool.loop.call_later(IDLE_CLOSE, self.close)
+        self._idle_since = self.pool.loop.time()
+        self._watch(IDLE_CLOSE)
+
+    def _watch(self, delay: float) -> None:
+        due = self.pool.loop.time() + delay
+        if self._watch_handle is not None:
+            if self._watch_due <= due:
+                return  # it fires first and checks again
+            self._watch_handle.cancel()
+        self._watch_due = due
+        self._watch_handle = self.pool.loop.call_at(due, self._watched)
+
+    def _unwatch(self) -> None:
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+
+    def _watched(self) -> None:
+        self._watch_handle = None
+        if self.transport is None:
+            return
+        now = self.pool.loop.time()
+        sink = self.sink
+        if sink is None:
+            idle = now - self._idle_since
+            if idle >= IDLE_CLOSE:
+                self.close()
+            else:
+                self._watch(IDLE_CLOSE - idle)
+            return
+        if self.read_timeout <= 0:
+            self._watch(IDLE_CLOSE)
+            return
+        waited = now - self.last_read
+        if self.reading_paused:
+            self._watch(min(self.read_timeout, IDLE_CLOSE))
+        elif waited >= self.read_timeout:
+            sink.upstream_timed_out()
+        else:
+            self._watch(min(self.read_timeout - waited, IDLE_CLOSE))
 
 
 class _Unexpected(Exception):
