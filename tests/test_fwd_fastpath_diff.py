@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from corsproxy.http.forward import Exchange
+from corsproxy.http.upstream import UpstreamConnection, UpstreamPool
 from tests.support.config import BASE_CONFIG, merge
 from tests.support.inprocess import serve_proxy
 from tests.support.raw_upstream import RawConnection, RawUpstream
@@ -326,3 +327,50 @@ async def test_a_client_that_does_not_read_holds_bounded_memory_and_stalls_nobod
                 assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"ok")
             assert len(taken) == 4
             writer.close()
+
+
+class _PausingSink:
+    """An exchange whose client fills up at the response head: it pauses the upstream connection's reading there."""
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self.connection = connection
+        self.ended = asyncio.Event()
+        self.failed: BaseException | None = None
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.connection.pause_reading()
+
+    def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_end(self) -> None:
+        self.ended.set()
+
+    def upstream_failed(self, exc: BaseException | None) -> None:
+        self.failed = exc or ConnectionError("closed")
+        self.ended.set()
+
+    def upstream_writable(self) -> None:
+        pass
+
+    def upstream_timed_out(self) -> None:
+        self.failed = TimeoutError()
+        self.ended.set()
+
+
+async def test_a_connection_paused_when_its_response_ended_is_reusable() -> None:
+    """A response whose end arrives in the same read as the client's pause leaves the upstream connection paused as it
+    goes back to the pool; the next exchange on it must still read its response (not wait for a read timeout)."""
+    async with RawUpstream() as upstream:
+        pool = UpstreamPool("127.0.0.1", upstream.port, None, 4, asyncio.get_running_loop())
+        try:
+            connection = await pool.acquire(5)
+            for _ in range(2):
+                sink = _PausingSink(connection)
+                connection.begin(sink, False, 5.0)
+                connection.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                await asyncio.wait_for(sink.ended.wait(), 5)
+                assert sink.failed is None
+                assert pool.idle() is connection  # back in the pool, and handed out again
+        finally:
+            pool.close()

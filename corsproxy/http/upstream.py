@@ -178,7 +178,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._done = False
         self._skip_body = head_request
         self.read_timeout = read_timeout
-        self.reading_paused = False
+        if self.reading_paused:
+            self.resume_reading()
         # At most IDLE_CLOSE ahead, so that the same timer, left armed, serves the idle close after this exchange.
         self._watch(min(read_timeout, IDLE_CLOSE) if read_timeout > 0 else IDLE_CLOSE)
 
@@ -209,6 +210,10 @@ class UpstreamConnection(asyncio.Protocol):
     def park(self) -> None:
         """Idle in the pool: closed after :data:`IDLE_CLOSE` unless an exchange takes it."""
         self._idle_since = self.pool.loop.time()
+        if self.reading_paused:
+            # Paused for the previous exchange's slow client, and the response's end arrived in the same read: an
+            # idle connection must read, or neither the upstream's close nor the next response would be seen.
+            self.resume_reading()
         self._watch(IDLE_CLOSE)
 
     def _watch(self, delay: float) -> None:
