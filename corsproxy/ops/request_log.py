@@ -217,7 +217,7 @@ class RequestLog:
         stamp = f"{self._stamp}.{int(now % 1 * 1000):03d}Z"  # as _iso_millis writes it
         name = "WARNING" if level == logging.WARNING else "INFO"
         if type(handler.formatter) is JsonFormatter:
-            line = json.dumps(
+            line = _ENCODER.encode(
                 {
                     "time": stamp,
                     "level": name.lower(),
@@ -225,9 +225,7 @@ class RequestLog:
                     "pid": self._pid,
                     "message": message,
                     **fields,
-                },
-                separators=(",", ":"),
-                default=str,
+                }
             )
         else:
             line = f"{stamp} {name:<7} [{self._pid}] {message}"
@@ -257,6 +255,8 @@ class RequestLog:
 
 
 _MESSAGE = '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s'
+#: What JsonFormatter's json.dumps call makes, made once (json.dumps builds a new encoder per call for these options).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 class _NoLock:
