@@ -221,8 +221,39 @@ def workloads(sizes: Sequence[int], nginx: bool, extras: bool, upload: int = UPL
         )
     get = {"Origin": ALLOWED}
     post = {"Origin": ALLOWED, "Content-Type": "application/octet-stream"}
+    post_json = {"Origin": ALLOWED, "Content-Type": "application/json"}
     out += [
         Workload("W3", "GET small JSON, forwarded", Request("GET", "/small.json", get), 32, ("corsproxy", *forwarders)),
+        Workload(
+            "W3c",
+            "GET small JSON, forwarded, 256 keep-alive connections",
+            Request("GET", "/small.json", get),
+            256,
+            ("corsproxy", *ng),
+        ),
+        Workload(
+            "W7",
+            "POST 4 KiB JSON, forwarded",
+            Request("POST", "/upload", post_json, 4096),
+            32,
+            ("corsproxy", "forwarder", *ng),
+        ),
+        # The default configuration logs one line per request at info: measured against the same proxy with the
+        # per-request log off (logging.level warning), side by side.
+        Workload(
+            "W1log",
+            "allowed preflight, default logging (info) vs log off",
+            Request("OPTIONS", "/api/items", preflight(ALLOWED), 0, 204),
+            32,
+            ("corsproxy-log", "corsproxy"),
+        ),
+        Workload(
+            "W3log",
+            "GET small JSON, forwarded, default logging (info) vs log off",
+            Request("GET", "/small.json", get),
+            32,
+            ("corsproxy-log", "corsproxy"),
+        ),
         Workload("W4", "GET 1 MiB, streamed", Request("GET", "/1m.bin", get), 8, ("corsproxy", *forwarders), 1.0),
         Workload(
             "W5",
@@ -517,8 +548,14 @@ def targets(ratios_: list[Ratio], rows: list[Row], extra: dict[str, Any]) -> lis
     if biggest:
         per_cpu(biggest[0], "corsproxy (W1)", f"{biggest[0]}: ≥ 0.95× the 10-origin rate per CPU-second", 0.95)
     per_cpu("W3", "forwarder", "W3: ≥ 1.0× the minimal aiohttp forwarder per CPU-second", 1.0)
+    per_cpu("W3", "nginx", "W3: ≥ 0.33× nginx per CPU-second", 0.33)
     per_cpu("W3", "nginx", "W3 (aim): ≥ 0.5× nginx per CPU-second", 0.5)
+    per_cpu("W3c", "nginx", "W3c (256 connections): ≥ 0.33× nginx per CPU-second", 0.33)
+    per_cpu("W7", "nginx", "W7 (POST 4 KiB): ≥ 0.33× nginx per CPU-second", 0.33)
+    for wid in ("W1log", "W3log"):
+        per_cpu(wid, "corsproxy", f"{wid[:2]} with default logging: ≥ 0.8× log off per CPU-second", 0.8)
     for wid in ("W4", "W6"):
+        per_cpu(wid, "nginx", f"{wid}: ≥ 0.8× nginx per CPU-second", 0.8)
         x = r.get((wid, "nginx"))
         if x is None:
             out.append(Target(f"{wid}: ≥ 0.9× nginx MiB/s", "not measured", None))
@@ -861,13 +898,15 @@ def start_services(
 
     # corsproxy: the 10-origin instance, then one per store size (imported with the real CLI first).
     flags = serve_flags(services.env)
-    stores = [("corsproxy", 0), *((f"corsproxy-{size_label(n)}", n) for n in sizes)]
+    stores = [("corsproxy", 0), ("corsproxy-log", 0), *((f"corsproxy-{size_label(n)}", n) for n in sizes)]
     for name, n in stores:
         if name not in needed and name != "corsproxy":
             continue
         config = work / f"{name}.yaml"
         port = free_port()
-        corsproxy_config(config, port, upstream_port, work / f"{name}.lmdb", log_level)
+        # corsproxy-log: the default logging level (every request logged), whatever --log-level says
+        level = "info" if name == "corsproxy-log" else log_level
+        corsproxy_config(config, port, upstream_port, work / f"{name}.lmdb", level)
         if n:
             print(f"importing {n:,} origins with `corsproxy origins import`", flush=True)
             seconds = import_origins(config, n, work, services.env)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 from aiohttp import web
 
-from corsproxy.http.protocol import FAST_PATH_NAMES, GUARD_NAMES, check_internals
+from corsproxy.http.protocol import FAST_PATH_NAMES, FORWARD_NAMES, GUARD_NAMES, check_internals
 
 
 class _Handler:
     """A stand-in connection handler with every name the check looks for (aiohttp's newest queue flavour)."""
 
     def __init__(self, *, without: tuple[str, ...] = (), queue: tuple[str, ...] = ("_buffer_paused",)) -> None:
-        names = {*GUARD_NAMES, *FAST_PATH_NAMES}
+        names = {*GUARD_NAMES, *FAST_PATH_NAMES, *FORWARD_NAMES}
         if queue:
             names |= {"_max_msg_queue_size", *queue}
         for name in names - set(without):
@@ -42,13 +42,13 @@ async def test_the_installed_aiohttp_has_every_name() -> None:
     server = web.Server(lambda request: None)  # type: ignore[arg-type, return-value]
     internals = check_internals(server())
     assert internals.missing == ()
-    assert internals.guards and internals.fast_path
+    assert internals.guards and internals.fast_path and internals.forward
 
 
 def test_a_complete_stand_in_passes() -> None:
     internals = check_internals(_Handler(), _Runner, parser=_Parser)
     assert internals.missing == ()
-    assert internals.guards and internals.fast_path
+    assert internals.guards and internals.fast_path and internals.forward
     assert internals.queue_resume == ("_buffer_paused", "_resume_reading_if_drained")
 
 
@@ -85,6 +85,14 @@ def test_a_missing_fast_path_name_turns_only_the_fast_path_off(name: str) -> Non
     internals = check_internals(_Handler(without=(name,)), _Runner, parser=_Parser)
     assert (internals.guards, internals.fast_path) == (True, False)
     assert name in internals.missing
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_a_missing_forwarding_name_turns_only_the_forwarding_fast_path_off(name: str) -> None:
+    internals = check_internals(_Handler(without=(name,)), _Runner, parser=_Parser)
+    assert internals.missing == (name,)
+    assert internals.guards and internals.fast_path
+    assert not internals.forward
 
 
 @pytest.mark.parametrize("name", GUARD_NAMES)

@@ -7,7 +7,8 @@ aiohttp has is checked once, when :class:`ProxyRunner` builds its server (:func:
 names are missing is turned off with one log line instead of failing on every connection:
 
 * the connection guards (header-read timeout, 414/431 past the parser's ceiling): off, plain aiohttp handling;
-* the preflight fast path (:mod:`corsproxy.http.fastpath`): off, preflights take the ordinary handler.
+* the preflight fast path (:mod:`corsproxy.http.fastpath`): off, preflights take the ordinary handler;
+* the forwarding fast path (:mod:`corsproxy.http.forward`): off, every request is forwarded by the ordinary handler.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from corsproxy.core.decision import CorsRequest, Decision, actual_headers
 from corsproxy.core.log_limit import PROXY_LINES
 from corsproxy.http.app import CONFIG, STATE, VARY_ONLY, ProxyState, handler_args
 from corsproxy.http.fastpath import FastAnswer, PreflightResponder
+from corsproxy.http.forward import Exchange, Forwarder
 
 __all__ = ["GuardedRequestHandler", "Internals", "ProxyRunner", "check_internals"]
 
@@ -48,6 +50,8 @@ FAST_PATH_NAMES = (
     "_next_keepalive_close_time",
     "_loop",
 )
+#: ... and the ones the forwarding fast path also needs: the keep-alive timer it holds off while an exchange runs.
+FORWARD_NAMES = ("_keepalive_handle", "_process_keepalive")
 #: How aiohttp versions pause reading while their request queue is full, and resume it: (flag, resume method).
 #: aiohttp releases without a bounded queue (no ``_max_msg_queue_size``) never pause, so there is nothing to resume.
 _QUEUE_RESUMERS = (("_buffer_paused", "_resume_reading_if_drained"), ("_msg_queue_paused", "_resume_msg_queue_reading"))
@@ -62,6 +66,7 @@ class Internals:
     fast_path: bool = True  # the preflight fast path can run
     queue_resume: tuple[str, str] | None = None  # (flag, method) to resume a paused request queue; None: never paused
     parser_consumed: bool = True  # the parser counts queued messages: tell it when one is taken off the queue
+    forward: bool = True  # the forwarding fast path can run
 
 
 def check_internals(
@@ -94,9 +99,11 @@ def check_internals(
             queue_known = False  # a bounded queue whose parser is never told a message left it fills up
             missing.append("HttpRequestParser.message_consumed")
     fast_path = guards and queue_known and all(hasattr(handler, name) for name in FAST_PATH_NAMES)
+    missing += [name for name in FORWARD_NAMES if not hasattr(handler, name)]
+    forward = fast_path and all(hasattr(handler, name) for name in FORWARD_NAMES)
     if not hasattr(response, "_prepare_headers"):
         missing.append("StreamResponse._prepare_headers")  # only the Server header of bare answers stays
-    return Internals(tuple(missing), guards, fast_path, resume, consumed)
+    return Internals(tuple(missing), guards, fast_path, resume, consumed, forward)
 
 
 class GuardedRequestHandler(web.RequestHandler):
@@ -116,6 +123,7 @@ class GuardedRequestHandler(web.RequestHandler):
         *,
         header_read_timeout: float,
         fast: FastAnswer | None = None,
+        forward: Forwarder | None = None,
         internals: Internals = Internals(),
         **kwargs: Any,
     ) -> None:
@@ -124,6 +132,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._header_read_timeout = header_read_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._fast = fast
+        self._forward = forward
+        self._exchange: Exchange | None = None  # the request the forwarding fast path is relaying, if any
         self._chunk_prefix = b""  # the start of the previous chunk received (bounded), see _keep_refused_head
         self._refused_head = b""  # what arrived of a head the parser refused as too long, for handle_error
         self.draining = False  # the worker is stopping: every answer says Connection: close
@@ -138,12 +148,37 @@ class GuardedRequestHandler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.client_lost()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._exchange is not None:
+            self._exchange.client_paused()  # stop reading the upstream until the client has taken what is buffered
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._exchange is not None:
+            self._exchange.client_resumed()
+
+    def _process_keepalive(self) -> None:
+        if self._exchange is not None and self._keepalive_timeout > 0:
+            # aiohttp's loop looks idle while the fast path relays a response: the idle close must wait for its end.
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
+            return
+        super()._process_keepalive()
 
     def data_received(self, data: bytes) -> None:
         previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
         waiter = self._waiter
+        if self._exchange is not None and waiter is not None and not waiter.done():
+            # An exchange is in progress: feed its body, queue what follows for when it ends (responses stay in order).
+            self._parse_quietly(data, waiter, previous)
+            return
         if (
-            self._fast is not None
+            (self._fast is not None or self._forward is not None)
             and waiter is not None
             and not waiter.done()  # aiohttp's loop is idle: every earlier response is written, order is kept
             and not self._messages
@@ -174,6 +209,7 @@ class GuardedRequestHandler(web.RequestHandler):
         """
         self.draining = True
         self._fast = None  # the ordinary path answers, and its answers carry Connection: close
+        self._forward = None
         self._idle_since = None
 
     def drain_tick(self, now: float, grace: float) -> None:
@@ -189,34 +225,48 @@ class GuardedRequestHandler(web.RequestHandler):
         elif now - self._idle_since >= grace:
             self.force_close()
 
-    def _data_received_fast(
-        self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer, previous: bytes = b""
-    ) -> None:
-        """Parse with aiohttp's parser, answer leading preflights from bytes, wake aiohttp's loop for the rest."""
-        self._waiter = None  # parse without waking the request loop: it only wakes for what is left
+    def _parse_quietly(self, data: bytes, waiter: asyncio.Future[None], previous: bytes) -> None:
+        """Parse with aiohttp's parser without waking its request loop (the fast paths decide who answers)."""
+        queued = len(self._messages)
+        self._waiter = None
         try:
             super().data_received(data)
         finally:
             self._waiter = waiter
-        if self._messages:
+        if len(self._messages) > queued:
+            self._fail_body_on_parse_error(self._messages[-1][0])
             self._keep_refused_head(previous, data)
+
+    def _data_received_fast(
+        self, data: bytes, waiter: asyncio.Future[None], fast: FastAnswer | None = None, previous: bytes = b""
+    ) -> None:
+        """Parse with aiohttp's parser, answer leading preflights from bytes, wake aiohttp's loop for the rest."""
+        self._parse_quietly(data, waiter, previous)
+        self._answer_queued(waiter, self._fast if fast is None else fast)
+
+    def _answer_queued(self, waiter: asyncio.Future[None], fast: FastAnswer | None) -> None:
+        """Answer the queued messages the fast paths take, in order: preflights from bytes, forwardable requests by
+        an exchange (the rest waits until it ends); wake aiohttp's loop at the first message neither takes."""
         messages = self._messages
         answered = False
         while messages:
             message, payload = messages[0]
-            if payload is not EMPTY_PAYLOAD or not isinstance(message, RawRequestMessage) or self._upgraded:
+            if not isinstance(message, RawRequestMessage) or self._upgraded:
                 break
             transport = self.transport
             if transport is None or transport.get_write_buffer_size() > _FAST_WRITE_HIGH_WATER:
                 # A client that pipelines and does not read: leave the rest to aiohttp's loop, which waits for the
                 # transport to drain and stops reading when its queue is full — memory stays bounded.
                 break
-            try:
-                answer = fast(message, self)
-            except Exception:
-                log.exception("preflight fast path failed; answering through the ordinary handler")
-                answer = None
+            answer = None
+            if fast is not None and payload is EMPTY_PAYLOAD:
+                try:
+                    answer = fast(message, self)
+                except Exception:
+                    log.exception("preflight fast path failed; answering through the ordinary handler")
             if answer is None:
+                if self._forward is not None and self._start_exchange(message, payload):
+                    return
                 break
             messages.popleft()
             if self._parser is not None and self._internals.parser_consumed:
@@ -242,6 +292,50 @@ class GuardedRequestHandler(web.RequestHandler):
             self._disarm_head_timer()
         elif self._head_timer is None:
             self._arm_head_timer()  # a partial head: the header-read timeout runs from its first byte
+
+    def _start_exchange(self, message: RawRequestMessage, payload: Any) -> bool:
+        """Hand ``message`` to the forwarding fast path; False (nothing sent) when the ordinary path must answer."""
+        assert self._forward is not None
+        try:
+            exchange = self._forward(message, payload, self)
+        except Exception:
+            log.exception("forwarding fast path failed; answering through the ordinary handler")
+            return False
+        if exchange is None:
+            return False
+        self._messages.popleft()
+        if self._parser is not None and self._internals.parser_consumed:
+            self._parser.message_consumed()
+        self._exchange = exchange
+        self._partial_head = False
+        self._disarm_head_timer()
+        resume = self._internals.queue_resume
+        if resume is not None and getattr(self, resume[0]):
+            getattr(self, resume[1])()  # aiohttp paused reading for a full queue: one message left it
+        try:
+            exchange.start()
+        except Exception:
+            # Nothing has been written to the client yet only if the exchange never reached its upstream; either way
+            # this connection cannot be trusted to be in step any more.
+            log.exception("forwarding fast path failed; closing the connection")
+            self._exchange = None
+            self.force_close()
+        return True
+
+    def exchange_done(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The fast path's exchange wrote its whole response: continue with what the client sent meanwhile."""
+        if self._exchange is not exchange:
+            return
+        self._exchange = None
+        if not keep_alive:
+            self.force_close()
+            return
+        if self._keepalive_timeout > 0:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self.transport is not None and self._messages:
+            # Draining turned both fast paths off: the ordinary path then answers, with Connection: close.
+            self._answer_queued(waiter, self._fast)
 
     def _keep_refused_head(self, previous: bytes, data: bytes) -> None:
         """Keep what arrived of a head the parser just refused as too long (the previous chunk's start and this
@@ -295,15 +389,20 @@ class GuardedRequestHandler(web.RequestHandler):
         """aiohttp's parser, failing mid-body (a bad chunk size), queues a 400 but leaves the running request's body
         stream waiting forever. End that stream with the error, so the forwarder cuts the upstream request at once
         instead of after ``upstream.read_timeout``."""
-        if isinstance(message, RawRequestMessage) or self._current_request is None:
+        if isinstance(message, RawRequestMessage):
             return
-        content = self._current_request.content
+        if self._exchange is not None and self._exchange.payload is not None:
+            content = self._exchange.payload
+        elif self._current_request is not None:
+            content = self._current_request.content
+        else:
+            return
         if not content.is_eof():
             error = getattr(message, "exc", None)
             content.set_exception(error if isinstance(error, Exception) else BadHttpMessage("malformed body"))
 
     def _awaiting_head(self) -> bool:
-        return not (self._request_in_progress or self._messages or self._upgraded)
+        return not (self._request_in_progress or self._messages or self._upgraded or self._exchange is not None)
 
     def _arm_head_timer(self) -> None:
         if self._header_read_timeout > 0:
@@ -417,6 +516,7 @@ class _GuardedServer(web.Server):
         handler_kwargs: dict[str, Any],
         fast: FastAnswer | None,
         internals: Internals,
+        forward: Forwarder | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
         super().__init__(
@@ -427,6 +527,7 @@ class _GuardedServer(web.Server):
             **handler_kwargs,
         )
         self._fast = fast  # read per connection: a test may wrap it to see which path answered
+        self._forward = forward
         self._new_handler = functools.partial(
             GuardedRequestHandler,
             self,
@@ -438,7 +539,7 @@ class _GuardedServer(web.Server):
         self._guard_draining = False
 
     def __call__(self) -> web.RequestHandler:
-        handler = self._new_handler(fast=self._fast)
+        handler = self._new_handler(fast=self._fast, forward=self._forward)
         if self._guard_draining:
             # Accepted just before the listening socket closed, connected after the drain began: it drains too
             # (else its keep-alive answers would keep it busy until the drain timeout cut it mid-request).
@@ -486,8 +587,12 @@ class ProxyRunner(web.AppRunner):
     """``web.AppRunner`` for :func:`create_app` that also applies ``limits.header_read_timeout`` and answers 431 past
     the parser's ceiling. Use it instead of ``web.run_app``/``web.AppRunner`` where corsproxy is served."""
 
-    def __init__(self, app: web.Application, *, fast_preflights: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, fast_preflights: bool = True, fast_forwarding: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(app, **kwargs)
+        self._fast_forwarding = fast_forwarding
+        self._forwarder: Forwarder | None = None
         if _close_when_draining not in app.on_response_prepare:
             app.on_response_prepare.append(_close_when_draining)  # only guarded connections drain
         self._fast_preflights = fast_preflights
@@ -502,7 +607,17 @@ class ProxyRunner(web.AppRunner):
         handler_kwargs: dict[str, Any] = dict(self._runner_kwargs)
         handler_kwargs.update(handler_args(app[CONFIG].limits))  # as aiohttp merges them: the app's win
         fast = PreflightResponder(app) if self._fast_preflights and internals.fast_path else None
-        return _GuardedServer(plain, app[CONFIG].limits.header_read_timeout, handler_kwargs, fast, internals)
+        if self._fast_forwarding and internals.forward:
+            self._forwarder = Forwarder(app)
+        return _GuardedServer(
+            plain, app[CONFIG].limits.header_read_timeout, handler_kwargs, fast, internals, self._forwarder
+        )
+
+    async def _cleanup_server(self) -> None:
+        # After the drain (in-flight exchanges ended or were cut): the pool's upstream connections close.
+        if self._forwarder is not None:
+            self._forwarder.close()
+        await super()._cleanup_server()
 
 
 _CHECKED: list[Internals] = []
@@ -516,7 +631,11 @@ def _checked_once(server: web.Server) -> Internals:
         internals = check_internals(server(), server=server)
         _CHECKED.append(internals)
         if internals.missing:
-            features = (("connection guards", internals.guards), ("preflight fast path", internals.fast_path))
+            features = (
+                ("connection guards", internals.guards),
+                ("preflight fast path", internals.fast_path),
+                ("forwarding fast path", internals.forward),
+            )
             off = [name for name, on in features if not on]
             log.warning(
                 "aiohttp %s lacks %s: %s off (corsproxy still serves every request, through aiohttp's ordinary path)",

@@ -10,7 +10,9 @@ Must not import aiohttp or lmdb: it sees requests only as :class:`corsproxy.core
 
 from __future__ import annotations
 
+import asyncio
 import json
+import json.encoder
 import logging
 import os
 import random
@@ -123,6 +125,11 @@ class RequestLog:
         self.logger = logger or logging.getLogger(REQUEST_LOGGER)
         self.limiter = REQUEST_LINES if limiter is None else limiter
         self._random = random.random
+        self._pid = os.getpid()
+        self._second = -1
+        self._stamp = ""
+        self._pending: list[str] = []
+        self._pending_handler: logging.StreamHandler[Any] | None = None
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
@@ -156,9 +163,7 @@ class RequestLog:
             "upstream_ms": upstream_ms,
             "upstream_error": outcome.upstream_error,
         }
-        self.logger.log(
-            level,
-            '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s',
+        args = (
             outcome.client or "-",
             outcome.method,
             outcome.path,
@@ -169,5 +174,112 @@ class RequestLog:
             outcome.status,
             outcome.bytes_sent,
             "-" if upstream_ms is None else f"{upstream_ms}ms",
-            extra=fields,
         )
+        handler = self._direct_handler(level)
+        if handler is None:
+            self.logger.log(level, _MESSAGE, *args, extra=fields)
+        else:
+            self._write_direct(handler, level, _MESSAGE % args, fields)
+
+    def _direct_handler(self, level: int) -> logging.StreamHandler[Any] | None:
+        """The one stream handler a request line would reach, when the logging setup is corsproxy's own (a single
+        ``StreamHandler`` with corsproxy's formatter, no filters on the way): then the line is formatted here,
+        exactly as that formatter would, without a ``LogRecord`` and the caller lookup ``logging`` makes for each.
+        Any other setup (an operator's handlers, filters, formatters) gets the ordinary ``logger.log``."""
+        found: logging.Handler | None = None
+        logger: logging.Logger | None = self.logger
+        while logger is not None:
+            if logger.filters:
+                return None
+            for handler in logger.handlers:
+                if found is not None:
+                    return None
+                found = handler
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        if (
+            type(found) is not logging.StreamHandler
+            or found.filters
+            or level < found.level
+            or type(found.formatter) not in (JsonFormatter, TextFormatter)
+        ):
+            return None
+        return found
+
+    def _write_direct(
+        self, handler: logging.StreamHandler[Any], level: int, message: str, fields: dict[str, Any]
+    ) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        stamp = f"{self._stamp}.{int(now % 1 * 1000):03d}Z"  # as _iso_millis writes it
+        name = "WARNING" if level == logging.WARNING else "INFO"
+        if type(handler.formatter) is JsonFormatter:
+            line = _encode(
+                {
+                    "time": stamp,
+                    "level": name.lower(),
+                    "logger": self.logger.name,
+                    "pid": self._pid,
+                    "message": message,
+                    **fields,
+                }
+            )
+        else:
+            line = f"{stamp} {name:<7} [{self._pid}] {message}"
+        # Lines written in one event-loop iteration go out in one write at its end (a busy worker finishes many
+        # requests per iteration), not one write and flush each; outside a loop, at once.
+        if self._pending_handler is not handler and self._pending:
+            self._flush()
+        self._pending.append(line + handler.terminator)
+        if len(self._pending) == 1:
+            self._pending_handler = handler
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:
+                self._flush()
+
+    def _flush(self) -> None:
+        handler, lines = self._pending_handler, self._pending
+        self._pending = []
+        if handler is None or not lines:
+            return
+        with handler.lock or _NO_LOCK:
+            try:
+                handler.stream.write("".join(lines))
+                handler.flush()
+            except Exception:
+                handler.handleError(logging.makeLogRecord({"msg": lines[0]}))
+
+
+_MESSAGE = '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s'
+#: What JsonFormatter's json.dumps call makes, made once (json.dumps builds a new encoder per call for these options,
+#: and JSONEncoder.encode a new C encoder per call): the C encoder itself when the json module has it. The line's
+#: dict has no cycles, so no cycle check.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+_MAKE_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # untyped in typeshed: the C accelerator
+_C_ENCODER: Any = (
+    None
+    if _MAKE_C_ENCODER is None
+    else _MAKE_C_ENCODER(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+)
+
+
+def _encode(line: dict[str, Any]) -> str:
+    if _C_ENCODER is None:
+        return _ENCODER.encode(line)
+    return "".join(_C_ENCODER(line, 0))
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
