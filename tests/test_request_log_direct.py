@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,8 @@ from corsproxy.core.outcome import Outcome
 from corsproxy.core.settings import Logging
 from corsproxy.ops.request_log import JsonFormatter, RequestLog, TextFormatter
 
+_TIME = re.compile(r'"time":"[^"]*"')
+
 
 class _OtherHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Not corsproxy's own setup: the request log must use ``logging`` for it."""
@@ -25,12 +28,12 @@ class _OtherHandler(logging.StreamHandler):  # type: ignore[type-arg]
 OUTCOMES = [
     Outcome(
         "GET",
-        "/a?b=1",
+        "/A?b=1",
         "127.0.0.1",
         Decision(Kind.ACTUAL, Reason.ALLOWED, origin="https://a.test"),
         200,
         5,
-        0.0012,
+        0.0012345,
         0.0004,
     ),
     Outcome("OPTIONS", "/p", "", Decision(Kind.NON_CORS, Reason.NO_ORIGIN), 204, 0, 0.00001, None),
@@ -45,6 +48,16 @@ OUTCOMES = [
         None,
         "connect",
     ),
+    Outcome(
+        "PATCH",
+        "/\u00fc\t\x7f?q=\u2028",
+        "",
+        Decision(Kind.PREFLIGHT, Reason.ORIGIN_NOT_ALLOWED),
+        403,
+        1234567,
+        1e-7,
+        12.3456789,
+    ),
 ]
 
 
@@ -58,7 +71,7 @@ def parent() -> Iterator[logging.Logger]:
 
 
 @pytest.mark.parametrize("formatter", [JsonFormatter, TextFormatter])
-@pytest.mark.parametrize("outcome", OUTCOMES, ids=["allowed", "non-cors", "failure"])
+@pytest.mark.parametrize("outcome", OUTCOMES, ids=["allowed", "non-cors", "failure", "refused-odd-path"])
 def test_direct_line_is_the_logging_line(
     parent: logging.Logger, formatter: type[logging.Formatter], outcome: Outcome
 ) -> None:
@@ -80,6 +93,8 @@ def test_direct_line_is_the_logging_line(
         assert list(ours) == list(theirs)
         ours.pop("time"), theirs.pop("time")
         assert ours == theirs
+        # and character for character, as json.dumps writes it (escapes, number forms), the time value aside
+        assert _TIME.sub('"time":"-"', lines[0]) == _TIME.sub('"time":"-"', lines[1])
     else:
         assert lines[0].split(" ", 1)[1] == lines[1].split(" ", 1)[1]
 

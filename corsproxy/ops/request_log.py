@@ -20,7 +20,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from corsproxy.core.decision import Kind
+from corsproxy.core.decision import Decision, Kind
 from corsproxy.core.log_limit import REQUEST_LINES, LineLimiter
 from corsproxy.core.settings import Logging
 
@@ -130,6 +130,8 @@ class RequestLog:
         self._stamp = ""
         self._pending: list[str] = []
         self._pending_handler: logging.StreamHandler[Any] | None = None
+        self._parts: dict[int, tuple[Decision, str, str]] = {}  # see _decision_parts
+        self._logger_json = _quote(self.logger.name) + ',"pid":' + str(self._pid)
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
@@ -147,8 +149,12 @@ class RequestLog:
                 return
         elif self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed:
             return
-        verdict = "n/a" if decision.kind is Kind.NON_CORS else ("allowed" if decision.allowed else "refused")
         upstream_ms = None if outcome.upstream_latency is None else round(outcome.upstream_latency * 1000, 3)
+        handler = self._direct_handler(level)
+        if handler is not None:
+            self._write_direct(handler, level, outcome, upstream_ms)
+            return
+        verdict = _verdict(decision)
         fields = {
             "client": outcome.client,
             "method": outcome.method,
@@ -175,11 +181,7 @@ class RequestLog:
             outcome.bytes_sent,
             "-" if upstream_ms is None else f"{upstream_ms}ms",
         )
-        handler = self._direct_handler(level)
-        if handler is None:
-            self.logger.log(level, _MESSAGE, *args, extra=fields)
-        else:
-            self._write_direct(handler, level, _MESSAGE % args, fields)
+        self.logger.log(level, _MESSAGE, *args, extra=fields)
 
     def _direct_handler(self, level: int) -> logging.StreamHandler[Any] | None:
         """The one stream handler a request line would reach, when the logging setup is corsproxy's own (a single
@@ -208,25 +210,59 @@ class RequestLog:
         return found
 
     def _write_direct(
-        self, handler: logging.StreamHandler[Any], level: int, message: str, fields: dict[str, Any]
+        self, handler: logging.StreamHandler[Any], level: int, outcome: Outcome, upstream_ms: float | None
     ) -> None:
+        """The line ``logging`` would write through ``handler``'s formatter, built by concatenation: the parts that
+        depend only on the decision are made once per decision (a busy proxy sees the same few over and over), and
+        the JSON values are encoded by the json module's own C string encoder, as ``json.dumps`` encodes them."""
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         stamp = f"{self._stamp}.{int(now % 1 * 1000):03d}Z"  # as _iso_millis writes it
+        decision = outcome.decision
+        parts = self._parts.get(id(decision))
+        if parts is None or parts[0] is not decision:
+            parts = self._decision_parts(decision)
+        client, method, path, status, sent = (
+            outcome.client,
+            outcome.method,
+            outcome.path,
+            outcome.status,
+            outcome.bytes_sent,
+        )
+        upstream = "-" if upstream_ms is None else f"{upstream_ms}ms"
+        message = f"{client or '-'} {method} {path} {parts[1]} {status:d} {sent:d}B upstream={upstream}"
         name = "WARNING" if level == logging.WARNING else "INFO"
         if type(handler.formatter) is JsonFormatter:
-            line = _encode(
-                {
-                    "time": stamp,
-                    "level": name.lower(),
-                    "logger": self.logger.name,
-                    "pid": self._pid,
-                    "message": message,
-                    **fields,
-                }
+            error = outcome.upstream_error
+            line = "".join(
+                (
+                    '{"time":"',
+                    stamp,
+                    '","level":"warning","logger":' if level == logging.WARNING else '","level":"info","logger":',
+                    self._logger_json,
+                    ',"message":',
+                    _quote(message),
+                    ',"client":',
+                    _quote(client),
+                    ',"method":',
+                    _quote(method),
+                    ',"path":',
+                    _quote(path),
+                    parts[2],
+                    repr(status),
+                    ',"bytes":',
+                    repr(sent),
+                    ',"duration_ms":',
+                    repr(round(outcome.duration * 1000, 3)),
+                    ',"upstream_ms":',
+                    "null" if upstream_ms is None else repr(upstream_ms),
+                    ',"upstream_error":',
+                    "null" if error is None else _quote(error),
+                    "}",
+                )
             )
         else:
             line = f"{stamp} {name:<7} [{self._pid}] {message}"
@@ -242,6 +278,21 @@ class RequestLog:
             except RuntimeError:
                 self._flush()
 
+    def _decision_parts(self, decision: Decision) -> tuple[Decision, str, str]:
+        """What a line says of its decision: the message's ``"kind" origin=... verdict (reason)`` and the JSON from
+        ``"origin"`` to ``"status":``, kept per decision (identity: the decision cache hands out the same objects)."""
+        verdict = _verdict(decision)
+        kind, reason = decision.kind.value, decision.reason.value
+        text = f'"{kind}" origin={decision.origin or "-"} {verdict} ({reason})'
+        origin = "null" if decision.origin is None else _quote(decision.origin)
+        json_part = (
+            f',"origin":{origin},"kind":{_quote(kind)},"decision":{_quote(verdict)},"reason":{_quote(reason)},"status":'
+        )
+        if len(self._parts) >= 4096:
+            self._parts.clear()  # bounded: refusals of ever-new origins make ever-new decisions
+        made = self._parts[id(decision)] = (decision, text, json_part)
+        return made
+
     def _flush(self) -> None:
         handler, lines = self._pending_handler, self._pending
         self._pending = []
@@ -256,22 +307,12 @@ class RequestLog:
 
 
 _MESSAGE = '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s'
-#: What JsonFormatter's json.dumps call makes, made once (json.dumps builds a new encoder per call for these options,
-#: and JSONEncoder.encode a new C encoder per call): the C encoder itself when the json module has it. The line's
-#: dict has no cycles, so no cycle check.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
-_MAKE_C_ENCODER: Any = getattr(json.encoder, "c_make_encoder", None)  # untyped in typeshed: the C accelerator
-_C_ENCODER: Any = (
-    None
-    if _MAKE_C_ENCODER is None
-    else _MAKE_C_ENCODER(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-)
+#: A JSON string literal, as json.dumps writes one (ensure_ascii): the C encoder when the json module has it.
+_quote = json.encoder.encode_basestring_ascii
 
 
-def _encode(line: dict[str, Any]) -> str:
-    if _C_ENCODER is None:
-        return _ENCODER.encode(line)
-    return "".join(_C_ENCODER(line, 0))
+def _verdict(decision: Decision) -> str:
+    return "n/a" if decision.kind is Kind.NON_CORS else ("allowed" if decision.allowed else "refused")
 
 
 class _NoLock:
