@@ -140,20 +140,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_fleet(config: Config) -> None:
     """Fleet mode: PostgreSQL's schema, this host's replica (position, last contact) and the rows it refused."""
-    from corsproxy.origins.postgres import SchemaError, SourceUnavailable, check_schema, connect
+    from corsproxy.ops.server import check_source_of_truth
     from corsproxy.origins.sync import read_status, replica_state
 
     source = config.store.postgresql
     assert source is not None
-    try:
-        with connect(source, application_name="corsproxy-check") as conn:
-            check_schema(conn, source, config.source)
-    except SchemaError as exc:
-        raise ConfigError(
-            [Problem("store.postgresql", "postgresql", "postgresql_schema", str(exc))], config.source
-        ) from None
-    except SourceUnavailable as exc:
-        print(f"warning: store.postgresql: {exc}", file=sys.stderr)
+    if (unavailable := check_source_of_truth(config, "corsproxy-check")) is not None:
+        print(f"warning: store.postgresql: {unavailable}", file=sys.stderr)
     if not Path(config.store.path, "data.mdb").exists():
         print(f"fleet: {source.display}; this host's replica at {config.store.path} is not created yet")
         return

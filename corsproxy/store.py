@@ -260,6 +260,13 @@ def _read_head(value: bytes) -> tuple[float, str]:
     return expires, bytes(value[start : start + length]).decode("ascii")
 
 
+#: ``OriginStore.apply``'s callbacks: the record to write for a key and what is stored (``None``: leave it), and a
+#: last check before the commit; ``remove``'s check of the stored record. Both raise to abort the transaction.
+Resolve = Callable[[str, "OriginRecord | None"], "OriginRecord | None"]
+Finish = Callable[[], None]
+Guard = Callable[["OriginRecord"], None]
+
+
 class OriginStore:
     """An open LMDB environment holding the origin set. One per process, opened after any fork."""
 
@@ -449,13 +456,7 @@ class OriginStore:
 
         return self._write(work, grows=True)
 
-    def apply(
-        self,
-        keys: Iterable[str],
-        resolve: Callable[[str, OriginRecord | None], OriginRecord | None],
-        actor: str,
-        finish: Callable[[], None] | None = None,
-    ) -> tuple[int, int]:
+    def apply(self, keys: Iterable[str], resolve: Resolve, actor: str, finish: Finish | None = None) -> tuple[int, int]:
         """Read-modify-write in one transaction: ``resolve(key, stored)`` returns the record to write, or ``None`` to
         leave the key alone; it (or ``finish``, called before the commit) raises to abort everything. Returns
         (added, replaced). The check and the write see the same state, whatever other processes write."""
@@ -478,13 +479,7 @@ class OriginStore:
 
         return self._write(work, grows=True)
 
-    def remove(
-        self,
-        key: str,
-        actor: str,
-        action: str = "remove",
-        guard: Callable[[OriginRecord], None] | None = None,
-    ) -> OriginRecord | None:
+    def remove(self, key: str, actor: str, action: str = "remove", guard: Guard | None = None) -> OriginRecord | None:
         """Remove one entry; ``guard(stored)`` may raise to refuse, in the same transaction."""
 
         def work(txn: lmdb.Transaction) -> OriginRecord | None:

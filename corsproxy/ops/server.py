@@ -57,6 +57,7 @@ from corsproxy.store import StoreError
 
 if TYPE_CHECKING:
     from corsproxy.ops.metrics import Metrics
+    from corsproxy.origins.postgres import SourceUnavailable
 
 __all__ = [
     "check_can_listen",
@@ -855,23 +856,18 @@ def check_store_path(config: Config) -> None:
     check_store_writable(config)
 
 
-def check_source_of_truth(config: Config) -> None:
-    """Fleet mode: refuse to start against a schema this corsproxy does not know (saying which command fixes it).
-    PostgreSQL being unreachable does not stop a start: the replica serves what it last synced."""
+def check_source_of_truth(config: Config, application_name: str = "corsproxy-serve") -> SourceUnavailable | None:
+    """Fleet mode: refuse (:class:`ConfigError`) a schema this corsproxy does not know, saying which command fixes it.
+    PostgreSQL being unreachable is returned, not raised: a replica serves what it last synced."""
     source = config.store.postgresql
     if source is None:
-        return
-    from corsproxy.origins.postgres import SchemaError, SourceUnavailable, check_schema, connect
+        return None
+    from corsproxy.origins.postgres import SchemaError, checked_source
 
     try:
-        with connect(source, application_name="corsproxy-serve") as conn:
-            check_schema(conn, source, config.source)
+        return checked_source(source, config.source, application_name)
     except SchemaError as exc:
-        raise ConfigError(
-            [Problem("store.postgresql", "postgresql", "postgresql_schema", str(exc))], config.source
-        ) from None
-    except SourceUnavailable as exc:
-        print(f"warning: {exc}; serving the last synced replica until it is back", file=sys.stderr)
+        raise ConfigError([exc.problem()], config.source) from None
 
 
 def reconcile_store(config: Config) -> None:
@@ -941,7 +937,8 @@ def serve(config: Config, workers: int) -> int:
     check_admin_tokens(config)
     # Fail here, with one clear line, rather than in every worker: the store's directory must exist and be writable.
     check_store_path(config)
-    check_source_of_truth(config)
+    if (unavailable := check_source_of_truth(config)) is not None:
+        print(f"warning: {unavailable}; serving the last synced replica until it is back", file=sys.stderr)
     # gunicorn retries a taken port five times over five seconds and then names no setting: try it once here.
     check_can_listen(config.listen.host, config.listen.port, "listen", config.source)
     # Reconciled once, here, before any worker forks (the environment is closed again: it must not cross a fork).

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import yaml
 
 from corsproxy.core.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
 from corsproxy.core.settings import PolicySafety
+from corsproxy.origins.lead import HostLock
 from corsproxy.origins.writes import reconcile_file
 from corsproxy.store import OriginStore, StoreError
 
@@ -160,29 +160,19 @@ class OriginsFileWatcher:
         self.on_sync = on_sync
         self._identity: tuple[int, int, int, int] | None = None
         self._digest: str | None = None
-        self._lock_fd: int | None = None
+        self._lock = HostLock(lock_path)
         self._missing_logged = False
 
     # -- leadership ---------------------------------------------------------------------------------------------
 
     def try_lead(self) -> bool:
         """Become the one watcher of this store, if no live process is; non-blocking."""
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        log.info("watching %s for origin changes (every %gs)", self.path, self.poll_interval)
-        return True
+        return self._lock.try_acquire(
+            lambda: log.info("watching %s for origin changes (every %gs)", self.path, self.poll_interval)
+        )
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
-            self._lock_fd = None
+        self._lock.release()
 
     # -- one poll -----------------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from corsproxy.core.problems import Problem
 from corsproxy.core.settings import ConfiguredOrigin, PostgresSource
-from corsproxy.store import OriginRecord, StoreError
+from corsproxy.store import Finish, Guard, OriginRecord, Resolve, StoreError
 
 __all__ = [
     "ADVISORY_LOCK",
@@ -175,6 +175,17 @@ def schema_version(conn: Any) -> int:
     return 0 if row is None else int(row[0])
 
 
+def checked_source(source: PostgresSource, config_path: str, application_name: str) -> SourceUnavailable | None:
+    """Refuse (:class:`SchemaError`) a database whose schema this corsproxy does not know; PostgreSQL being
+    unreachable is returned, not raised: a replica serves and reports what it last synced."""
+    try:
+        with connect(source, application_name=application_name) as conn:
+            check_schema(conn, source, config_path)
+    except SourceUnavailable as exc:
+        return exc
+    return None
+
+
 def check_schema(conn: Any, source: PostgresSource, config_path: str) -> None:
     """Refuse a database without this corsproxy's schema, saying which command fixes it."""
     version = schema_version(conn)
@@ -279,13 +290,7 @@ class PostgresOrigins:
         ).fetchall()
         return {o: OriginRecord(p, _epoch(e), SOURCE, float(u), n or "") for o, p, e, n, u in rows}
 
-    def apply(
-        self,
-        keys: Iterable[str],
-        resolve: Callable[[str, OriginRecord | None], OriginRecord | None],
-        actor: str,
-        finish: Callable[[], None] | None = None,
-    ) -> tuple[int, int]:
+    def apply(self, keys: Iterable[str], resolve: Resolve, actor: str, finish: Finish | None = None) -> tuple[int, int]:
         wanted = list(keys)
 
         def work(conn: Any) -> tuple[int, int]:
@@ -317,13 +322,7 @@ class PostgresOrigins:
         result: tuple[int, int] = self._run(actor, work)
         return result
 
-    def remove(
-        self,
-        key: str,
-        actor: str,
-        action: str = "remove",
-        guard: Callable[[OriginRecord], None] | None = None,
-    ) -> OriginRecord | None:
+    def remove(self, key: str, actor: str, action: str = "remove", guard: Guard | None = None) -> OriginRecord | None:
         def work(conn: Any) -> OriginRecord | None:
             current = self.declared.get(key) or self._rows(conn, [key]).get(key)
             if current is not None and guard is not None:

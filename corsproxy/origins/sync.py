@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from corsproxy.core.origin import EntryError, parse_origin_entry
 from corsproxy.core.origin_lines import MAX_NOTE_LENGTH
 from corsproxy.core.safety import check_origin_entry
 from corsproxy.core.settings import PolicySafety, PostgresSource, unknown_policy
+from corsproxy.origins.lead import HostLock
 from corsproxy.origins.postgres import NOTIFY_CHANNEL, SOURCE, SchemaError, check_schema, unavailable
 from corsproxy.store import OriginRecord, OriginStore, StoreError
 
@@ -168,9 +168,8 @@ class PostgresSyncer:
         self.config_path = config_path
         self.on_error = on_error
         self.on_refused = on_refused
-        self.lock_path = store.path / "postgresql-sync.lock"
+        self.lock = HostLock(store.path / "postgresql-sync.lock")
         self.status_path = store.path / "postgresql-sync.status"
-        self._lock_fd: int | None = None
         self._conn: Any = None
         self._caught_up_at = 0.0
         self._last_error = ""
@@ -179,23 +178,13 @@ class PostgresSyncer:
     # -- leadership ---------------------------------------------------------------------------------------------
 
     def try_lead(self) -> bool:
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        log.info("following PostgreSQL at %s into this host's store", self.source.display)
-        return True
+        return self.lock.try_acquire(
+            lambda: log.info("following PostgreSQL at %s into this host's store", self.source.display)
+        )
 
     def release(self) -> None:
         self._close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.lock.release()
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -487,26 +476,14 @@ class SyncSupervisor:
 
     def __init__(self, config_path: str, store_dir: Path, on_exit: Callable[[int], None] | None = None) -> None:
         self.config_path = config_path
-        self.lock_path = store_dir / "postgresql-sync.lock"
+        self.lock = HostLock(store_dir / "postgresql-sync.lock")
         self.on_exit = on_exit
-        self._lock_fd: int | None = None
 
     def try_lead(self) -> bool:
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        return True
+        return self.lock.try_acquire()
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.lock.release()
 
     async def run(self, poll_interval: float) -> None:
         import sys
@@ -578,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         on_error=lambda kind: metrics.sync_errors.labels(kind).inc(),
         on_refused=metrics.sync_rows_refused.inc,
     )
-    syncer._lock_fd = -1  # the parent worker holds the host's lock for this process
+    syncer.lock.held_by_parent()
 
     async def follow() -> None:
         stop = asyncio.Event()
@@ -595,7 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(follow())
     finally:
-        syncer._lock_fd = None
         syncer.release()
         store.close()
     return 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,7 +32,7 @@ from corsproxy.core.origin_lines import KEEP, MAX_NOTE_LENGTH, EntryEdit, note_t
 from corsproxy.core.problems import Problem, ProblemError
 from corsproxy.core.safety import check_origin_entry
 from corsproxy.core.settings import DEFAULT_POLICY, Config, ConfiguredOrigin, PolicySafety, unknown_policy_problem
-from corsproxy.store import OriginRecord, OriginStore, Reconciled
+from corsproxy.store import Finish, Guard, OriginRecord, OriginStore, Reconciled, Resolve
 
 __all__ = [
     "DECLARED_SOURCES",
@@ -56,15 +56,11 @@ class WriteTarget(Protocol):
     (:class:`corsproxy.origins.postgres.PostgresOrigins`), with the store's read-check-write contracts."""
 
     def apply(
-        self,
-        keys: Iterable[str],
-        resolve: Callable[[str, OriginRecord | None], OriginRecord | None],
-        actor: str,
-        finish: Callable[[], None] | None = None,
+        self, keys: Iterable[str], resolve: Resolve, actor: str, finish: Finish | None = None
     ) -> tuple[int, int]: ...
 
     def remove(
-        self, key: str, actor: str, action: str = "remove", guard: Callable[[OriginRecord], None] | None = None
+        self, key: str, actor: str, action: str = "remove", guard: Guard | None = None
     ) -> OriginRecord | None: ...
 
     def prune_expired(self, now: float, actor: str, keep_sources: Collection[str] = ()) -> list[str]: ...
@@ -276,21 +272,15 @@ def reconcile_on_start(store: OriginStore, config: Config) -> Reconciled:
     """The server's start: the config's entries, and without ``origins_file`` the file's old entries revoked (fleet
     mode turned off must not leave the fleet's list allowed, unremovable by anyone)."""
     result = reconcile_config(store, config.origins)
-    if config.store.postgresql is None:
-        # Fleet mode turned off: the entries copied from PostgreSQL go too, as the origins file's do below.
-        copied = store.reconcile({}, source="postgresql")
-        if copied.removed:
-            log.warning(
-                "store.postgresql is not set: removed %d entr%s copied from PostgreSQL",
-                len(copied.removed),
-                "y" if len(copied.removed) == 1 else "ies",
-            )
-    if not config.origins_file.path:
-        orphans = store.reconcile({}, source="file")
-        if orphans.removed:
-            log.warning(
-                "origins_file is not set: removed %d entr%s the origins file had declared",
-                len(orphans.removed),
-                "y" if len(orphans.removed) == 1 else "ies",
-            )
+    # A source no longer configured leaves nothing behind: its entries are revoked (fleet mode turned off takes the
+    # entries copied from PostgreSQL, an origins file dropped from the config those it had declared).
+    gone = (
+        ("postgresql", config.store.postgresql is None, "store.postgresql is not set", "copied from PostgreSQL"),
+        ("file", not config.origins_file.path, "origins_file is not set", "the origins file had declared"),
+    )
+    for source, dropped, setting, whose in gone:
+        removed = store.reconcile({}, source=source).removed if dropped else []
+        if removed:
+            entries = "entry" if len(removed) == 1 else "entries"
+            log.warning("%s: removed %d %s %s", setting, len(removed), entries, whose)
     return result
