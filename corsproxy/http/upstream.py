@@ -101,6 +101,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_writable()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.sink is None or self._done:
+            # Another message after the response ended, in the same read (a second response, a body longer than its
+            # framing said, a body after a 204/304): the parser would carry it over to the next exchange, which then
+            # reads the leftover as the start of its own response. The connection is dropped instead.
+            raise _Unexpected("bytes after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
