@@ -200,6 +200,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def park(self) -> None:
         """Idle in the pool: closed after :data:`IDLE_CLOSE` unless an exchange takes it."""
+        if self.transport is not None:
+            # The last exchange may have paused reading for a slow client in the very read that ended its response:
+            # an idle connection reads (so that a close or stray bytes are seen), and the next exchange must get its
+            # response without waiting for the previous client.
+            self.transport.resume_reading()
         self._idle_handle = self.pool.loop.call_later(IDLE_CLOSE, self.close)
 
 
