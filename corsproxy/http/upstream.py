@@ -22,6 +22,13 @@ __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamPool"]
 #: Seconds a pooled connection may sit idle before corsproxy closes it (aiohttp's connector default: most upstreams
 #: close theirs after 60-75 s, so reusing a connection idle longer than this would race the upstream's close).
 IDLE_CLOSE = 15.0
+#: Response head limits, aiohttp's client defaults (the ordinary path answers 502 past them): a header line's name and
+#: value together, the status line's reason, and the number of header lines.
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+#: Bytes a response head (interim responses included) may take before it is refused: httptools gathers a header
+#: value until the line ends, so the per-line check alone would not bound what an upstream makes the proxy hold.
+MAX_HEAD = (MAX_HEADERS + 2) * (MAX_FIELD + 4)
 
 
 class ResponseSink(Protocol):
@@ -57,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_eof = False  # the response has neither Content-Length nor chunked framing: it ends at close
         self._skip_body = False  # a response to HEAD: no body follows whatever its head says
         self._done = False
+        self._head_bytes = 0  # bytes read of the current response before its head completed
         self._idle_handle: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
@@ -85,8 +93,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         try:
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    raise _Unexpected(f"a response head of more than {MAX_HEAD} bytes")
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, _Unexpected) as exc:
             if self.sink is not None and not self._done:
                 sink, self.sink = self.sink, None
                 sink.upstream_failed(exc)
@@ -110,9 +122,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        if len(self._reason) > MAX_FIELD:
+            raise _Unexpected(f"a status line over {MAX_FIELD} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD:
+            raise _Unexpected(f"a response header line over {MAX_FIELD} bytes")
         self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise _Unexpected(f"more than {MAX_HEADERS} response header lines")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -173,6 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._until_eof = False
         self._done = False
+        self._head_bytes = 0
         self._skip_body = head_request
         if self._idle_handle is not None:
             self._idle_handle.cancel()
