@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Protocol
+from typing import Protocol, cast
 
 import httptools
 
@@ -69,8 +69,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports (the event loop `corsproxy serve` runs when it is installed)
+        # have asyncio.Transport's methods without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
