@@ -14,6 +14,7 @@ import contextlib
 import functools
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -839,3 +840,25 @@ async def test_preserve_host_and_forwarded_fields_alike(tmp_path: Path, trusted:
             assert taken or not fast
     assert seen[0] == seen[1]
     assert len(seen[0]) == 1
+
+
+def test_fast_path_forwards_under_uvloop(tmp_path: Path) -> None:
+    """`corsproxy serve` runs uvloop when it is installed; its transports are not asyncio.Transport subclasses, and the
+    upstream pool must still connect (it asserted the class, so every fast-path request waited for a 504)."""
+    uvloop = pytest.importorskip("uvloop")
+    taken: list[Exchange] = []
+
+    async def main() -> bytes:
+        async with RawUpstream() as upstream:
+            config = _config(tmp_path, upstream.port, "uv", upstream={"read_timeout": 3, "connect_timeout": 3})
+            async with serve_proxy(config) as proxy:
+                _count_exchanges(proxy, taken)
+                return await _raw(proxy.port, _request("GET", "/x"), quiet=5)
+
+    result: list[bytes] = []
+    thread = threading.Thread(target=lambda: result.append(uvloop.run(main())))
+    thread.start()
+    thread.join(30)
+    assert result, "the uvloop run did not finish"
+    assert len(taken) == 1
+    assert result[0].startswith(b"HTTP/1.1 200 OK\r\n") and result[0].endswith(b"\r\n\r\nok")
