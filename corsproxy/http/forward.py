@@ -299,6 +299,11 @@ class Exchange:
     def _send(self, connection: UpstreamConnection) -> None:
         self.connection = connection
         connection.begin(self, self.method == "HEAD", self._read_timeout)
+        if self._upstream_paused or self.protocol.writing_paused:
+            # The client was already paused (its buffer between the low- and high-water marks after an earlier
+            # answer, or paused while this exchange waited for a connection): no pause_writing will come to say so.
+            self._upstream_paused = True
+            connection.pause_reading()
         connection.write(self.head)
         if self.payload is not None and not self._body_sent:
             self._body_task = self.pool.loop.create_task(self._pump_body(connection, self.payload))
@@ -472,14 +477,17 @@ class Exchange:
             self._upstream_broke(TimeoutError("upstream read timeout"), timeout=True)
 
     def client_paused(self) -> None:
-        if self.connection is not None and not self._upstream_paused:
-            self._upstream_paused = True
-            self.connection.pause_reading()
+        if not self._upstream_paused:
+            self._upstream_paused = True  # kept when no connection is there yet: _send applies it
+            if self.connection is not None:
+                self.connection.pause_reading()
 
     def client_resumed(self) -> None:
-        if self.connection is not None and self._upstream_paused:
+        if self._upstream_paused:
             self._upstream_paused = False
-            self.connection.resume_reading()
+            if self.connection is not None:
+                self.connection.last_read = self.pool.loop.time()
+                self.connection.resume_reading()
 
     def client_lost(self) -> None:
         """The client went away: the upstream request is cut (its connection closed, never reused)."""

@@ -23,6 +23,13 @@ __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamPool"]
 #: close theirs after 60-75 s, so reusing a connection idle longer than this would race the upstream's close). The
 #: check runs on a timer that is re-armed only when it fires, so a connection is closed 15-30 s after its last use.
 IDLE_CLOSE = 15.0
+#: Response head limits, aiohttp's client defaults (the ordinary path answers 502 past them): a header line's name and
+#: value together, the status line's reason, and the number of header lines.
+MAX_FIELD = 8190
+MAX_HEADERS = 128
+#: Bytes a response head (interim responses included) may take before it is refused: httptools gathers a header
+#: value until the line ends, so the per-line check alone would not bound what an upstream makes the proxy hold.
+MAX_HEAD = (MAX_HEADERS + 2) * (MAX_FIELD + 4)
 
 
 class ResponseSink(Protocol):
@@ -67,10 +74,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_eof = False  # the response has neither Content-Length nor chunked framing: it ends at close
         self._skip_body = False  # a response to HEAD: no body follows whatever its head says
         self._done = False
+        self._head_bytes = 0  # bytes read of the current response before its head completed
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it
+        # Not an isinstance check: uvloop's transports (the event loop `corsproxy serve` runs when it is installed)
+        # have asyncio.Transport's methods without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -95,8 +104,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         try:
+            if not self._head_done:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD:
+                    raise _Unexpected(f"a response head of more than {MAX_HEAD} bytes")
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, _Unexpected) as exc:
             if self.sink is not None and not self._done:
                 sink, self.sink = self.sink, None
                 sink.upstream_failed(exc)
@@ -111,11 +124,24 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.upstream_writable()
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.sink is None or self._done:
+            # Another message after the response ended, in the same read (a second response, a body longer than its
+            # framing said, a body after a 204/304): the parser would carry it over to the next exchange, which then
+            # reads the leftover as the start of its own response. The connection is dropped instead.
+            raise _Unexpected("bytes after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        if len(self._reason) > MAX_FIELD:
+            raise _Unexpected(f"a status line over {MAX_FIELD} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD:
+            raise _Unexpected(f"a response header line over {MAX_FIELD} bytes")
         self._headers.append((name, value))
+        if len(self._headers) > MAX_HEADERS:
+            raise _Unexpected(f"more than {MAX_HEADERS} response header lines")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -176,6 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._until_eof = False
         self._done = False
+        self._head_bytes = 0
         self._skip_body = head_request
         self.read_timeout = read_timeout
         if self.reading_paused:
