@@ -52,6 +52,8 @@ class _Process:
     _log: IO[bytes] | None = None
 
     def _spawn(self, args: list[str], cwd: Path) -> None:
+        if self._log is not None:
+            self._log.close()  # a restarted process appends to the same log through a new descriptor
         self._log = self.log_path.open("ab")
         command = [sys.executable, "-m", "corsproxy", *args]
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=self._log, env=self.env, cwd=cwd)
@@ -78,15 +80,18 @@ class _Process:
         """Signal the process (unless it already ended) and wait for it; killed if it does not end in ``timeout``."""
         proc = self.proc
         assert proc is not None
-        if proc.poll() is None:
-            proc.send_signal(sig)
         try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait(5)
-        if self._log is not None:
-            self._log.close()
+            if proc.poll() is None:
+                proc.send_signal(sig)
+            try:
+                code = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait(5)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
         return code
 
     def __exit__(self, *exc: object) -> None:
@@ -171,7 +176,11 @@ class Server(Clients, _Process):
         workers = [] if self.workers is None else ["--workers", str(self.workers)]
         self._spawn(["serve", "--config", str(self.config_path), *workers], self.tmp)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop(signal.SIGKILL, 5)  # a start that failed leaves no process nor open log behind
+                raise
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
