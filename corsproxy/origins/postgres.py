@@ -224,10 +224,6 @@ def _version_in(conn: Any) -> int:
     return 0 if row is None else int(row[0])
 
 
-def _epoch(value: dt.datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
 def _timestamp(value: float | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromtimestamp(value, dt.UTC)
 
@@ -273,11 +269,16 @@ class PostgresOrigins:
     @staticmethod
     def _rows(conn: Any, keys: Collection[str]) -> dict[str, OriginRecord]:
         rows = conn.execute(
-            "SELECT origin, policy, expires, note, extract(epoch FROM updated_at) FROM corsproxy_origins "
+            "SELECT origin, policy, extract(epoch FROM expires), note, extract(epoch FROM updated_at) "
+            "FROM corsproxy_origins "
             "WHERE origin = ANY(%s) FOR UPDATE",
             (list(keys),),
         ).fetchall()
-        return {o: OriginRecord(p, _epoch(e), SOURCE, float(u), n or "") for o, p, e, n, u in rows}
+        # expires read as a number: psycopg cannot load infinity or a year past 9999 (plain SQL can write both)
+        # as a datetime, and the row must stay replaceable through the write path.
+        return {
+            o: OriginRecord(p, None if e is None else float(e), SOURCE, float(u), n or "") for o, p, e, n, u in rows
+        }
 
     def apply(
         self,

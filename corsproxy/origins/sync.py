@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -68,6 +69,8 @@ _DECLARED = b"declared"
 _REFUSED = b"refused\0"
 #: The owners a replica never touches: this host's own declarations.
 _KEEP = ("config",)
+#: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z: the expiries Python's datetime (every display of one) can show.
+_FIRST_EXPIRY, _LAST_EXPIRY = -62135596800.0, 253402300799.0
 
 
 def check_row(
@@ -81,6 +84,9 @@ def check_row(
         return None, str(exc)
     if entry.key != origin:
         return None, f"{origin!r} is not in canonical form: write it as {entry.key!r}"
+    if expires is not None and not _FIRST_EXPIRY <= expires <= _LAST_EXPIRY:
+        shown = ("infinity" if expires > 0 else "-infinity") if math.isinf(expires) else "outside the years 1-9999"
+        return None, f"expires is {shown}: write a time before 10000-01-01, or NULL for an entry that never expires"
     name = policy or "default"
     flags = safety.get(name)
     if flags is None:
@@ -91,6 +97,13 @@ def check_row(
     if errors:
         return None, "; ".join(problem.message for problem in errors)
     return OriginRecord(name, expires, SOURCE, 0.0, note or ""), ""
+
+
+def _seconds(value: Any) -> float | None:
+    """``extract(epoch FROM expires)`` as seconds: read as a number, not a ``datetime``, because psycopg cannot
+    load ``infinity`` or a year past 9999 as one, and such a row must be refused like any other, not stop the
+    syncer (and every later change with it, a revocation included)."""
+    return None if value is None else float(value)
 
 
 def config_digest(declared: Mapping[str, Any]) -> bytes:
@@ -256,8 +269,8 @@ class PostgresSyncer:
                     reason = "cors.allow_origins changed (this host's declarations win over the fleet's rows)"
                 if not reason:
                     rows = conn.execute(
-                        "SELECT seq, origin, op, policy, expires, note, actor, extract(epoch FROM at) "
-                        "FROM corsproxy_changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                        "SELECT seq, origin, op, policy, extract(epoch FROM expires), note, actor, "
+                        "extract(epoch FROM at) FROM corsproxy_changes WHERE seq > %s ORDER BY seq LIMIT %s",
                         (state.position, batch),
                     ).fetchall()
             if reason:
@@ -280,7 +293,7 @@ class PostgresSyncer:
                 changes.append((origin, None, actor))
                 state[_REFUSED + origin.encode()] = None
                 continue
-            record, why = check_row(origin, policy, None if expires is None else expires.timestamp(), note, safety)
+            record, why = check_row(origin, policy, _seconds(expires), note, safety)
             if record is None:
                 refused += 1
                 self._log_refused(origin, why, seq)
@@ -312,7 +325,9 @@ class PostgresSyncer:
             after = ""
             with conn.cursor(name="corsproxy_snapshot") as cursor:
                 cursor.itersize = chunk
-                cursor.execute("SELECT origin, policy, expires, note FROM corsproxy_origins ORDER BY origin")
+                cursor.execute(
+                    "SELECT origin, policy, extract(epoch FROM expires), note FROM corsproxy_origins ORDER BY origin"
+                )
                 while True:
                     rows = cursor.fetchmany(chunk)
                     if not rows:
@@ -320,9 +335,7 @@ class PostgresSyncer:
                     changes: list[tuple[str, OriginRecord | None, str]] = []
                     state: dict[bytes, bytes | None] = {}
                     for origin, policy, expires, note in rows:
-                        record, why = check_row(
-                            origin, policy, None if expires is None else expires.timestamp(), note, safety
-                        )
+                        record, why = check_row(origin, policy, _seconds(expires), note, safety)
                         if record is None:
                             refused += 1
                             self._log_refused(origin, why, position)
