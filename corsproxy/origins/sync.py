@@ -69,6 +69,8 @@ _DECLARED = b"declared"
 _REFUSED = b"refused\0"
 #: The owners a replica never touches: this host's own declarations.
 _KEEP = ("config",)
+#: The longest row origin (bytes) used as an LMDB key: LMDB allows 511, the state keys' prefix included.
+_STORABLE = 400
 #: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z: the expiries Python's datetime (every display of one) can show.
 _FIRST_EXPIRY, _LAST_EXPIRY = -62135596800.0, 253402300799.0
 
@@ -97,6 +99,23 @@ def check_row(
     if errors:
         return None, "; ".join(problem.message for problem in errors)
     return OriginRecord(name, expires, SOURCE, 0.0, note or ""), ""
+
+
+def _refused_key(origin: str) -> bytes:
+    """The state key of a refused row: LMDB keys are at most 511 bytes, and plain SQL can write a longer origin, so
+    a long one is named by its beginning and a digest of all of it (the same row always gets the same name)."""
+    raw = origin.encode()
+    if len(raw) <= _STORABLE:
+        return _REFUSED + raw
+    return (
+        _REFUSED + f"{raw[: _STORABLE - 20].decode(errors='ignore')}...#{hashlib.sha256(raw).hexdigest()[:12]}".encode()
+    )
+
+
+def _removal(origin: str, actor: str) -> list[tuple[str, OriginRecord | None, str]]:
+    """The change that removes ``origin`` from the store; none for a text too long to be one of its keys (a store key
+    is a canonical origin, ASCII and at most 320 characters), which was never stored and is no valid LMDB key."""
+    return [(origin, None, actor)] if len(origin.encode()) <= _STORABLE else []
 
 
 def _seconds(value: Any) -> float | None:
@@ -290,17 +309,18 @@ class PostgresSyncer:
         refused = 0
         for seq, origin, op, policy, expires, note, actor, _at in rows:
             if op == "delete":
-                changes.append((origin, None, actor))
-                state[_REFUSED + origin.encode()] = None
+                changes.extend(_removal(origin, actor))
+                state[_refused_key(origin)] = None
                 continue
             record, why = check_row(origin, policy, _seconds(expires), note, safety)
             if record is None:
                 refused += 1
                 self._log_refused(origin, why, seq)
-                state[_REFUSED + origin.encode()] = _refusal(seq, why, policy, actor)
+                state[_refused_key(origin)] = _refusal(seq, why, policy, actor)
+                changes.extend(_removal(origin, actor))  # whatever it replaces: the source no longer asks for it
             else:
-                state[_REFUSED + origin.encode()] = None
-            changes.append((origin, record, actor))
+                state[_refused_key(origin)] = None
+                changes.append((origin, record, actor))
         state[_POSITION] = str(rows[-1][0]).encode()
         self.store.replicate(changes, keep_sources=_KEEP, state=state)
         if refused and self.on_refused is not None:
@@ -339,8 +359,10 @@ class PostgresSyncer:
                         if record is None:
                             refused += 1
                             self._log_refused(origin, why, position)
-                            state[_REFUSED + origin.encode()] = _refusal(position, why, policy, "snapshot")
-                        changes.append((origin, record, "postgresql:snapshot"))
+                            state[_refused_key(origin)] = _refusal(position, why, policy, "snapshot")
+                            changes.extend(_removal(origin, "postgresql:snapshot"))
+                        else:
+                            changes.append((origin, record, "postgresql:snapshot"))
                     upto = rows[-1][0]
                     self.store.replicate(
                         changes, keep_sources=_KEEP, state=state, remove_between=(after, upto), audit=audit
