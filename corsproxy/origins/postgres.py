@@ -160,8 +160,9 @@ def connect(source: PostgresSource, *, application_name: str = "corsproxy", time
 
 
 def unavailable(source: PostgresSource, exc: BaseException) -> SourceUnavailable:
-    # libpq's messages name host and port, never the password; the URL is shown redacted.
-    detail = " ".join(str(exc).split()) or type(exc).__name__
+    # libpq's messages name host and port, and the URL is shown redacted; but libpq quotes a token it cannot parse,
+    # which can be the password itself (a bad percent escape in it), so the message is scrubbed of it too.
+    detail = source.scrub(" ".join(str(exc).split())) or type(exc).__name__
     return SourceUnavailable(f"source of truth unavailable: PostgreSQL at {source.display}: {detail}")
 
 

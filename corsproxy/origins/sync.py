@@ -499,7 +499,11 @@ class PostgresSyncer:
             except (psycopg.Error, OSError) as exc:
                 if self.on_error is not None:
                     self.on_error("listen")
-                log.debug("LISTEN connection to %s lost (%s); polling meanwhile", self.source.display, exc)
+                log.debug(
+                    "LISTEN connection to %s lost (%s); polling meanwhile",
+                    self.source.display,
+                    self.source.scrub(str(exc)),
+                )
             await asyncio.sleep(backoff.next())
 
 
