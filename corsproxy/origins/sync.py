@@ -9,8 +9,10 @@ it, with nothing lost or applied twice. ``LISTEN corsproxy_changes`` wakes it at
 ``poll_interval`` seconds, because a notification sent while the listener was disconnected is lost.
 
 An empty replica, one whose position the change log no longer reaches (pruned after ``change_retention``), or one
-whose host declarations changed (``cors.allow_origins`` wins over the fleet's rows locally, so a dropped declaration
-must hand its origin back to the fleet's row) copies a snapshot instead: every row, read in one REPEATABLE READ
+whose host declarations or policies changed (``cors.allow_origins`` wins over the fleet's rows locally, so a dropped
+declaration must hand its origin back to the fleet's row; and each row was checked against the policies, so a row
+refused for naming a policy defined since, or one a policy no longer allows, must be checked again) copies a snapshot
+instead: every row, read in one REPEATABLE READ
 transaction with the change log position it corresponds to, applied in bounded chunks merged in key order with the
 store (entries the source no longer has are removed), the position written with the last chunk.
 
@@ -125,8 +127,14 @@ def _seconds(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def config_digest(declared: Mapping[str, Any]) -> bytes:
-    return hashlib.sha256("\n".join(sorted(declared)).encode()).hexdigest().encode()
+def config_digest(declared: Mapping[str, Any], safety: Mapping[str, PolicySafety] | None = None) -> bytes:
+    """What of this host's config the replica's content depends on: its declarations, and the policies every row
+    was checked against (a row refused for naming a policy defined later, or one a policy's new safety rules no
+    longer allow, must be checked again, which a snapshot does)."""
+    text = "\n".join(sorted(declared))
+    if safety is not None:
+        text += "\0" + "\n".join(repr(safety[name]) for name in sorted(safety))
+    return hashlib.sha256(text.encode()).hexdigest().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +280,7 @@ class PostgresSyncer:
         conn = self._connection()
         batch = self.source.batch_size
         applied = 0
-        digest = config_digest(self.declared())
+        digest = config_digest(self.declared(), self.safety())
         while True:
             state = replica_state(self.store)
             with conn.transaction():
@@ -285,7 +293,10 @@ class PostgresSyncer:
                 elif state.position < pruned:
                     reason = f"its position {state.position} is older than the change log kept ({pruned} pruned)"
                 elif self.store.sync_get(_DECLARED) != digest:
-                    reason = "cors.allow_origins changed (this host's declarations win over the fleet's rows)"
+                    reason = (
+                        "cors.allow_origins or the policies changed (this host's declarations win over the fleet's "
+                        "rows, and every row is checked against the policies)"
+                    )
                 if not reason:
                     rows = conn.execute(
                         "SELECT seq, origin, op, policy, extract(epoch FROM expires), note, actor, "
