@@ -588,15 +588,13 @@ class OriginStore:
                 after, upto = remove_between
                 cursor = txn.cursor(db=self._origins)
                 stale: list[str] = []
-                # ``after`` is a row of the source, which may be longer than an LMDB key: seek to its beginning
-                # (no key of this store is that long) and skip what is not past it.
-                positioned = cursor.set_range(after.encode()[:400]) if after else cursor.first()
+                positioned = cursor.set_range(after.encode()) if after else cursor.first()
                 while positioned:
                     key = bytes(cursor.key()).decode()
                     if upto is not None and key > upto:
                         break
                     if (
-                        key > after
+                        key != after
                         and key not in seen
                         and OriginRecord.decode(cursor.value()).source not in keep_sources
                     ):

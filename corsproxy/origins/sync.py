@@ -71,7 +71,7 @@ _DECLARED = b"declared"
 _REFUSED = b"refused\0"
 #: The owners a replica never touches: this host's own declarations.
 _KEEP = ("config",)
-#: The longest row origin (bytes) used as an LMDB key: LMDB allows 511, the state keys' prefix included.
+#: The longest row origin (bytes) a refusal's state key holds as it is: LMDB keys are at most 511 bytes.
 _STORABLE = 400
 #: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z: the expiries Python's datetime (every display of one) can show.
 _FIRST_EXPIRY, _LAST_EXPIRY = -62135596800.0, 253402300799.0
@@ -112,12 +112,6 @@ def _refused_key(origin: str) -> bytes:
     return (
         _REFUSED + f"{raw[: _STORABLE - 20].decode(errors='ignore')}...#{hashlib.sha256(raw).hexdigest()[:12]}".encode()
     )
-
-
-def _removal(origin: str, actor: str) -> list[tuple[str, OriginRecord | None, str]]:
-    """The change that removes ``origin`` from the store; none for a text too long to be one of its keys (a store key
-    is a canonical origin, ASCII and at most 320 characters), which was never stored and is no valid LMDB key."""
-    return [(origin, None, actor)] if len(origin.encode()) <= _STORABLE else []
 
 
 def _seconds(value: Any) -> float | None:
@@ -320,7 +314,7 @@ class PostgresSyncer:
         refused = 0
         for seq, origin, op, policy, expires, note, actor, _at in rows:
             if op == "delete":
-                changes.extend(_removal(origin, actor))
+                changes.append((origin, None, actor))
                 state[_refused_key(origin)] = None
                 continue
             record, why = check_row(origin, policy, _seconds(expires), note, safety)
@@ -328,7 +322,7 @@ class PostgresSyncer:
                 refused += 1
                 self._log_refused(origin, why, seq)
                 state[_refused_key(origin)] = _refusal(seq, why, policy, actor)
-                changes.extend(_removal(origin, actor))  # whatever it replaces: the source no longer asks for it
+                changes.append((origin, None, actor))  # whatever it replaces: the source no longer asks for it
             else:
                 state[_refused_key(origin)] = None
                 changes.append((origin, record, actor))
@@ -371,7 +365,7 @@ class PostgresSyncer:
                             refused += 1
                             self._log_refused(origin, why, position)
                             state[_refused_key(origin)] = _refusal(position, why, policy, "snapshot")
-                            changes.extend(_removal(origin, "postgresql:snapshot"))
+                            changes.append((origin, None, "postgresql:snapshot"))
                         else:
                             changes.append((origin, record, "postgresql:snapshot"))
                     upto = rows[-1][0]
