@@ -120,6 +120,11 @@ CREATE TRIGGER corsproxy_origins_log AFTER INSERT OR UPDATE OR DELETE ON corspro
     FOR EACH ROW EXECUTE FUNCTION corsproxy_log_change();
 CREATE TRIGGER corsproxy_origins_no_truncate BEFORE TRUNCATE ON corsproxy_origins
     FOR EACH STATEMENT EXECUTE FUNCTION corsproxy_refuse_truncate();
+-- Also under session_replication_role = replica (a logical-replication apply worker, a data restore), which skips
+-- ordinary triggers: a change made there must reach the replicas like any other.
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_serialise;
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_log;
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_no_truncate;
 """
 
 #: Upgrades: MIGRATIONS[n] takes a schema at version n to n + 1 (version 0: no schema yet).
