@@ -449,3 +449,21 @@ def test_an_admin_write_over_a_row_with_an_infinite_expiry_is_answered(
         fixed = a.admin("PUT", origin_path("https://forever.customer.test"), body={"expires": "never"})
         assert fixed.status == 200, fixed.body
         eventually(a, "https://forever.customer.test")
+
+
+def test_writes_in_replica_mode_are_logged_too(tmp_path: Path, pg_url: str, upstream_thread: ThreadedUpstream) -> None:
+    """``session_replication_role = replica`` (a logical-replication apply worker, a restore) skips ordinary
+    triggers: a delete made that way would never reach the replicas, so the change log's triggers fire always."""
+    insert(pg_url, "https://replicated.customer.test")
+    a = replica(tmp_path, "a", upstream_thread, pg_url, workers=1)
+    with a:
+        wait_ready(a)
+        assert allowed(a, "https://replicated.customer.test")
+        import psycopg
+
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("DELETE FROM corsproxy_origins WHERE origin = 'https://replicated.customer.test'")
+            conn.execute("INSERT INTO corsproxy_origins (origin) VALUES ('https://applied.customer.test')")
+        eventually(a, "https://applied.customer.test")
+        assert not allowed(a, "https://replicated.customer.test")
