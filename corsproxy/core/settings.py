@@ -156,6 +156,36 @@ def redact_dsn(dsn: str) -> str:
     return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
+def dsn_secrets(dsn: str) -> list[str]:
+    """The password(s) a connection string holds, as written and percent-decoded, longest first: what
+    :func:`scrub_secrets` takes out of a message about it (libpq quotes a token it cannot parse, and in a URL with
+    a bad ``%`` escape in its password, that token is the password)."""
+    from urllib.parse import unquote
+
+    found: list[str] = []
+    if "://" in dsn:
+        authority = dsn.partition("://")[2].partition("/")[0]
+        if "@" in authority:
+            userinfo = authority.rpartition("@")[0]
+            _user, colon, password = userinfo.partition(":")
+            if colon:
+                found.append(password)
+        found.extend(m.group(1) for m in re.finditer(r"(?i)password=([^&]*)", dsn.partition("?")[2]))
+    else:
+        for m in re.finditer(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", dsn):
+            value = m.group(1)
+            found.extend([value, value[1:-1]] if value.startswith("'") else [value])
+    secrets = {s for raw in found for s in (raw, unquote(raw)) if s}
+    return sorted(secrets, key=len, reverse=True)
+
+
+def scrub_secrets(text: str, dsn: str) -> str:
+    """``text`` (an error message, e.g. libpq's) with every password of ``dsn`` replaced by ``***``."""
+    for secret in dsn_secrets(dsn):
+        text = text.replace(secret, "***")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class PostgresSource:
     """The fleet's source of truth: a PostgreSQL database each host copies into its own store (its replica)."""
@@ -168,6 +198,10 @@ class PostgresSource:
     @property
     def display(self) -> str:
         return redact_dsn(self.url)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the URL's password, wherever in it a driver may have quoted it."""
+        return scrub_secrets(text, self.url)
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,11 @@ CREATE TRIGGER corsproxy_origins_log AFTER INSERT OR UPDATE OR DELETE ON corspro
     FOR EACH ROW EXECUTE FUNCTION corsproxy_log_change();
 CREATE TRIGGER corsproxy_origins_no_truncate BEFORE TRUNCATE ON corsproxy_origins
     FOR EACH STATEMENT EXECUTE FUNCTION corsproxy_refuse_truncate();
+-- Also under session_replication_role = replica (a logical-replication apply worker, a data restore), which skips
+-- ordinary triggers: a change made there must reach the replicas like any other.
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_serialise;
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_log;
+ALTER TABLE corsproxy_origins ENABLE ALWAYS TRIGGER corsproxy_origins_no_truncate;
 """
 
 #: Upgrades: MIGRATIONS[n] takes a schema at version n to n + 1 (version 0: no schema yet).
@@ -160,8 +165,9 @@ def connect(source: PostgresSource, *, application_name: str = "corsproxy", time
 
 
 def unavailable(source: PostgresSource, exc: BaseException) -> SourceUnavailable:
-    # libpq's messages name host and port, never the password; the URL is shown redacted.
-    detail = " ".join(str(exc).split()) or type(exc).__name__
+    # libpq's messages name host and port, and the URL is shown redacted; but libpq quotes a token it cannot parse,
+    # which can be the password itself (a bad percent escape in it), so the message is scrubbed of it too.
+    detail = source.scrub(" ".join(str(exc).split())) or type(exc).__name__
     return SourceUnavailable(f"source of truth unavailable: PostgreSQL at {source.display}: {detail}")
 
 
@@ -235,10 +241,6 @@ def _version_in(conn: Any) -> int:
     return 0 if row is None else int(row[0])
 
 
-def _epoch(value: dt.datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
 def _timestamp(value: float | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromtimestamp(value, dt.UTC)
 
@@ -284,11 +286,16 @@ class PostgresOrigins:
     @staticmethod
     def _rows(conn: Any, keys: Collection[str]) -> dict[str, OriginRecord]:
         rows = conn.execute(
-            "SELECT origin, policy, expires, note, extract(epoch FROM updated_at) FROM corsproxy_origins "
+            "SELECT origin, policy, extract(epoch FROM expires), note, extract(epoch FROM updated_at) "
+            "FROM corsproxy_origins "
             "WHERE origin = ANY(%s) FOR UPDATE",
             (list(keys),),
         ).fetchall()
-        return {o: OriginRecord(p, _epoch(e), SOURCE, float(u), n or "") for o, p, e, n, u in rows}
+        # expires read as a number: psycopg cannot load infinity or a year past 9999 (plain SQL can write both)
+        # as a datetime, and the row must stay replaceable through the write path.
+        return {
+            o: OriginRecord(p, None if e is None else float(e), SOURCE, float(u), n or "") for o, p, e, n, u in rows
+        }
 
     def apply(self, keys: Iterable[str], resolve: Resolve, actor: str, finish: Finish | None = None) -> tuple[int, int]:
         wanted = list(keys)

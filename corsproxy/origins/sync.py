@@ -9,8 +9,10 @@ it, with nothing lost or applied twice. ``LISTEN corsproxy_changes`` wakes it at
 ``poll_interval`` seconds, because a notification sent while the listener was disconnected is lost.
 
 An empty replica, one whose position the change log no longer reaches (pruned after ``change_retention``), or one
-whose host declarations changed (``cors.allow_origins`` wins over the fleet's rows locally, so a dropped declaration
-must hand its origin back to the fleet's row) copies a snapshot instead: every row, read in one REPEATABLE READ
+whose host declarations or policies changed (``cors.allow_origins`` wins over the fleet's rows locally, so a dropped
+declaration must hand its origin back to the fleet's row; and each row was checked against the policies, so a row
+refused for naming a policy defined since, or one a policy no longer allows, must be checked again) copies a snapshot
+instead: every row, read in one REPEATABLE READ
 transaction with the change log position it corresponds to, applied in bounded chunks merged in key order with the
 store (entries the source no longer has are removed), the position written with the last chunk.
 
@@ -31,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -68,6 +71,10 @@ _DECLARED = b"declared"
 _REFUSED = b"refused\0"
 #: The owners a replica never touches: this host's own declarations.
 _KEEP = ("config",)
+#: The longest row origin (bytes) a refusal's state key holds as it is: LMDB keys are at most 511 bytes.
+_STORABLE = 400
+#: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z: the expiries Python's datetime (every display of one) can show.
+_FIRST_EXPIRY, _LAST_EXPIRY = -62135596800.0, 253402300799.0
 
 
 def check_row(
@@ -81,6 +88,9 @@ def check_row(
         return None, str(exc)
     if entry.key != origin:
         return None, f"{origin!r} is not in canonical form: write it as {entry.key!r}"
+    if expires is not None and not _FIRST_EXPIRY <= expires <= _LAST_EXPIRY:
+        shown = ("infinity" if expires > 0 else "-infinity") if math.isinf(expires) else "outside the years 1-9999"
+        return None, f"expires is {shown}: write a time before 10000-01-01, or NULL for an entry that never expires"
     name = policy or "default"
     flags = safety.get(name)
     if flags is None:
@@ -93,8 +103,32 @@ def check_row(
     return OriginRecord(name, expires, SOURCE, 0.0, note or ""), ""
 
 
-def config_digest(declared: Mapping[str, Any]) -> bytes:
-    return hashlib.sha256("\n".join(sorted(declared)).encode()).hexdigest().encode()
+def _refused_key(origin: str) -> bytes:
+    """The state key of a refused row: LMDB keys are at most 511 bytes, and plain SQL can write a longer origin, so
+    a long one is named by its beginning and a digest of all of it (the same row always gets the same name)."""
+    raw = origin.encode()
+    if len(raw) <= _STORABLE:
+        return _REFUSED + raw
+    return (
+        _REFUSED + f"{raw[: _STORABLE - 20].decode(errors='ignore')}...#{hashlib.sha256(raw).hexdigest()[:12]}".encode()
+    )
+
+
+def _seconds(value: Any) -> float | None:
+    """``extract(epoch FROM expires)`` as seconds: read as a number, not a ``datetime``, because psycopg cannot
+    load ``infinity`` or a year past 9999 as one, and such a row must be refused like any other, not stop the
+    syncer (and every later change with it, a revocation included)."""
+    return None if value is None else float(value)
+
+
+def config_digest(declared: Mapping[str, Any], safety: Mapping[str, PolicySafety] | None = None) -> bytes:
+    """What of this host's config the replica's content depends on: its declarations, and the policies every row
+    was checked against (a row refused for naming a policy defined later, or one a policy's new safety rules no
+    longer allow, must be checked again, which a snapshot does)."""
+    text = "\n".join(sorted(declared))
+    if safety is not None:
+        text += "\0" + "\n".join(repr(safety[name]) for name in sorted(safety))
+    return hashlib.sha256(text.encode()).hexdigest().encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +263,7 @@ class PostgresSyncer:
         conn = self._connection()
         batch = self.source.batch_size
         applied = 0
-        digest = config_digest(self.declared())
+        digest = config_digest(self.declared(), self.safety())
         while True:
             state = replica_state(self.store)
             with conn.transaction():
@@ -242,11 +276,14 @@ class PostgresSyncer:
                 elif state.position < pruned:
                     reason = f"its position {state.position} is older than the change log kept ({pruned} pruned)"
                 elif self.store.sync_get(_DECLARED) != digest:
-                    reason = "cors.allow_origins changed (this host's declarations win over the fleet's rows)"
+                    reason = (
+                        "cors.allow_origins or the policies changed (this host's declarations win over the fleet's "
+                        "rows, and every row is checked against the policies)"
+                    )
                 if not reason:
                     rows = conn.execute(
-                        "SELECT seq, origin, op, policy, expires, note, actor, extract(epoch FROM at) "
-                        "FROM corsproxy_changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                        "SELECT seq, origin, op, policy, extract(epoch FROM expires), note, actor, "
+                        "extract(epoch FROM at) FROM corsproxy_changes WHERE seq > %s ORDER BY seq LIMIT %s",
                         (state.position, batch),
                     ).fetchall()
             if reason:
@@ -267,16 +304,17 @@ class PostgresSyncer:
         for seq, origin, op, policy, expires, note, actor, _at in rows:
             if op == "delete":
                 changes.append((origin, None, actor))
-                state[_REFUSED + origin.encode()] = None
+                state[_refused_key(origin)] = None
                 continue
-            record, why = check_row(origin, policy, None if expires is None else expires.timestamp(), note, safety)
+            record, why = check_row(origin, policy, _seconds(expires), note, safety)
             if record is None:
                 refused += 1
                 self._log_refused(origin, why, seq)
-                state[_REFUSED + origin.encode()] = _refusal(seq, why, policy, actor)
+                state[_refused_key(origin)] = _refusal(seq, why, policy, actor)
+                changes.append((origin, None, actor))  # whatever it replaces: the source no longer asks for it
             else:
-                state[_REFUSED + origin.encode()] = None
-            changes.append((origin, record, actor))
+                state[_refused_key(origin)] = None
+                changes.append((origin, record, actor))
         state[_POSITION] = str(rows[-1][0]).encode()
         self.store.replicate(changes, keep_sources=_KEEP, state=state)
         if refused and self.on_refused is not None:
@@ -301,7 +339,9 @@ class PostgresSyncer:
             after = ""
             with conn.cursor(name="corsproxy_snapshot") as cursor:
                 cursor.itersize = chunk
-                cursor.execute("SELECT origin, policy, expires, note FROM corsproxy_origins ORDER BY origin")
+                cursor.execute(
+                    "SELECT origin, policy, extract(epoch FROM expires), note FROM corsproxy_origins ORDER BY origin"
+                )
                 while True:
                     rows = cursor.fetchmany(chunk)
                     if not rows:
@@ -309,14 +349,14 @@ class PostgresSyncer:
                     changes: list[tuple[str, OriginRecord | None, str]] = []
                     state: dict[bytes, bytes | None] = {}
                     for origin, policy, expires, note in rows:
-                        record, why = check_row(
-                            origin, policy, None if expires is None else expires.timestamp(), note, safety
-                        )
+                        record, why = check_row(origin, policy, _seconds(expires), note, safety)
                         if record is None:
                             refused += 1
                             self._log_refused(origin, why, position)
-                            state[_REFUSED + origin.encode()] = _refusal(position, why, policy, "snapshot")
-                        changes.append((origin, record, "postgresql:snapshot"))
+                            state[_refused_key(origin)] = _refusal(position, why, policy, "snapshot")
+                            changes.append((origin, None, "postgresql:snapshot"))
+                        else:
+                            changes.append((origin, record, "postgresql:snapshot"))
                     upto = rows[-1][0]
                     self.store.replicate(
                         changes, keep_sources=_KEEP, state=state, remove_between=(after, upto), audit=audit
@@ -453,7 +493,11 @@ class PostgresSyncer:
             except (psycopg.Error, OSError) as exc:
                 if self.on_error is not None:
                     self.on_error("listen")
-                log.debug("LISTEN connection to %s lost (%s); polling meanwhile", self.source.display, exc)
+                log.debug(
+                    "LISTEN connection to %s lost (%s); polling meanwhile",
+                    self.source.display,
+                    self.source.scrub(str(exc)),
+                )
             await asyncio.sleep(backoff.next())
 
 
