@@ -26,12 +26,23 @@ from corsproxy.core.decision import CorsRequest, Decision, DecisionCache, route_
 from corsproxy.core.forwarding import climbs_above_root
 from corsproxy.http.app import STATE, observe, oversized_head, peer, refused_target
 
-__all__ = ["FastAnswer", "PreflightResponder"]
+__all__ = ["DateLine", "FastAnswer", "PreflightResponder", "plain_message"]
 
 _REASONS = {200: b"OK", 204: b"No Content", 403: b"Forbidden"}
 
 #: Answers a complete request message on an idle connection with the bytes of a whole response, or ``None``.
 FastAnswer = Callable[[RawRequestMessage, web.RequestHandler], "bytes | None"]
+
+
+def plain_message(message: RawRequestMessage) -> bool:
+    """A message the fast paths may answer: HTTP/1.1 kept alive, no upgrade, no ``Expect`` (the ordinary path answers
+    expectations: 100 once the upstream is ready, 417 for unknown ones). Anything else is left to the ordinary path."""
+    return (
+        not message.should_close
+        and not message.upgrade
+        and message.version == aiohttp.HttpVersion11
+        and "Expect" not in message.headers
+    )
 
 
 class PreflightResponder:
@@ -47,24 +58,16 @@ class PreflightResponder:
     def __init__(self, app: web.Application) -> None:
         self._app = app
         self._bytes: dict[Answer, tuple[bytes, bytes]] = {}
-        self._date_second = -1
-        self._date = b""
+        self._date_line = DateLine()
         # shape -> (head, body, status, decision, valid until); a head of b"" marks a shape the ordinary path answers
         self._answers: dict[tuple[object, ...], tuple[bytes, bytes, int, Decision, float]] = {}
         self._decider: DecisionCache | None = None
         self._generation = -1
 
     def __call__(self, message: RawRequestMessage, protocol: web.RequestHandler) -> bytes | None:
-        if (
-            message.method != "OPTIONS"
-            or message.should_close
-            or message.upgrade
-            or message.version != aiohttp.HttpVersion11
-        ):
+        if message.method != "OPTIONS" or not plain_message(message):
             return None
         headers = message.headers
-        if "Expect" in headers:
-            return None  # the ordinary path answers expectations (417 for unknown ones)
         path = message.path
         origins = tuple(headers.getall("Origin", ()))
         methods = tuple(headers.getall("Access-Control-Request-Method", ()))
@@ -129,9 +132,19 @@ class PreflightResponder:
         cached = self._bytes[answer] = (b"".join(lines), body)
         return cached
 
-    def _date_line(self) -> bytes:
+
+class DateLine:
+    """The ``Date`` header line of a response written now (RFC 9110 §6.6.1), made again once a second."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def __call__(self) -> bytes:
         now = int(time.time())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-        return self._date
+        if now != self._second:
+            self._second = now
+            self._line = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
+        return self._line

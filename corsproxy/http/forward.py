@@ -20,10 +20,8 @@ import http
 import logging
 import ssl
 import time
-from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -34,6 +32,7 @@ from corsproxy.core.forwarding import ForwardContext, host_header, request_heade
 from corsproxy.core.log_limit import PROXY_LINES
 from corsproxy.core.settings import Config
 from corsproxy.http.app import STATE, ProxyState, observe, oversized_head, peer, refused_target
+from corsproxy.http.fastpath import DateLine, plain_message
 from corsproxy.http.upstream import UpstreamConnection, UpstreamPool
 
 if TYPE_CHECKING:
@@ -61,8 +60,7 @@ class Forwarder:
         self._app = app
         self._pool: UpstreamPool | None = None
         self._pool_key: tuple[Any, ...] | None = None
-        self._date_second = -1
-        self._date = b""
+        self.date_line = DateLine()  # called by the exchanges: the Date line of a response written now
         # Heads are pure functions of what they are built from, and clients send the same header lines request after
         # request: the last few thousand are kept (cleared whole when full, or when the configuration is replaced).
         self._request_heads: dict[tuple[Any, ...], bytes] = {}
@@ -73,16 +71,9 @@ class Forwarder:
         self, message: RawRequestMessage, payload: StreamReader, protocol: GuardedRequestHandler
     ) -> Exchange | None:
         method = message.method
-        if (
-            method not in FORWARDED
-            or message.should_close
-            or message.upgrade
-            or message.version != aiohttp.HttpVersion11
-        ):
+        if method not in FORWARDED or not plain_message(message):
             return None
         headers = message.headers
-        if "Expect" in headers:
-            return None  # the ordinary path answers expectations (100 once the upstream is ready, 417 otherwise)
         path = message.path
         if not path.startswith("/"):
             return None  # an absolute-form target: the ordinary path reduces it to path and query
@@ -151,9 +142,7 @@ class Forwarder:
         key = (message.method, message.path, message.raw_headers, message.chunked, has_body, peer(protocol), tls)
         head = self._request_heads.get(key)
         if head is None:
-            if len(self._request_heads) >= _HEADS_KEPT:
-                self._request_heads.clear()
-            head = self._request_heads[key] = self._upstream_head(message, state, config, protocol, has_body)
+            head = _kept(self._request_heads, key, _upstream_head(message, config, protocol, has_body))
         return head
 
     def response_head(
@@ -167,57 +156,8 @@ class Forwarder:
         key = (method, status, reason, tuple(raw), cors)
         made = self._response_heads.get(key)
         if made is None:
-            if len(self._response_heads) >= _HEADS_KEPT:
-                self._response_heads.clear()
-            made = self._response_heads[key] = exchange.client_head(status, reason, raw)
+            made = _kept(self._response_heads, key, exchange.client_head(status, reason, raw))
         return made
-
-    def _upstream_head(
-        self,
-        message: RawRequestMessage,
-        state: ProxyState,
-        config: Config,
-        protocol: GuardedRequestHandler,
-        has_body: bool,
-    ) -> bytes:
-        """The request head for the upstream, laid out as the ordinary path's client writes it: ``Host`` first, the
-        received lines in order (minus what :func:`request_headers` drops), the forwarding fields, then framing."""
-        upstream = config.upstream
-        transport = protocol.transport
-        context = ForwardContext(
-            peer=peer(protocol),
-            scheme="https" if transport is not None and transport.get_extra_info("sslcontext") else "http",
-            client_host=message.headers.get("Host"),
-            upstream_host=host_header(upstream.scheme, upstream.host, upstream.port),
-            preserve_host=config.forwarding.preserve_host,
-            trusted=config.forwarding.trusted,
-        )
-        received = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in message.raw_headers]
-        lines = request_headers(received, context)
-        parts = [f"{message.method} {upstream.base_path}{message.path} HTTP/1.1\r\n"]
-        host_line = ""
-        has_length = False
-        for name, value in lines:
-            if name == "Host":
-                host_line = f"Host: {value}\r\n"  # the one request_headers adds (received Host lines are dropped)
-                continue
-            if name.lower() == "content-length":
-                has_length = True
-            parts.append(f"{name}: {value}\r\n")
-        parts.insert(1, host_line)
-        if message.chunked:
-            parts.append("Transfer-Encoding: chunked\r\n")
-        elif not has_body and not has_length and message.method not in _NO_LENGTH_WHEN_EMPTY:
-            parts.append("Content-Length: 0\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1")
-
-    def date_line(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = b"Date: " + formatdate(now, usegmt=True).encode("ascii") + b"\r\n"
-        return self._date
 
     def close(self) -> None:
         if self._pool is not None:
@@ -555,3 +495,52 @@ class Exchange:
         )
         if notify:
             self.protocol.exchange_done(self, keep_alive)
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _kept(cache: dict[_K, _V], key: _K, value: _V) -> _V:
+    """Keep ``value`` under ``key`` in a cache bounded by :data:`_HEADS_KEPT` (cleared when full: heads are built from
+    what clients send, so the cache must not grow with them)."""
+    if len(cache) >= _HEADS_KEPT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _upstream_head(
+    message: RawRequestMessage, config: Config, protocol: GuardedRequestHandler, has_body: bool
+) -> bytes:
+    """The request head for the upstream, laid out as the ordinary path's client writes it: ``Host`` first, the
+    received lines in order (minus what :func:`request_headers` drops), the forwarding fields, then framing."""
+    upstream = config.upstream
+    transport = protocol.transport
+    context = ForwardContext(
+        peer=peer(protocol),
+        scheme="https" if transport is not None and transport.get_extra_info("sslcontext") else "http",
+        client_host=message.headers.get("Host"),
+        upstream_host=host_header(upstream.scheme, upstream.host, upstream.port),
+        preserve_host=config.forwarding.preserve_host,
+        trusted=config.forwarding.trusted,
+    )
+    received = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in message.raw_headers]
+    lines = request_headers(received, context)
+    parts = [f"{message.method} {upstream.base_path}{message.path} HTTP/1.1\r\n"]
+    host_line = ""
+    has_length = False
+    for name, value in lines:
+        if name == "Host":
+            host_line = f"Host: {value}\r\n"  # the one request_headers adds (received Host lines are dropped)
+            continue
+        if name.lower() == "content-length":
+            has_length = True
+        parts.append(f"{name}: {value}\r\n")
+    parts.insert(1, host_line)
+    if message.chunked:
+        parts.append("Transfer-Encoding: chunked\r\n")
+    elif not has_body and not has_length and message.method not in _NO_LENGTH_WHEN_EMPTY:
+        parts.append("Content-Length: 0\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1")

@@ -25,7 +25,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import yaml
 
 from corsproxy.core.origin_lines import TTL_IN_FILE, ParsedLines, parse_entry, parse_lines, skip_if_expired
 from corsproxy.core.settings import PolicySafety
-from corsproxy.origins.lead import HostLock
+from corsproxy.origins.lead import HostLock, write_status
 from corsproxy.origins.writes import reconcile_file
 from corsproxy.store import OriginStore, StoreError
 
@@ -248,12 +247,7 @@ class OriginsFileWatcher:
     def _write_marker(self, digest: str) -> None:
         """Record that this file's content is in the store, for every worker's ``/readyz`` (see :func:`applied`)."""
         record = json.dumps({"path": str(self.path), "sha256": digest, "time": time.time()})
-        aside = self.marker_path.with_suffix(".tmp")
-        try:
-            aside.write_text(record)
-            os.replace(aside, self.marker_path)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.marker_path, exc)
+        write_status(self.marker_path, record)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 

@@ -8,11 +8,14 @@ worker takes over at its next try, with no lease to expire and nothing to clean 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["HostLock"]
+__all__ = ["HostLock", "write_status"]
+
+log = logging.getLogger("corsproxy")
 
 #: Marks a lock that a parent process holds for this one (see :meth:`HostLock.held_by_parent`).
 _PARENTS = -1
@@ -52,3 +55,14 @@ class HostLock:
         fd, self._fd = self._fd, None
         if fd is not None and fd != _PARENTS:
             os.close(fd)  # closing the descriptor drops the flock
+
+
+def write_status(path: Path, text: str) -> None:
+    """Replace the small status file a per-host job keeps beside the store (read by ``check`` and the other
+    workers) in one rename, so no reader sees half of it; a failure is logged, never raised: it is only a report."""
+    aside = path.with_suffix(".tmp")
+    try:
+        aside.write_text(text)
+        os.replace(aside, path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)

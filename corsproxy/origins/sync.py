@@ -47,7 +47,7 @@ from corsproxy.core.origin import EntryError, parse_origin_entry
 from corsproxy.core.origin_lines import MAX_NOTE_LENGTH
 from corsproxy.core.safety import check_origin_entry
 from corsproxy.core.settings import PolicySafety, PostgresSource, unknown_policy
-from corsproxy.origins.lead import HostLock
+from corsproxy.origins.lead import HostLock, write_status
 from corsproxy.origins.postgres import NOTIFY_CHANNEL, SOURCE, SchemaError, check_schema, unavailable
 from corsproxy.store import OriginRecord, OriginStore, StoreError
 
@@ -415,12 +415,7 @@ class PostgresSyncer:
             "pid": os.getpid(),
             "time": time.time(),
         }
-        aside = self.status_path.with_suffix(".tmp")
-        try:
-            aside.write_text(json.dumps(status))
-            os.replace(aside, self.status_path)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.status_path, exc)
+        write_status(self.status_path, json.dumps(status))
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
