@@ -46,12 +46,14 @@ FAST_PATH_NAMES = (
     "_waiter",
     "_payload_parser",
     "_parser",
+    "_keepalive",
+    "_keepalive_handle",
     "_keepalive_timeout",
     "_next_keepalive_close_time",
     "_loop",
 )
 #: ... and the ones the forwarding fast path also needs: the keep-alive timer it holds off while an exchange runs.
-FORWARD_NAMES = ("_keepalive_handle", "_process_keepalive")
+FORWARD_NAMES = ("_process_keepalive",)
 #: How aiohttp versions pause reading while their request queue is full, and resume it: (flag, resume method).
 #: aiohttp releases without a bounded queue (no ``_max_msg_queue_size``) never pause, so there is nothing to resume.
 _QUEUE_RESUMERS = (("_buffer_paused", "_resume_reading_if_drained"), ("_msg_queue_paused", "_resume_msg_queue_reading"))
@@ -284,8 +286,7 @@ class GuardedRequestHandler(web.RequestHandler):
         self._partial_head = not answered
         if answered:
             # The answered request counts as activity: push the idle close back, and the head is complete.
-            if self._keepalive_timeout > 0:
-                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            self._kept_alive()
             resume = self._internals.queue_resume
             if resume is not None and getattr(self, resume[0]):
                 getattr(self, resume[1])()  # aiohttp paused reading for a full queue: it is empty now
@@ -330,12 +331,21 @@ class GuardedRequestHandler(web.RequestHandler):
         if not keep_alive:
             self.force_close()
             return
-        if self._keepalive_timeout > 0:
-            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        self._kept_alive()
         waiter = self._waiter
         if waiter is not None and not waiter.done() and self.transport is not None and self._messages:
             # Draining turned both fast paths off: the ordinary path then answers, with Connection: close.
             self._answer_queued(waiter, self._fast)
+
+    def _kept_alive(self) -> None:
+        """A fast-path answer on a kept-alive connection, as aiohttp's request loop treats one of its own responses:
+        the idle close (``limits.idle_timeout``) moves back, and is armed if it is not (aiohttp 3.14.2 arms it only
+        after a response it wrote, so a connection answered only by the fast paths would never be closed idle)."""
+        if self._keepalive_timeout > 0:
+            self._keepalive = True
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time, self._process_keepalive)
 
     def _keep_refused_head(self, previous: bytes, data: bytes) -> None:
         """Keep what arrived of a head the parser just refused as too long (the previous chunk's start and this
