@@ -161,6 +161,7 @@ class OriginsFileWatcher:
         self._digest: str | None = None
         self._lock = HostLock(lock_path)
         self._missing_logged = False
+        self._deferred: tuple[str, ...] = ()  # entries of the last applied file left to cors.allow_origins
 
     # -- leadership ---------------------------------------------------------------------------------------------
 
@@ -187,6 +188,8 @@ class OriginsFileWatcher:
             return None
         self._missing_logged = False
         identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._deferred and self._config_let_go():
+            self._identity = self._digest = None  # apply the unchanged file again: it owns those entries now
         if identity == self._identity:
             return None
         try:
@@ -216,6 +219,7 @@ class OriginsFileWatcher:
                 result = SyncResult(True, tuple(changed), tuple(removed), tuple(skipped))
         if result.applied:
             self._digest = digest
+            self._deferred = result.skipped
             self._write_marker(digest)
             log.log(
                 logging.INFO if result.changed or result.removed else logging.DEBUG,
@@ -226,6 +230,7 @@ class OriginsFileWatcher:
                 extra={"changed": list(result.changed), "removed": list(result.removed)},
             )
         else:
+            self._deferred = ()  # not applied: nothing of it is in charge to hand back until the file is fixed
             # Not remembered as seen: the same broken content is reported again only when the file changes.
             for number, reason in result.errors:
                 log.error("%s:%d: refused: %s", self.path, number, reason)
@@ -237,6 +242,16 @@ class OriginsFileWatcher:
         if self.on_sync is not None:
             self.on_sync(result)
         return result
+
+    def _config_let_go(self) -> bool:
+        """Whether an entry the file lists, left to ``cors.allow_origins`` when the file was applied, is no longer the
+        config's: a reload dropped it from the config, so the file's line is in charge again. (The reload's reconcile
+        may run after this watcher's first poll of the new generation, so it cannot be left to that poll.)"""
+        for key in self._deferred:
+            record = self.store.get(key)
+            if record is None or record.source != "config":
+                return True
+        return False
 
     # -- the "applied" marker ------------------------------------------------------------------------------------
 
