@@ -51,6 +51,8 @@ FAST_PATH_NAMES = (
     "_keepalive_timeout",
     "_next_keepalive_close_time",
     "_loop",
+    "_close",
+    "_force_close",
 )
 #: ... and the ones the forwarding fast path also needs: the keep-alive timer it holds off while an exchange runs.
 FORWARD_NAMES = ("_process_keepalive",)
@@ -142,6 +144,8 @@ class GuardedRequestHandler(web.RequestHandler):
         self._partial_head = False  # bytes of a request head arrived that do not make a whole head yet
         self._idle_since: float | None = None  # while draining: when this connection was first seen idle
         self._requests_seen = 0
+        self._deferred: list[bytes] | None = None  # bytes held for one loop turn, see _defer_to_waiting_loop
+        self._replaying = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -173,8 +177,15 @@ class GuardedRequestHandler(web.RequestHandler):
         super()._process_keepalive()
 
     def data_received(self, data: bytes) -> None:
-        previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
+        if self._deferred is not None:
+            self._deferred.append(data)  # behind the bytes already held: order is kept
+            return
         waiter = self._waiter
+        if waiter is None and data and not self._replaying and self._between_requests():
+            # (empty data is aiohttp's own re-parse of what it buffered while its queue was full: it runs as it does)
+            self._defer_to_waiting_loop(data)
+            return
+        previous, self._chunk_prefix = self._chunk_prefix, data[:_HEAD_PREFIX]
         if self._exchange is not None and waiter is not None and not waiter.done():
             # An exchange is in progress: feed its body, queue what follows for when it ends (responses stay in order).
             self._parse_quietly(data, waiter, previous)
@@ -199,6 +210,44 @@ class GuardedRequestHandler(web.RequestHandler):
             self._disarm_head_timer()
         elif self._head_timer is None:
             self._arm_head_timer()
+
+    def _between_requests(self) -> bool:
+        """Whether aiohttp's request loop has finished its last request (or not begun) and will wait for the next.
+
+        That loop's wait (``_waiter``) exists only while it waits: it is created when the loop first runs (a task
+        started one loop turn after ``connection_made`` on Python 3.11) and again after each response the ordinary
+        handler wrote, once the handler's task has ended and the loop has run on. Bytes arriving in between would be
+        queued for the ordinary handler, and a client sending its next request as soon as it has read a response
+        arrives exactly then: one ordinary answer would make every later one on that connection ordinary too."""
+        return (
+            (self._fast is not None or self._forward is not None)
+            and not self._request_in_progress
+            and not self._messages
+            and self._exchange is None
+            and self._payload_parser is None
+            and not self._upgraded
+            and not self._close
+            and not self._force_close
+            and self.transport is not None
+            and not self.transport.is_closing()
+        )
+
+    def _defer_to_waiting_loop(self, data: bytes) -> None:
+        """Hold ``data`` for one loop turn: the request loop's own step was scheduled before this callback (the task's
+        first step at ``connection_made``, its wake-up when the handler's task ended), so by then it waits, has closed
+        the connection, or is reading an unread body — and the bytes are then taken as if they arrived at once."""
+        self._deferred = [data]
+        self._loop.call_soon(self._replay_deferred)
+
+    def _replay_deferred(self) -> None:
+        chunks, self._deferred = self._deferred, None
+        if chunks is None or self.transport is None or self.transport.is_closing():
+            return  # the request loop closed the connection (its last answer said Connection: close)
+        self._replaying = True  # once only: a loop still busy (an unread body) gets the bytes queued as usual
+        try:
+            self.data_received(b"".join(chunks))
+        finally:
+            self._replaying = False
 
     def begin_drain(self) -> None:
         """Stop keeping this connection alive without losing a request on it (a reload or a stop).
