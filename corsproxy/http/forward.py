@@ -204,6 +204,7 @@ class Exchange:
         self._body_task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._body_sent = payload is None
+        self._body_bytes = 0  # of the client's body, as received (before chunk framing)
         self._writable: asyncio.Future[None] | None = None
         self._upstream_paused = False
         self._retried = False
@@ -213,7 +214,7 @@ class Exchange:
 
     # start
     def start(self) -> None:
-        connection = self.pool.idle() if self.payload is None else None
+        connection = self.pool.idle()
         if connection is not None:
             self._send(connection)
         else:
@@ -244,16 +245,50 @@ class Exchange:
             # answer, or paused while this exchange waited for a connection): no pause_writing will come to say so.
             self._upstream_paused = True
             connection.pause_reading()
-        connection.write(self.head)
-        if self.payload is not None and not self._body_sent:
-            self._body_task = self.pool.loop.create_task(self._pump_body(connection, self.payload))
+        payload = self.payload
+        if payload is None or self._body_sent:
+            connection.write(self.head)
+            return
+        # What of the body has arrived with the head (all of a small one) goes out in the same write; a task streams
+        # the rest only when there is a rest.
+        buffered = self._buffered_body(payload)
+        if buffered is None:
+            return  # refused (malformed, over the limit): answered
+        connection.write(self.head + buffered if buffered else self.head)
+        if not self._body_sent:
+            self._body_task = self.pool.loop.create_task(self._pump_body(connection, payload))
+
+    def _buffered_body(self, payload: StreamReader) -> bytes | None:
+        """The body bytes the payload stream holds now, framed for the upstream (with the last chunk when the body is
+        complete, which marks it sent); ``None`` when the body is refused (the answer is written)."""
+        try:
+            chunk = payload.read_nowait(-1)
+        except Exception as exc:
+            self._body_failed(400, "malformed request body", "request_body_broken", repr(exc))
+            return None
+        framed = self._framed(chunk) if chunk else b""
+        if framed is None:
+            return None
+        if payload.at_eof():
+            self._body_sent = True
+            if self.message.chunked:
+                framed += b"0\r\n\r\n"
+        return framed
+
+    def _framed(self, chunk: bytes) -> bytes | None:
+        """``chunk`` as it is written to the upstream; ``None`` once the body is over ``limits.max_body_size``."""
+        self._body_bytes += len(chunk)
+        limit = self.state.config.limits.max_body_size
+        if limit and self._body_bytes > limit:
+            self._body_failed(413, f"request body over {limit} bytes", "request_body_too_large", "")
+            return None
+        if self.message.chunked:
+            return b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        return chunk
 
     async def _pump_body(self, connection: UpstreamConnection, payload: StreamReader) -> None:
-        """Stream the client's body to the upstream, one chunk at a time: the payload stream pauses the client's
-        socket when it holds too much; this waits whenever the upstream's socket buffer is full."""
-        limit = self.state.config.limits.max_body_size
-        chunked = self.message.chunked
-        sent = 0
+        """Stream the rest of the client's body to the upstream, one chunk at a time: the payload stream pauses the
+        client's socket when it holds too much; this waits whenever the upstream's socket buffer is full."""
         try:
             while True:
                 try:
@@ -263,20 +298,16 @@ class Exchange:
                     return
                 if not chunk:
                     break
-                sent += len(chunk)
-                if limit and sent > limit:
-                    self._body_failed(413, f"request body over {limit} bytes", "request_body_too_large", "")
+                framed = self._framed(chunk)
+                if framed is None:
                     return
-                if chunked:
-                    connection.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                else:
-                    connection.write(chunk)
+                connection.write(framed)
                 connection.last_read = self.pool.loop.time()  # bytes are moving: the read timeout starts over
                 if connection.writing_paused:
                     self._writable = self.pool.loop.create_future()
                     await self._writable
                     self._writable = None
-            if chunked:
+            if self.message.chunked:
                 connection.write(b"0\r\n\r\n")
             self._body_sent = True
         finally:
