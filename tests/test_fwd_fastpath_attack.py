@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -23,60 +22,9 @@ import pytest
 
 from corsproxy.http.forward import Exchange
 from corsproxy.http.protocol import GuardedRequestHandler
-from tests.support.config import BASE_CONFIG, merge
+from tests.support.fwd import ORIGIN, config_on, count_exchanges, normal, raw, request
 from tests.support.inprocess import RunningProxy, serve_proxy
 from tests.support.raw_upstream import OK, RawConnection, RawUpstream
-
-ORIGIN = b"Origin: https://app.example.com\r\n"
-_DATE = re.compile(rb"\r\nDate: [^\r]*")
-
-
-def _request(method: str, target: str, extra: bytes = b"", body: bytes = b"") -> bytes:
-    return f"{method} {target} HTTP/1.1\r\nHost: proxy.test\r\n".encode() + ORIGIN + extra + b"\r\n" + body
-
-
-def _normal(response: bytes) -> bytes:
-    return _DATE.sub(b"\r\nDate: -", response)
-
-
-def _config(tmp_path: Path, port: int, name: str, **override: Any) -> dict[str, Any]:
-    data = merge(
-        BASE_CONFIG,
-        {"upstream": {"url": f"http://127.0.0.1:{port}"}, "store": {"path": str(tmp_path / f"db-{name}")}},
-    )
-    return merge(data, override)
-
-
-def _count_exchanges(proxy: RunningProxy, taken: list[Exchange]) -> None:
-    server: Any = proxy.runner.server
-    forward = server._forward
-    assert forward is not None, "the forwarding fast path is off"
-
-    def counting(*args: Any) -> Exchange | None:
-        exchange: Exchange | None = forward(*args)
-        if exchange is not None:
-            taken.append(exchange)
-        return exchange
-
-    server._forward = counting
-
-
-async def _raw(port: int, payload: bytes, *, quiet: float = 0.6) -> bytes:
-    """Send raw bytes on one connection; read until the proxy closes it or nothing comes for ``quiet`` seconds."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        out = b""
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            while True:
-                chunk = await asyncio.wait_for(reader.read(65536), quiet)
-                if not chunk:
-                    break
-                out += chunk
-        return out
-    finally:
-        writer.close()
 
 
 def _status(response: bytes) -> bytes:
@@ -101,10 +49,10 @@ async def _two_clients(
 
     async with (
         RawUpstream(handler) as upstream,
-        serve_proxy(_config(tmp_path, upstream.port, "a", upstream={"read_timeout": read_timeout})) as proxy,
+        serve_proxy(config_on(tmp_path, upstream.port, "a", upstream={"read_timeout": read_timeout})) as proxy,
     ):
-        a = await _raw(proxy.port, _request("GET", "/a"))
-        b = await _raw(proxy.port, _request("GET", "/b"))
+        a = await raw(proxy.port, request("GET", "/a"))
+        b = await raw(proxy.port, request("GET", "/b"))
     return a, b, upstream
 
 
@@ -159,9 +107,9 @@ async def test_head_response_with_a_body_is_not_given_to_the_next_client(tmp_pat
             else:
                 await connection.send(MINE)
 
-    async with RawUpstream(handler) as upstream, serve_proxy(_config(tmp_path, upstream.port, "h")) as proxy:
-        head = await _raw(proxy.port, _request("HEAD", "/a"))
-        b = await _raw(proxy.port, _request("GET", "/b"))
+    async with RawUpstream(handler) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "h")) as proxy:
+        head = await raw(proxy.port, request("HEAD", "/a"))
+        b = await raw(proxy.port, request("GET", "/b"))
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 6\r\n" in head
     assert b"secret" not in head + b
     assert b.endswith(b"\r\n\r\nmine")
@@ -195,9 +143,9 @@ async def test_ambiguous_responses_are_502_on_both_paths(tmp_path: Path, answer:
     answers = []
     async with RawUpstream(handler) as upstream:
         for fast in (True, False):
-            config = _config(tmp_path, upstream.port, f"amb-{fast}")
+            config = config_on(tmp_path, upstream.port, f"amb-{fast}")
             async with serve_proxy(config, fast_forwarding=fast) as proxy:
-                answers.append(_normal(await _raw(proxy.port, _request("GET", "/x"))))
+                answers.append(normal(await raw(proxy.port, request("GET", "/x"))))
     assert _status(answers[0]) == b"HTTP/1.1 502 Bad Gateway", answers
     assert answers[0] == answers[1]
 
@@ -223,9 +171,9 @@ async def test_unasked_101_is_a_502_on_the_ordinary_path(tmp_path: Path) -> None
 
     async with (
         RawUpstream(handler) as upstream,
-        serve_proxy(_config(tmp_path, upstream.port, "101"), fast_forwarding=False) as proxy,
+        serve_proxy(config_on(tmp_path, upstream.port, "101"), fast_forwarding=False) as proxy,
     ):
-        answer = await _raw(proxy.port, _request("GET", "/x"))
+        answer = await raw(proxy.port, request("GET", "/x"))
     assert _status(answer) == b"HTTP/1.1 502 Bad Gateway", answer
 
 
@@ -246,9 +194,9 @@ async def test_early_response_before_the_body_closes_both_sides(tmp_path: Path) 
         await connection.send(b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig")
         await connection.reader.read()
 
-    async with RawUpstream(handler) as upstream, serve_proxy(_config(tmp_path, upstream.port, "e")) as proxy:
+    async with RawUpstream(handler) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "e")) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(_request("POST", "/up", b"Content-Length: 100000\r\n", b"x" * 10))
+        writer.write(request("POST", "/up", b"Content-Length: 100000\r\n", b"x" * 10))
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(), 5)  # until the proxy closes the client connection
         writer.close()
@@ -299,7 +247,7 @@ async def _stalled_client(
     handler: GuardedRequestHandler | None = None
     for n in range(400):
         before = len(upstream.received)
-        writer.write(_request("GET", f"/small?n={n}"))
+        writer.write(request("GET", f"/small?n={n}"))
         await writer.drain()
         await _until(functools.partial(_more_than, upstream.received, before), "the upstream to get the request")
         if handler is None:
@@ -328,12 +276,12 @@ async def test_a_connection_paused_for_a_slow_client_is_not_pooled_paused(tmp_pa
             n += 1
             await connection.send(MINE if received.target == "/other" else SMALL)
 
-    config = _config(tmp_path, 0, "p", upstream={"read_timeout": 1})
+    config = config_on(tmp_path, 0, "p", upstream={"read_timeout": 1})
     async with RawUpstream(handler) as upstream:
         config["upstream"]["url"] = f"http://127.0.0.1:{upstream.port}"
         async with serve_proxy(config) as proxy:
             _, writer, _ = await _stalled_client(proxy, upstream)
-            other = await _raw(proxy.port, _request("GET", "/other"), quiet=3)
+            other = await raw(proxy.port, request("GET", "/other"), quiet=3)
             writer.transport.abort()
     assert other.startswith(b"HTTP/1.1 200 OK\r\n"), other
     assert other.endswith(b"mine")
@@ -358,7 +306,7 @@ async def test_an_exchange_started_for_a_paused_client_reads_the_upstream_paused
                 await connection.writer.drain()
             sent.set()
 
-    async with RawUpstream(handler) as upstream, serve_proxy(_config(tmp_path, upstream.port, "m")) as proxy:
+    async with RawUpstream(handler) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "m")) as proxy:
         reader, writer, client = await _stalled_client(proxy, upstream)
         transport = client.transport
         assert transport is not None
@@ -368,7 +316,7 @@ async def test_an_exchange_started_for_a_paused_client_reads_the_upstream_paused
             await asyncio.sleep(0)
         await _until(lambda: transport.get_write_buffer_size() <= 48 << 10, "the buffer to drain a little")
         assert client.writing_paused
-        writer.write(_request("GET", "/big"))
+        writer.write(request("GET", "/big"))
         await writer.drain()
         peak = 0
         for _ in range(300):
@@ -411,12 +359,12 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
         upstream = await stack.enter_async_context(RawUpstream(_echo))
         ports = []
         for fast in (True, False):
-            config = _config(tmp_path, upstream.port, f"pair-{fast}", **ROUTES)
+            config = config_on(tmp_path, upstream.port, f"pair-{fast}", **ROUTES)
             config["limits"] = {"max_body_size": 1000, "max_header_size": 2048}
             proxy = await stack.enter_async_context(serve_proxy(config, fast_forwarding=fast))
             ports.append(proxy.port)
             if fast:
-                _count_exchanges(proxy, taken)
+                count_exchanges(proxy.runner, taken)
         yield upstream, ports[0], ports[1], taken
 
 
@@ -426,29 +374,29 @@ async def _both(pair: Pair, payload: bytes) -> tuple[list[bytes], list[list[byte
     answers, seen = [], []
     for port in (fast, plain):
         before = len(upstream.received)
-        answers.append(_normal(await _raw(port, payload)))
+        answers.append(normal(await raw(port, payload)))
         await asyncio.sleep(0.05)  # an upstream read still under way is recorded before the comparison
         seen.append([r.wire for r in upstream.received[before:]])
     return answers, seen
 
 
 REFUSED: list[tuple[str, bytes]] = [
-    ("cl-and-te", _request("POST", "/x", b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")),
-    ("two-lengths", _request("POST", "/x", b"Content-Length: 3\r\nContent-Length: 4\r\n", b"abcd")),
-    ("length-list", _request("POST", "/x", b"Content-Length: 3, 3\r\n", b"abc")),
-    ("length-plus", _request("POST", "/x", b"Content-Length: +3\r\n", b"abc")),
-    ("te-chunked-identity", _request("POST", "/x", b"Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n")),
-    ("te-twice", _request("POST", "/x", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")),
-    ("te-space-colon", _request("POST", "/x", b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n")),
-    ("obs-fold", _request("GET", "/x", b"X-A: one\r\n two\r\n")),
+    ("cl-and-te", request("POST", "/x", b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")),
+    ("two-lengths", request("POST", "/x", b"Content-Length: 3\r\nContent-Length: 4\r\n", b"abcd")),
+    ("length-list", request("POST", "/x", b"Content-Length: 3, 3\r\n", b"abc")),
+    ("length-plus", request("POST", "/x", b"Content-Length: +3\r\n", b"abc")),
+    ("te-chunked-identity", request("POST", "/x", b"Transfer-Encoding: chunked, identity\r\n", b"0\r\n\r\n")),
+    ("te-twice", request("POST", "/x", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")),
+    ("te-space-colon", request("POST", "/x", b"Transfer-Encoding : chunked\r\n", b"0\r\n\r\n")),
+    ("obs-fold", request("GET", "/x", b"X-A: one\r\n two\r\n")),
     ("bare-lf-head", b"GET /x HTTP/1.1\nHost: proxy.test\n" + ORIGIN + b"\n"),
     ("bare-lf-line", b"GET /x HTTP/1.1\r\nHost: proxy.test\nX-A: 1\r\n" + ORIGIN + b"\r\n"),
-    ("nul-in-value", _request("GET", "/x", b"X-A: a\x00b\r\n")),
-    ("cr-in-value", _request("GET", "/x", b"X-A: a\rb\r\n")),
-    ("huge-chunk-size", _request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"ffffffffffffffffff\r\nabc\r\n")),
-    ("bare-lf-chunk", _request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3\nabc\n0\n\n")),
+    ("nul-in-value", request("GET", "/x", b"X-A: a\x00b\r\n")),
+    ("cr-in-value", request("GET", "/x", b"X-A: a\rb\r\n")),
+    ("huge-chunk-size", request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"ffffffffffffffffff\r\nabc\r\n")),
+    ("bare-lf-chunk", request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3\nabc\n0\n\n")),
     ("two-hosts", b"GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n" + ORIGIN + b"\r\n"),
-    ("space-in-name", _request("GET", "/x", b"X A: 1\r\n")),
+    ("space-in-name", request("GET", "/x", b"X A: 1\r\n")),
 ]
 
 
@@ -462,31 +410,31 @@ async def test_smuggling_is_refused_alike_and_never_reaches_the_upstream(pair: P
 
 
 FORWARDED: list[tuple[str, bytes]] = [
-    ("chunk-extension", _request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3;ext=1\r\nabc\r\n0\r\n\r\n")),
+    ("chunk-extension", request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3;ext=1\r\nabc\r\n0\r\n\r\n")),
     (
         "trailers",
-        _request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"),
+        request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"),
     ),
-    ("get-with-body", _request("GET", "/x", b"Content-Length: 5\r\n", b"hello")),
-    ("delete-with-chunked-body", _request("DELETE", "/x", b"Transfer-Encoding: chunked\r\n", b"2\r\nhi\r\n0\r\n\r\n")),
-    ("head-with-body", _request("HEAD", "/x", b"Content-Length: 2\r\n", b"hi")),
+    ("get-with-body", request("GET", "/x", b"Content-Length: 5\r\n", b"hello")),
+    ("delete-with-chunked-body", request("DELETE", "/x", b"Transfer-Encoding: chunked\r\n", b"2\r\nhi\r\n0\r\n\r\n")),
+    ("head-with-body", request("HEAD", "/x", b"Content-Length: 2\r\n", b"hi")),
     (
         "pipelined-after-body",
-        _request("POST", "/x?n=1", b"Content-Length: 5\r\n", b"hello")
-        + _request("GET", "/x?n=2")
-        + _request("PUT", "/x?n=3", b"Transfer-Encoding: chunked\r\n", b"1\r\na\r\n0\r\n\r\n")
-        + _request("GET", "/x?n=4"),
+        request("POST", "/x?n=1", b"Content-Length: 5\r\n", b"hello")
+        + request("GET", "/x?n=2")
+        + request("PUT", "/x?n=3", b"Transfer-Encoding: chunked\r\n", b"1\r\na\r\n0\r\n\r\n")
+        + request("GET", "/x?n=4"),
     ),
     (
         "body-prefix-looks-like-request",
-        _request("POST", "/x", b"Content-Length: 24\r\n", b"GET /admin/ HTTP/1.1\r\n\r\n"),
+        request("POST", "/x", b"Content-Length: 24\r\n", b"GET /admin/ HTTP/1.1\r\n\r\n"),
     ),
     ("empty-host", b"GET /x HTTP/1.1\r\nHost:\r\n" + ORIGIN + b"\r\n"),
     ("no-host", b"GET /x HTTP/1.1\r\n" + ORIGIN + b"\r\n"),
     ("lowercase-host", b"GET /x HTTP/1.1\r\nhost: Proxy.Test:8080\r\n" + ORIGIN + b"\r\n"),
     (
         "untrusted-forwarding-spellings",
-        _request(
+        request(
             "GET",
             "/x",
             b"X_Forwarded_For: 1.1.1.1\r\nX-Forwarded_Host: evil\r\nx_real_ip: 2.2.2.2\r\nFORWARDED: for=3.3.3.3\r\n"
@@ -495,16 +443,16 @@ FORWARDED: list[tuple[str, bytes]] = [
     ),
     (
         "connection-names-fields",
-        _request("GET", "/x", b"Connection: X-Forwarded-For, x-a\r\nX-Forwarded-For: 9.9.9.9\r\nX-A: 1\r\n"),
+        request("GET", "/x", b"Connection: X-Forwarded-For, x-a\r\nX-Forwarded-For: 9.9.9.9\r\nX-A: 1\r\n"),
     ),
     # Both paths accept these (aiohttp's parser frames them as chunked) and forward one re-framed request;
     # the README lists both as refused.
-    ("te-identity-chunked", _request("POST", "/x", b"Transfer-Encoding: identity, chunked\r\n", b"0\r\n\r\n")),
+    ("te-identity-chunked", request("POST", "/x", b"Transfer-Encoding: identity, chunked\r\n", b"0\r\n\r\n")),
     ("chunked-http10", b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n" + ORIGIN + b"\r\n0\r\n\r\n"),
-    ("names-differing-in-case", _request("GET", "/x", b"Cookie: a=1\r\ncookie: b=2\r\nCOOKIE: c=3\r\n")),
-    ("many-headers", _request("GET", "/x", b"".join(b"X-H%d: %d\r\n" % (i, i) for i in range(90)))),
-    ("encoded-slash-query", _request("GET", "/x/%2F/y?q=%2e%2e&q=2")),
-    ("empty-value", _request("GET", "/x", b"X-Empty:\r\nX-Space:   \r\n")),
+    ("names-differing-in-case", request("GET", "/x", b"Cookie: a=1\r\ncookie: b=2\r\nCOOKIE: c=3\r\n")),
+    ("many-headers", request("GET", "/x", b"".join(b"X-H%d: %d\r\n" % (i, i) for i in range(90)))),
+    ("encoded-slash-query", request("GET", "/x/%2F/y?q=%2e%2e&q=2")),
+    ("empty-value", request("GET", "/x", b"X-Empty:\r\nX-Space:   \r\n")),
 ]
 
 
@@ -540,7 +488,7 @@ TARGETS = [
 @pytest.mark.parametrize("target", TARGETS)
 async def test_path_tricks_are_answered_alike(pair: Pair, target: str) -> None:
     for method in ("GET", "POST"):
-        payload = _request(method, target, b"Content-Length: 0\r\n" if method == "POST" else b"")
+        payload = request(method, target, b"Content-Length: 0\r\n" if method == "POST" else b"")
         answers, seen = await _both(pair, payload)
         assert answers[0] == answers[1], (method, target)
         assert seen[0] == seen[1], (method, target)
@@ -549,11 +497,11 @@ async def test_path_tricks_are_answered_alike(pair: Pair, target: str) -> None:
 @pytest.mark.parametrize(
     "payload",
     [
-        _request("GET", "/x", b"X-Big: " + b"a" * 2100 + b"\r\n"),
-        _request("GET", "/x" + "a" * 2100),
-        _request("GET", "/x", b"X-Big: " + b"a" * 5000 + b"\r\n"),
-        _request("POST", "/x", b"Content-Length: 1001\r\n", b"a" * 1001),
-        _request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3e9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n"),
+        request("GET", "/x", b"X-Big: " + b"a" * 2100 + b"\r\n"),
+        request("GET", "/x" + "a" * 2100),
+        request("GET", "/x", b"X-Big: " + b"a" * 5000 + b"\r\n"),
+        request("POST", "/x", b"Content-Length: 1001\r\n", b"a" * 1001),
+        request("POST", "/x", b"Transfer-Encoding: chunked\r\n", b"3e9\r\n" + b"a" * 1001 + b"\r\n0\r\n\r\n"),
     ],
     ids=["431", "414", "431-past-parser", "413-length", "413-chunked"],
 )
@@ -569,7 +517,7 @@ OBS_TEXT = [b"X-A: caf\xe9 \xff\r\n", "X-A: café\r\n".encode()]
 
 @pytest.mark.parametrize("line", OBS_TEXT, ids=["latin-1", "utf-8"])
 async def test_fast_path_forwards_non_ascii_header_bytes_exactly(pair: Pair, line: bytes) -> None:
-    _, seen = await _both(pair, _request("GET", "/x", line))
+    _, seen = await _both(pair, request("GET", "/x", line))
     assert len(pair[3]) == 1
     assert line in seen[0][0]
 
@@ -581,7 +529,7 @@ async def test_fast_path_forwards_non_ascii_header_bytes_exactly(pair: Pair, lin
 )
 @pytest.mark.parametrize("line", OBS_TEXT, ids=["latin-1", "utf-8"])
 async def test_ordinary_path_forwards_non_ascii_header_bytes_like_the_fast_path(pair: Pair, line: bytes) -> None:
-    _, seen = await _both(pair, _request("GET", "/x", line))
+    _, seen = await _both(pair, request("GET", "/x", line))
     assert seen[0] == seen[1]
 
 
@@ -609,17 +557,17 @@ async def test_a_full_pool_makes_waiters_504_and_then_recovers(tmp_path: Path) -
                 await release.wait()
             await connection.send(MINE)
 
-    config = _config(tmp_path, 0, "pool", limits={"max_upstream_connections": 1})
+    config = config_on(tmp_path, 0, "pool", limits={"max_upstream_connections": 1})
     config["upstream"]["connect_timeout"] = 0.5
     async with RawUpstream(handler) as upstream:
         config["upstream"]["url"] = f"http://127.0.0.1:{upstream.port}"
         async with serve_proxy(config) as proxy:
-            hanging = asyncio.create_task(_raw(proxy.port, _request("GET", "/hang"), quiet=5))
+            hanging = asyncio.create_task(raw(proxy.port, request("GET", "/hang"), quiet=5))
             await _until(lambda: len(upstream.received) == 1, "the hanging request to arrive")
-            waiters = await asyncio.gather(*(_raw(proxy.port, _request("GET", f"/w{i}")) for i in range(5)))
+            waiters = await asyncio.gather(*(raw(proxy.port, request("GET", f"/w{i}")) for i in range(5)))
             release.set()
             first = await hanging
-            after = await _raw(proxy.port, _request("GET", "/after"))
+            after = await raw(proxy.port, request("GET", "/after"))
     assert all(_status(w) == b"HTTP/1.1 504 Gateway Timeout" for w in waiters), waiters
     assert first.endswith(b"mine") and after.endswith(b"mine")
     assert upstream.max_active == 1
@@ -633,15 +581,15 @@ async def test_client_abort_mid_upload_closes_the_upstream_connection(tmp_path: 
         while await connection.read_request() is not None:
             await connection.send(MINE)
 
-    async with RawUpstream(handler) as upstream, serve_proxy(_config(tmp_path, upstream.port, "up")) as proxy:
+    async with RawUpstream(handler) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "up")) as proxy:
         _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(_request("POST", "/up", b"Content-Length: 1000\r\n", b"x" * 400))
+        writer.write(request("POST", "/up", b"Content-Length: 1000\r\n", b"x" * 400))
         await writer.drain()
         await _until(lambda: bool(upstream.connections), "the upstream connection")
         await asyncio.sleep(0.1)
         writer.transport.abort()
         await asyncio.wait_for(upstream.connections[0].closed.wait(), 5)
-        after = await _raw(proxy.port, _request("GET", "/after"))
+        after = await raw(proxy.port, request("GET", "/after"))
     assert after.endswith(b"mine")
     assert [r.complete for r in upstream.received] == [False, True]
     assert len(upstream.connections) == 2
@@ -663,13 +611,13 @@ async def test_client_abort_mid_response_never_hands_the_rest_to_the_next_client
             else:
                 await connection.send(MINE)
 
-    async with RawUpstream(handler) as upstream, serve_proxy(_config(tmp_path, upstream.port, "ab")) as proxy:
+    async with RawUpstream(handler) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "ab")) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(_request("GET", "/long"))
+        writer.write(request("GET", "/long"))
         await asyncio.wait_for(first.wait(), 5)
         await asyncio.wait_for(reader.readuntil(b"AAAA"), 5)
         writer.transport.abort()
-        b = await _raw(proxy.port, _request("GET", "/b"))
+        b = await raw(proxy.port, request("GET", "/b"))
     assert b.endswith(b"\r\n\r\nmine") and b"AAAA" not in b
 
 
@@ -681,10 +629,10 @@ async def test_upstream_stalling_mid_body_aborts_the_client(tmp_path: Path) -> N
 
     async with (
         RawUpstream(handler) as upstream,
-        serve_proxy(_config(tmp_path, upstream.port, "st", upstream={"read_timeout": 0.5})) as proxy,
+        serve_proxy(config_on(tmp_path, upstream.port, "st", upstream={"read_timeout": 0.5})) as proxy,
     ):
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(_request("GET", "/x"))
+        writer.write(request("GET", "/x"))
         answer = await asyncio.wait_for(reader.read(), 5)  # ends when the proxy aborts the connection
         writer.close()
         await asyncio.wait_for(upstream.connections[0].closed.wait(), 5)
@@ -721,12 +669,12 @@ async def test_cors_headers_on_actual_responses_alike(tmp_path: Path, cors: dict
     async with RawUpstream(handler) as upstream:
         for fast in (True, False):
             taken: list[Exchange] = []
-            config = _config(tmp_path, upstream.port, f"cors-{fast}", cors=cors)
+            config = config_on(tmp_path, upstream.port, f"cors-{fast}", cors=cors)
             async with serve_proxy(config, fast_forwarding=fast) as proxy:
                 if fast:
-                    _count_exchanges(proxy, taken)
+                    count_exchanges(proxy.runner, taken)
                 payload = b"GET /x HTTP/1.1\r\nHost: proxy.test\r\n" + origin + b"Cookie: c=1\r\n\r\n"
-                answers.append(_normal(await _raw(proxy.port, payload)))
+                answers.append(normal(await raw(proxy.port, payload)))
             assert taken or not fast
     assert answers[0] == answers[1]
     lines = answers[0].split(b"\r\n\r\n")[0].lower().split(b"\r\n")
@@ -767,9 +715,9 @@ async def _fast_and_plain(tmp_path: Path, answer: bytes, name: str) -> list[byte
     answers = []
     async with RawUpstream(handler) as upstream:
         for fast in (True, False):
-            config = _config(tmp_path, upstream.port, f"{name}-{fast}")
+            config = config_on(tmp_path, upstream.port, f"{name}-{fast}")
             async with serve_proxy(config, fast_forwarding=fast) as proxy:
-                answers.append(_normal(await _raw(proxy.port, _request("GET", "/x"))))
+                answers.append(normal(await raw(proxy.port, request("GET", "/x"))))
     return answers
 
 
@@ -830,12 +778,12 @@ async def test_preserve_host_and_forwarded_fields_alike(tmp_path: Path, trusted:
     async with RawUpstream(_echo) as upstream:
         for fast in (True, False):
             taken: list[Exchange] = []
-            config = _config(tmp_path, upstream.port, f"fw-{fast}", forwarding=forwarding)
+            config = config_on(tmp_path, upstream.port, f"fw-{fast}", forwarding=forwarding)
             async with serve_proxy(config, fast_forwarding=fast) as proxy:
                 if fast:
-                    _count_exchanges(proxy, taken)
+                    count_exchanges(proxy.runner, taken)
                 before = len(upstream.received)
-                await _raw(proxy.port, b"GET /x HTTP/1.1\r\n" + head + ORIGIN + b"\r\n")
+                await raw(proxy.port, b"GET /x HTTP/1.1\r\n" + head + ORIGIN + b"\r\n")
                 seen.append([r.wire for r in upstream.received[before:]])
             assert taken or not fast
     assert seen[0] == seen[1]
@@ -850,10 +798,10 @@ def test_fast_path_forwards_under_uvloop(tmp_path: Path) -> None:
 
     async def main() -> bytes:
         async with RawUpstream() as upstream:
-            config = _config(tmp_path, upstream.port, "uv", upstream={"read_timeout": 3, "connect_timeout": 3})
+            config = config_on(tmp_path, upstream.port, "uv", upstream={"read_timeout": 3, "connect_timeout": 3})
             async with serve_proxy(config) as proxy:
-                _count_exchanges(proxy, taken)
-                return await _raw(proxy.port, _request("GET", "/x"), quiet=5)
+                count_exchanges(proxy.runner, taken)
+                return await raw(proxy.port, request("GET", "/x"), quiet=5)
 
     result: list[bytes] = []
     thread = threading.Thread(target=lambda: result.append(uvloop.run(main())))

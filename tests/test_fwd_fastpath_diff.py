@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from corsproxy.http.forward import Exchange
 from corsproxy.http.upstream import UpstreamConnection, UpstreamPool
 from tests.support.config import BASE_CONFIG, merge
+from tests.support.fwd import count_exchanges, normal, raw, request
 from tests.support.inprocess import serve_proxy
 from tests.support.raw_upstream import RawConnection, RawUpstream
 
-ORIGIN = b"Origin: https://app.example.com\r\n"
 #: What the scripted upstream answers, by the request target's first segment.
 ANSWERS: dict[str, bytes] = {
     "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: 7\r\n\r\nok",
@@ -75,72 +73,29 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[RawUpstream, int, int, lis
             proxy = await stack.enter_async_context(serve_proxy(data, fast_forwarding=fast))
             ports.append(proxy.port)
             if fast:
-                _count_exchanges(proxy.runner, taken)
+                count_exchanges(proxy.runner, taken)
         yield upstream, ports[0], ports[1], taken
 
 
-def _count_exchanges(runner: web.AppRunner, taken: list[Exchange]) -> None:
-    server: Any = runner.server
-    forward = server._forward
-    assert forward is not None, "the forwarding fast path is off"
-
-    def counting(*args: Any) -> Exchange | None:
-        exchange: Exchange | None = forward(*args)
-        if exchange is not None:
-            taken.append(exchange)
-        return exchange
-
-    server._forward = counting
-
-
-async def _raw(port: int, payload: bytes, *, read_all: bool = True, timeout: float = 5.0) -> bytes:
-    """Send raw bytes on one connection and read until the proxy closes it (or ``timeout`` passes quietly)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(payload)
-        await writer.drain()
-        out = b""
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            while True:
-                chunk = await asyncio.wait_for(reader.read(65536), 0.6 if read_all else timeout)
-                if not chunk:
-                    break
-                out += chunk
-        return out
-    finally:
-        writer.close()
-
-
-_DATE = re.compile(rb"\r\nDate: [^\r]*")
-
-
-def _normal(response: bytes) -> bytes:
-    return _DATE.sub(b"\r\nDate: -", response)
-
-
-def _request(method: str, target: str, extra: bytes = b"", body: bytes = b"") -> bytes:
-    return f"{method} {target} HTTP/1.1\r\nHost: proxy.test\r\n".encode() + ORIGIN + extra + b"\r\n" + body
-
-
 CASES: list[tuple[str, bytes]] = [
-    ("get", _request("GET", "/ok?x=1&y=%20")),
-    ("head", _request("HEAD", "/ok")),
-    ("delete", _request("DELETE", "/ok/item")),
-    ("options-actual", _request("OPTIONS", "/ok")),
-    ("post-empty", _request("POST", "/ok")),
-    ("post-length", _request("POST", "/ok", b"Content-Type: application/json\r\nContent-Length: 7\r\n", b'{"a":1}')),
-    ("put-length-zero", _request("PUT", "/ok", b"Content-Length: 0\r\n")),
+    ("get", request("GET", "/ok?x=1&y=%20")),
+    ("head", request("HEAD", "/ok")),
+    ("delete", request("DELETE", "/ok/item")),
+    ("options-actual", request("OPTIONS", "/ok")),
+    ("post-empty", request("POST", "/ok")),
+    ("post-length", request("POST", "/ok", b"Content-Type: application/json\r\nContent-Length: 7\r\n", b'{"a":1}')),
+    ("put-length-zero", request("PUT", "/ok", b"Content-Length: 0\r\n")),
     (
         "patch-chunked",
-        _request("PATCH", "/ok", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+        request("PATCH", "/ok", b"Transfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
     ),
     (
         "mixed-case-repeats",
-        _request("GET", "/ok", b"X-Dup: first\r\nX-Dup: second\r\nx-dup: third\r\nX-Other: o\r\nx-DUP: fourth\r\n"),
+        request("GET", "/ok", b"X-Dup: first\r\nX-Dup: second\r\nx-dup: third\r\nX-Other: o\r\nx-DUP: fourth\r\n"),
     ),
     (
         "hop-by-hop",
-        _request(
+        request(
             "GET",
             "/ok",
             b"Connection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nTE: trailers\r\n"
@@ -149,14 +104,14 @@ CASES: list[tuple[str, bytes]] = [
     ),
     ("no-origin", b"GET /ok HTTP/1.1\r\nHost: proxy.test\r\n\r\n"),
     ("refused-origin", b"GET /ok HTTP/1.1\r\nHost: proxy.test\r\nOrigin: https://evil.test\r\n\r\n"),
-    ("chunked-response", _request("GET", "/chunked")),
-    ("head-chunked-response", _request("HEAD", "/chunked")),
-    ("204", _request("GET", "/nocontent")),
-    ("304", _request("GET", "/notmodified", b'If-None-Match: "x"\r\n')),
-    ("upstream-cors-and-cookies", _request("POST", "/cors", b"Content-Length: 1\r\n", b"z")),
-    ("reason-phrase", _request("GET", "/reason")),
-    ("bad-response", _request("GET", "/bad")),
-    ("close-delimited", _request("GET", "/eof")),
+    ("chunked-response", request("GET", "/chunked")),
+    ("head-chunked-response", request("HEAD", "/chunked")),
+    ("204", request("GET", "/nocontent")),
+    ("304", request("GET", "/notmodified", b'If-None-Match: "x"\r\n')),
+    ("upstream-cors-and-cookies", request("POST", "/cors", b"Content-Length: 1\r\n", b"z")),
+    ("reason-phrase", request("GET", "/reason")),
+    ("bad-response", request("GET", "/bad")),
+    ("close-delimited", request("GET", "/eof")),
 ]
 
 
@@ -169,7 +124,7 @@ async def test_same_upstream_request_and_client_response(
     seen = []
     for port in (fast, plain):
         before = len(upstream.received)
-        answers.append(_normal(await _raw(port, payload)))
+        answers.append(normal(await raw(port, payload)))
         seen.append(upstream.received[before:])
     assert len(taken) == 1, "the fast proxy did not forward this request itself"
     assert answers[0] == answers[1]
@@ -183,7 +138,7 @@ async def test_mixed_case_repeated_lines_reach_the_upstream_as_received(
     pair: tuple[RawUpstream, int, int, list[Exchange]],
 ) -> None:
     upstream, fast, _, taken = pair
-    await _raw(fast, dict(CASES)["mixed-case-repeats"])
+    await raw(fast, dict(CASES)["mixed-case-repeats"])
     assert len(taken) == 1
     head = upstream.received[-1].head.split(b"\r\n")
     lines = [line for line in head if line.lower().startswith(b"x-") and not line.lower().startswith(b"x-forwarded-")]
@@ -193,18 +148,18 @@ async def test_mixed_case_repeated_lines_reach_the_upstream_as_received(
 async def test_pipelined_requests_are_answered_in_order(pair: tuple[RawUpstream, int, int, list[Exchange]]) -> None:
     upstream, fast, plain, taken = pair
     payload = (
-        _request("GET", "/ok?n=1")
-        + _request("POST", "/chunked?n=2", b"Content-Length: 3\r\n", b"abc")
-        + _request("OPTIONS", "/ok", b"Access-Control-Request-Method: PUT\r\n")  # a preflight between them
-        + _request("GET", "/nocontent?n=3")
-        + _request("GET", "/ok?n=4", b"Expect: 100-continue\r\n")  # the ordinary path answers this one
-        + _request("GET", "/ok?n=5")
+        request("GET", "/ok?n=1")
+        + request("POST", "/chunked?n=2", b"Content-Length: 3\r\n", b"abc")
+        + request("OPTIONS", "/ok", b"Access-Control-Request-Method: PUT\r\n")  # a preflight between them
+        + request("GET", "/nocontent?n=3")
+        + request("GET", "/ok?n=4", b"Expect: 100-continue\r\n")  # the ordinary path answers this one
+        + request("GET", "/ok?n=5")
     )
     answers = []
     targets = []
     for port in (fast, plain):
         before = len(upstream.received)
-        answers.append(_normal(await _raw(port, payload)))
+        answers.append(normal(await raw(port, payload)))
         targets.append([r.target for r in upstream.received[before:]])
     assert answers[0] == answers[1]
     assert answers[0].count(b"HTTP/1.1 ") == 6
@@ -232,7 +187,7 @@ async def test_upstream_unreachable_and_timeout_answer_alike(tmp_path: Path) -> 
                     },
                 )
                 async with serve_proxy(data, fast_forwarding=fast) as proxy:
-                    answers.append(_normal(await _raw(proxy.port, _request("GET", "/ok"), read_all=True)))
+                    answers.append(normal(await raw(proxy.port, request("GET", "/ok"))))
             assert answers[0] == answers[1]
             assert answers[0].startswith(b"HTTP/1.1 " + status)
         hang.set()
@@ -250,7 +205,7 @@ async def test_upstream_dying_mid_body_aborts_the_client(tmp_path: Path) -> None
             {"upstream": {"url": f"http://127.0.0.1:{upstream.port}"}, "store": {"path": str(tmp_path / "db")}},
         )
         async with serve_proxy(data) as proxy:
-            answer = await _raw(proxy.port, _request("GET", "/ok"))
+            answer = await raw(proxy.port, request("GET", "/ok"))
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert answer.endswith(b"partial")  # and then the connection was cut: 7 of 100 bytes, no more
 
@@ -271,7 +226,7 @@ async def test_client_abort_closes_the_upstream_connection(tmp_path: Path) -> No
         )
         async with serve_proxy(data) as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(_request("GET", "/ok"))
+            writer.write(request("GET", "/ok"))
             await asyncio.wait_for(stalled.wait(), 5)
             await asyncio.wait_for(reader.readuntil(b"first"), 5)
             writer.transport.abort()
@@ -306,9 +261,9 @@ async def test_a_client_that_does_not_read_holds_bounded_memory_and_stalls_nobod
         )
         async with serve_proxy(data) as proxy:
             taken: list[Exchange] = []
-            _count_exchanges(proxy.runner, taken)
+            count_exchanges(proxy.runner, taken)
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(_request("GET", "/big"))
+            writer.write(request("GET", "/big"))
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             # Wait (bounded) until the upstream cannot send any more: the proxy stopped reading it.
             last = -1
@@ -323,7 +278,7 @@ async def test_a_client_that_does_not_read_holds_bounded_memory_and_stalls_nobod
             assert sent[0] < total
             # Another client is answered meanwhile.
             for _ in range(3):
-                answer = await _raw(proxy.port, _request("GET", "/ok"), read_all=True)
+                answer = await raw(proxy.port, request("GET", "/ok"))
                 assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"ok")
             assert len(taken) == 4
             writer.close()

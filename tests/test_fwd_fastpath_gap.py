@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from corsproxy.http.forward import Exchange
-from tests.support.config import BASE_CONFIG, merge
+from tests.support.fwd import config_on, count_exchanges, count_fast_answers
 from tests.support.inprocess import serve_proxy
 from tests.support.raw_upstream import RawConnection, RawUpstream
 
@@ -52,30 +52,10 @@ async def proxy_counting(tmp_path: Path) -> AsyncIterator[tuple[int, list[Exchan
     """The proxy, with its two fast paths wrapped to record what each of them answered."""
     forwarded: list[Exchange] = []
     preflights: list[bytes] = []
-    async with RawUpstream(answer_all) as upstream:
-        data = merge(
-            BASE_CONFIG,
-            {"upstream": {"url": f"http://127.0.0.1:{upstream.port}"}, "store": {"path": str(tmp_path / "db")}},
-        )
-        async with serve_proxy(data) as proxy:
-            server: Any = proxy.runner.server
-            forward, fast = server._forward, server._fast
-            assert forward is not None and fast is not None, "a fast path is off"
-
-            def counting_forward(*args: Any) -> Exchange | None:
-                exchange: Exchange | None = forward(*args)
-                if exchange is not None:
-                    forwarded.append(exchange)
-                return exchange
-
-            def counting_fast(*args: Any) -> bytes | None:
-                answer: bytes | None = fast(*args)
-                if answer is not None:
-                    preflights.append(answer)
-                return answer
-
-            server._forward, server._fast = counting_forward, counting_fast
-            yield proxy.port, forwarded, preflights
+    async with RawUpstream(answer_all) as upstream, serve_proxy(config_on(tmp_path, upstream.port, "gap")) as proxy:
+        count_exchanges(proxy.runner, forwarded)
+        count_fast_answers(proxy.runner, preflights)
+        yield proxy.port, forwarded, preflights
 
 
 def _read_response(sock: socket.socket) -> bytes:

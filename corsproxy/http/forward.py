@@ -20,14 +20,23 @@ import http
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from corsproxy.core.answer import TEXT_PLAIN, error_answer
-from corsproxy.core.decision import CorsHeaders, CorsRequest, Decision, Kind, actual_headers, merge_vary
+from corsproxy.core.decision import (
+    CorsHeaders,
+    CorsRequest,
+    Decision,
+    DecisionCache,
+    Kind,
+    Reason,
+    actual_headers,
+    merge_vary,
+)
 from corsproxy.core.forwarding import ForwardContext, host_header, request_headers, response_headers
 from corsproxy.core.log_limit import PROXY_LINES
 from corsproxy.core.settings import Config
@@ -54,18 +63,26 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "PUT", "OPTIONS"})
 
 
 class Forwarder:
-    """The forwarding fast path of one application; owns its upstream pool."""
+    """The forwarding fast path of one application; owns its upstream pool.
+
+    What it works out for a request head — whether the fast path takes it, its decision and CORS headers, the request
+    head for the upstream — is a pure function of the head's bytes, the connection's client address and scheme, the
+    configuration and the origin set, and clients send the same heads request after request. So it is kept per head
+    (a :class:`_Plan`), under the decision cache's rules: dropped when the configuration, the engine or the origin
+    set's generation changes, not used past the matched entry's expiry, bounded (cleared whole when full).
+    """
 
     def __init__(self, app: web.Application) -> None:
         self._app = app
         self._pool: UpstreamPool | None = None
         self._pool_key: tuple[Any, ...] | None = None
+        self._pool_config: Config | None = None
         self.date_line = DateLine()  # called by the exchanges: the Date line of a response written now
-        # Heads are pure functions of what they are built from, and clients send the same header lines request after
-        # request: the last few thousand are kept (cleared whole when full, or when the configuration is replaced).
-        self._request_heads: dict[tuple[Any, ...], bytes] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._response_heads: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
-        self._heads_config: Config | None = None
+        self._plans_config: Config | None = None  # what the plans were made against
+        self._plans_decider: DecisionCache | None = None
+        self._generation = -1
 
     def __call__(
         self, message: RawRequestMessage, payload: StreamReader, protocol: GuardedRequestHandler
@@ -73,44 +90,73 @@ class Forwarder:
         method = message.method
         if method not in FORWARDED or not plain_message(message):
             return None
-        headers = message.headers
-        path = message.path
-        if not path.startswith("/"):
-            return None  # an absolute-form target: the ordinary path reduces it to path and query
         state = self._app.get(STATE)
         if state is None:
             return None
         config = state.config
-        pool = self._pool_for(config, protocol)
+        pool = self._pool if config is self._pool_config else self._pool_for(config)
         if pool is None:
             return None
+        started = time.monotonic()
+        now = time.time()
+        decider = state.decider()
+        generation = state.store.generation()
+        if config is not self._plans_config or decider is not self._plans_decider or generation != self._generation:
+            self._plans.clear()
+            self._response_heads.clear()
+            self._plans_config, self._plans_decider, self._generation = config, decider, generation
+        has_body = payload is not EMPTY_PAYLOAD
+        key = (method, message.path, message.raw_headers, message.chunked, has_body, protocol.forward_identity())
+        plan = self._plans.get(key)
+        if plan is None or now >= plan.until:
+            plan = self._plan(message, state, config, decider, protocol, has_body, now)
+            if plan.until > now:  # not what the decision cache does not memoise either (several Origin lines)
+                _kept(self._plans, key, plan)
+        if plan.head is None:
+            return None
+        return Exchange(self, state, pool, protocol, message, payload if has_body else None, plan.decision,
+                        plan.cors_headers, plan.head, started)  # fmt: skip
+
+    def _plan(
+        self,
+        message: RawRequestMessage,
+        state: ProxyState,
+        config: Config,
+        decider: DecisionCache,
+        protocol: GuardedRequestHandler,
+        has_body: bool,
+        now: float,
+    ) -> _Plan:
+        """Whether the fast path takes this head (``head`` ``None``: the ordinary path answers it), and with what."""
+        method, path, headers = message.method, message.path, message.headers
+        if not path.startswith("/"):
+            return _ORDINARY  # an absolute-form target: the ordinary path reduces it to path and query
         limits = config.limits
         if oversized_head(method, path, message.raw_headers, limits.max_header_size) is not None:
-            return None  # 414/431 from the ordinary path
-        started = time.monotonic()
+            return _ORDINARY  # 414/431 from the ordinary path
         asked = CorsRequest.from_fields(method, path, lambda name: headers.getall(name, ()))
-        decision, cors_headers = state.decider().judge(asked, state.store, time.time())
-        engine = config.engine
+        decision, cors_headers, until = decider.judge_until(asked, state.store, now)
+        engine = decider.engine
         if (
             decision.kind is Kind.PREFLIGHT
             or engine.report_only(decision)
             or engine.blocks(decision, method)
             or refused_target(path, path, decision, config) is not None
         ):
-            return None
-        has_body = payload is not EMPTY_PAYLOAD
+            return _Plan(None, decision, cors_headers, until)
         if has_body and limits.max_body_size and not message.chunked:
             declared = headers.get("Content-Length")
             if declared is None or not declared.isdigit() or int(declared) > limits.max_body_size:
-                return None  # 413 (and the close that keeps the unread body from being parsed) from the ordinary path
-        head = self._cached_upstream_head(message, state, config, protocol, has_body)
-        return Exchange(self, state, pool, protocol, message, payload if has_body else None, decision, cors_headers,
-                        head, started)  # fmt: skip
+                # 413 (and the close that keeps the unread body from being parsed) from the ordinary path
+                return _Plan(None, decision, cors_headers, until)
+        head = _upstream_head(message, config, protocol, has_body)
+        return _Plan(head, decision, cors_headers, until)
 
-    def _pool_for(self, config: Config, protocol: GuardedRequestHandler) -> UpstreamPool | None:
+    def _pool_for(self, config: Config) -> UpstreamPool:
         upstream = config.upstream
         limit = config.limits.max_upstream_connections
         key = (upstream.scheme, upstream.host, upstream.port, upstream.ca_bundle, limit)
+        self._pool_config = config
         pool = self._pool
         if pool is not None and key == self._pool_key:
             return pool
@@ -124,26 +170,6 @@ class Forwarder:
         )
         self._pool_key = key
         return pool
-
-    def _cached_upstream_head(
-        self,
-        message: RawRequestMessage,
-        state: ProxyState,
-        config: Config,
-        protocol: GuardedRequestHandler,
-        has_body: bool,
-    ) -> bytes:
-        if config is not self._heads_config:
-            self._request_heads.clear()
-            self._response_heads.clear()
-            self._heads_config = config
-        transport = protocol.transport
-        tls = transport is not None and transport.get_extra_info("sslcontext") is not None
-        key = (message.method, message.path, message.raw_headers, message.chunked, has_body, peer(protocol), tls)
-        head = self._request_heads.get(key)
-        if head is None:
-            head = _kept(self._request_heads, key, _upstream_head(message, config, protocol, has_body))
-        return head
 
     def response_head(
         self, method: str, status: int, reason: bytes, raw: list[tuple[bytes, bytes]], exchange: Exchange
@@ -163,6 +189,20 @@ class Forwarder:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+            self._pool_config = None
+
+
+class _Plan(NamedTuple):
+    """What the fast path does with one request head (see :class:`Forwarder`)."""
+
+    head: bytes | None  # the request head for the upstream; None: the ordinary path answers
+    decision: Decision
+    cors_headers: CorsHeaders | None
+    until: float  # not used from the cache at or after this time (the matched entry's expiry)
+
+
+#: A head the ordinary path answers whatever the origin set holds (absolute-form target, oversized head).
+_ORDINARY = _Plan(None, Decision(Kind.NON_CORS, Reason.NO_ORIGIN), None, float("inf"))
 
 
 class Exchange:
@@ -192,7 +232,7 @@ class Exchange:
         self.head = head
         self.started = started
         self.method = message.method
-        self.client = peer(protocol)
+        self.client = protocol.forward_identity()[0]
         self.connection: UpstreamConnection | None = None
         self.status = 0  # of the response head written to the client; 0 before
         self.relayed = 0

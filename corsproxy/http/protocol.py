@@ -28,7 +28,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 
 from corsproxy.core.decision import CorsRequest, Decision, actual_headers
 from corsproxy.core.log_limit import PROXY_LINES
-from corsproxy.http.app import CONFIG, STATE, VARY_ONLY, ProxyState, handler_args
+from corsproxy.http.app import CONFIG, STATE, VARY_ONLY, ProxyState, handler_args, peer
 from corsproxy.http.fastpath import FastAnswer, PreflightResponder
 from corsproxy.http.forward import Exchange, Forwarder
 
@@ -144,12 +144,23 @@ class GuardedRequestHandler(web.RequestHandler):
         self._partial_head = False  # bytes of a request head arrived that do not make a whole head yet
         self._idle_since: float | None = None  # while draining: when this connection was first seen idle
         self._requests_seen = 0
+        self._identity: tuple[str, bool] | None = None  # see forward_identity
         self._deferred: list[bytes] | None = None  # bytes held for one loop turn, see _defer_to_waiting_loop
         self._replaying = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()
+
+    def forward_identity(self) -> tuple[str, bool]:
+        """The client address and whether the connection is TLS: what the forwarding fields say of the connection,
+        the same for every request on it."""
+        identity = self._identity
+        if identity is None:
+            transport = self.transport
+            tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+            identity = self._identity = (peer(self), tls)
+        return identity
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head_timer()
