@@ -298,6 +298,9 @@ class _PausingSink:
     def response_body(self, data: bytes) -> None:
         pass
 
+    def response_flush(self) -> None:
+        pass
+
     def response_end(self) -> None:
         self.ended.set()
 

@@ -239,6 +239,7 @@ class Exchange:
         self.latency: float | None = None
         self.error: str | None = None
         self.finished = False
+        self._held = b""  # the response head, until the end of the upstream read it came in (see response_head)
         self._chunked_out = False
         self._body_out = True
         self._body_task: asyncio.Task[None] | None = None
@@ -375,10 +376,9 @@ class Exchange:
         head, needs_date, self._chunked_out, self._body_out = self.forwarder.response_head(
             self.method, status, reason, headers, self
         )
-        if needs_date:
-            transport.write(head + self.forwarder.date_line() + b"\r\n")
-        else:
-            transport.write(head + b"\r\n")
+        # Held until the end of this read from the upstream (response_flush): a small response's body and end come
+        # in the same read, and then go out in the head's write — one send to the client, not two or three.
+        self._held = head + self.forwarder.date_line() + b"\r\n" if needs_date else head + b"\r\n"
 
     def client_head(self, status: int, reason: bytes, raw: list[tuple[bytes, bytes]]) -> tuple[bytes, bool, bool, bool]:
         """The response head as the ordinary path writes it (its ``StreamResponse`` and ``_undo_invented_headers``),
@@ -419,18 +419,32 @@ class Exchange:
         transport = self.protocol.transport
         if transport is None:
             return
+        held, self._held = self._held, b""
         if self._chunked_out:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            transport.writelines((held, b"%x\r\n" % len(data), data, b"\r\n"))
+        elif held:
+            transport.writelines((held, data))
         else:
             transport.write(data)
         self.relayed += len(data)
+
+    def response_flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            transport = self.protocol.transport
+            if transport is not None:
+                transport.write(held)
 
     def response_end(self) -> None:
         if self.finished:
             return
         transport = self.protocol.transport
-        if self._chunked_out and transport is not None:
-            transport.write(b"0\r\n\r\n")
+        held, self._held = self._held, b""
+        if transport is not None:
+            if self._chunked_out:
+                transport.write(held + b"0\r\n\r\n")
+            elif held:
+                transport.write(held)
         keep_alive = True
         if not self._body_sent:
             # The upstream answered before it had the whole body: its connection cannot be reused, and the rest of the
@@ -466,6 +480,7 @@ class Exchange:
             self._writable.set_result(None)
 
     def _upstream_broke(self, exc: BaseException | None, timeout: bool) -> None:
+        self.response_flush()  # what the client would have had of the response before the cut
         if self.connection is not None:
             self.connection.close()
         if self.status:

@@ -39,6 +39,8 @@ class ResponseSink(Protocol):
 
     def response_body(self, data: bytes) -> None: ...
 
+    def response_flush(self) -> None: ...  # one read from the upstream is handed over: write what is held
+
     def response_end(self) -> None: ...
 
     def upstream_failed(self, exc: BaseException | None) -> None: ...
@@ -114,6 +116,10 @@ class UpstreamConnection(asyncio.Protocol):
                 sink, self.sink = self.sink, None
                 sink.upstream_failed(exc)
             self.close()
+            return
+        sink = self.sink
+        if sink is not None:
+            sink.response_flush()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
