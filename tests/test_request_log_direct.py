@@ -4,6 +4,7 @@ other setup must still go through ``logging``."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -86,17 +87,21 @@ def test_direct_line_is_the_logging_line(
         direct = log._direct_handler(logging.INFO)
         assert (direct is handler) is (handler_class is logging.StreamHandler)
         log(outcome)
+        # The same request again, another duration and upstream latency: the second line is made from kept pieces.
+        latency = None if outcome.upstream_latency is None else outcome.upstream_latency * 3 + 1e-6
+        log(dataclasses.replace(outcome, duration=outcome.duration * 7 + 0.25, upstream_latency=latency))
         lines.append(stream.getvalue())
-    assert lines[0].endswith("\n") and lines[0].count("\n") == 1
-    if formatter is JsonFormatter:
-        ours, theirs = (json.loads(line) for line in lines)
-        assert list(ours) == list(theirs)
-        ours.pop("time"), theirs.pop("time")
-        assert ours == theirs
-        # and character for character, as json.dumps writes it (escapes, number forms), the time value aside
-        assert _TIME.sub('"time":"-"', lines[0]) == _TIME.sub('"time":"-"', lines[1])
-    else:
-        assert lines[0].split(" ", 1)[1] == lines[1].split(" ", 1)[1]
+    assert lines[0].endswith("\n") and lines[0].count("\n") == 2
+    for ours_line, theirs_line in zip(lines[0].splitlines(), lines[1].splitlines(), strict=True):
+        if formatter is JsonFormatter:
+            ours, theirs = json.loads(ours_line), json.loads(theirs_line)
+            assert list(ours) == list(theirs)
+            ours.pop("time"), theirs.pop("time")
+            assert ours == theirs
+            # and character for character, as json.dumps writes it (escapes, number forms), the time value aside
+            assert _TIME.sub('"time":"-"', ours_line) == _TIME.sub('"time":"-"', theirs_line)
+        else:
+            assert ours_line.split(" ", 1)[1] == theirs_line.split(" ", 1)[1]
 
 
 def test_a_filter_or_second_handler_takes_the_logging_path(parent: logging.Logger) -> None:

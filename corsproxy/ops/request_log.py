@@ -132,6 +132,8 @@ class RequestLog:
         self._pending_handler: logging.StreamHandler[Any] | None = None
         self._parts: dict[int, tuple[Decision, str, str]] = {}  # see _decision_parts
         self._logger_json = _quote(self.logger.name) + ',"pid":' + str(self._pid)
+        self._direct: dict[int, tuple[int, logging.StreamHandler[Any] | None]] = {}  # see _direct_for
+        self._lines: dict[tuple[object, ...], tuple[Decision, str, str, str]] = {}  # see _write_direct
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
@@ -150,7 +152,7 @@ class RequestLog:
         elif self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed:
             return
         upstream_ms = None if outcome.upstream_latency is None else round(outcome.upstream_latency * 1000, 3)
-        handler = self._direct_handler(level)
+        handler = self._direct_for(level)
         if handler is not None:
             self._write_direct(handler, level, outcome, upstream_ms)
             return
@@ -182,6 +184,15 @@ class RequestLog:
             "-" if upstream_ms is None else f"{upstream_ms}ms",
         )
         self.logger.log(level, _MESSAGE, *args, extra=fields)
+
+    def _direct_for(self, level: int) -> logging.StreamHandler[Any] | None:
+        """:meth:`_direct_handler`, looked up again once a second (a change to the logging setup is seen within one
+        second) instead of a walk up the logger tree for every line."""
+        second = int(time.monotonic())
+        known = self._direct.get(level)
+        if known is None or known[0] != second:
+            known = self._direct[level] = (second, self._direct_handler(level))
+        return known[1]
 
     def _direct_handler(self, level: int) -> logging.StreamHandler[Any] | None:
         """The one stream handler a request line would reach, when the logging setup is corsproxy's own (a single
@@ -222,50 +233,41 @@ class RequestLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         stamp = f"{self._stamp}.{int(now % 1 * 1000):03d}Z"  # as _iso_millis writes it
         decision = outcome.decision
-        parts = self._parts.get(id(decision))
-        if parts is None or parts[0] is not decision:
-            parts = self._decision_parts(decision)
-        client, method, path, status, sent = (
+        client, method, path, status, sent, error = (
             outcome.client,
             outcome.method,
             outcome.path,
             outcome.status,
             outcome.bytes_sent,
+            outcome.upstream_error,
         )
         upstream = "-" if upstream_ms is None else f"{upstream_ms}ms"
-        message = f"{client or '-'} {method} {path} {parts[1]} {status:d} {sent:d}B upstream={upstream}"
-        name = "WARNING" if level == logging.WARNING else "INFO"
-        if type(handler.formatter) is JsonFormatter:
-            error = outcome.upstream_error
+        json_line = type(handler.formatter) is JsonFormatter
+        # What a line says besides its time, duration and upstream latency repeats request after request (the same
+        # client, target, decision and answer): its pieces are kept per those values (the decision by identity).
+        key = (id(decision), client, method, path, status, sent, error, level, json_line)
+        pieces = self._lines.get(key)
+        if pieces is None or pieces[0] is not decision:
+            pieces = self._line_pieces(decision, client, method, path, status, sent, error, level, json_line)
+            if len(self._lines) >= 4096:
+                self._lines.clear()  # bounded: clients choose paths and origins
+            self._lines[key] = pieces
+        if json_line:
             line = "".join(
                 (
                     '{"time":"',
                     stamp,
-                    '","level":"warning","logger":' if level == logging.WARNING else '","level":"info","logger":',
-                    self._logger_json,
-                    ',"message":',
-                    _quote(message),
-                    ',"client":',
-                    _quote(client),
-                    ',"method":',
-                    _quote(method),
-                    ',"path":',
-                    _quote(path),
-                    parts[2],
-                    repr(status),
-                    ',"bytes":',
-                    repr(sent),
-                    ',"duration_ms":',
+                    pieces[1],
+                    upstream,
+                    pieces[2],
                     repr(round(outcome.duration * 1000, 3)),
                     ',"upstream_ms":',
                     "null" if upstream_ms is None else repr(upstream_ms),
-                    ',"upstream_error":',
-                    "null" if error is None else _quote(error),
-                    "}",
+                    pieces[3],
                 )
             )
         else:
-            line = f"{stamp} {name:<7} [{self._pid}] {message}"
+            line = f"{stamp}{pieces[1]}{upstream}"
         # Lines written in one event-loop iteration go out in one write at its end (a busy worker finishes many
         # requests per iteration), not one write and flush each; outside a loop, at once.
         if self._pending_handler is not handler and self._pending:
@@ -277,6 +279,54 @@ class RequestLog:
                 asyncio.get_running_loop().call_soon(self._flush)
             except RuntimeError:
                 self._flush()
+
+    def _line_pieces(
+        self,
+        decision: Decision,
+        client: str,
+        method: str,
+        path: str,
+        status: int,
+        sent: int,
+        error: str | None,
+        level: int,
+        json_line: bool,
+    ) -> tuple[Decision, str, str, str]:
+        """The fixed pieces of a line: JSON, what goes between the time and the upstream latency in the message,
+        from there to the duration, and after the upstream latency; text, what follows the time up to the latency."""
+        parts = self._parts.get(id(decision))
+        if parts is None or parts[0] is not decision:
+            parts = self._decision_parts(decision)
+        message = f"{client or '-'} {method} {path} {parts[1]} {status:d} {sent:d}B upstream="
+        if not json_line:
+            name = "WARNING" if level == logging.WARNING else "INFO"
+            return decision, f" {name:<7} [{self._pid}] {message}", "", ""
+        quoted = _quote(message)  # the latency goes before its closing quote: digits, "." and "ms" need no escape
+        head = "".join(
+            (
+                '","level":"warning","logger":' if level == logging.WARNING else '","level":"info","logger":',
+                self._logger_json,
+                ',"message":',
+                quoted[:-1],
+            )
+        )
+        middle = "".join(
+            (
+                '","client":',
+                _quote(client),
+                ',"method":',
+                _quote(method),
+                ',"path":',
+                _quote(path),
+                parts[2],
+                repr(status),
+                ',"bytes":',
+                repr(sent),
+                ',"duration_ms":',
+            )
+        )
+        tail = ',"upstream_error":' + ("null" if error is None else _quote(error)) + "}"
+        return decision, head, middle, tail
 
     def _decision_parts(self, decision: Decision) -> tuple[Decision, str, str]:
         """What a line says of its decision: the message's ``"kind" origin=... verdict (reason)`` and the JSON from
