@@ -149,12 +149,13 @@ class RequestLog:
             key = decision.reason if refused else _FAILURE_KEYS.get(error, "upstream_error") if error else "status_5xx"
             if not self.limiter.admit(key):
                 return
-        elif self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed:
+        elif self.sample_allowed < 1.0 and (self.sample_allowed <= 0.0 or self._random() >= self.sample_allowed):
             return
         upstream_ms = None if outcome.upstream_latency is None else round(outcome.upstream_latency * 1000, 3)
-        handler = self._direct_for(level)
+        now = time.time()
+        handler = self._direct_for(level, int(now))
         if handler is not None:
-            self._write_direct(handler, level, outcome, upstream_ms)
+            self._write_direct(handler, level, outcome, upstream_ms, now)
             return
         verdict = _verdict(decision)
         fields = {
@@ -185,10 +186,9 @@ class RequestLog:
         )
         self.logger.log(level, _MESSAGE, *args, extra=fields)
 
-    def _direct_for(self, level: int) -> logging.StreamHandler[Any] | None:
+    def _direct_for(self, level: int, second: int) -> logging.StreamHandler[Any] | None:
         """:meth:`_direct_handler`, looked up again once a second (a change to the logging setup is seen within one
         second) instead of a walk up the logger tree for every line."""
-        second = int(time.monotonic())
         known = self._direct.get(level)
         if known is None or known[0] != second:
             known = self._direct[level] = (second, self._direct_handler(level))
@@ -221,12 +221,11 @@ class RequestLog:
         return found
 
     def _write_direct(
-        self, handler: logging.StreamHandler[Any], level: int, outcome: Outcome, upstream_ms: float | None
+        self, handler: logging.StreamHandler[Any], level: int, outcome: Outcome, upstream_ms: float | None, now: float
     ) -> None:
         """The line ``logging`` would write through ``handler``'s formatter, built by concatenation: the parts that
         depend only on the decision are made once per decision (a busy proxy sees the same few over and over), and
         the JSON values are encoded by the json module's own C string encoder, as ``json.dumps`` encodes them."""
-        now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
