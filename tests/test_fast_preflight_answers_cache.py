@@ -5,10 +5,9 @@ on the same keep-alive connection, and the answer still comes from the fast path
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-from corsproxy.store import OriginRecord
+from tests.support import changes
 from tests.support.decision_table import CONFIG
 from tests.support.inprocess import serve_proxy
 from tests.test_fast_preflight import FAST_ANSWERS, count_fast_answers
@@ -39,23 +38,15 @@ async def test_cached_fast_answers_follow_writes_and_expiry(tmp_path: Path) -> N
             await _status(reader, writer)  # the first request of a connection may take either path
             fast = FAST_ANSWERS[proxy.port]
             statuses = []
-            for change in ("none", "add", "none", "remove", "expiring"):
-                if change == "add":
-                    store.put(ORIGIN, OriginRecord(), "test")
-                elif change == "remove":
-                    store.remove(ORIGIN, "test")
-                elif change == "expiring":
-                    expires = time.time() + 1.0
-                    store.put(ORIGIN, OriginRecord(expires=expires), "test")
+            expires = None
+            for change in changes.CHANGES:
+                expires = changes.apply(store, ORIGIN, change) or expires
                 before = len(fast)
                 statuses.append(await _status(reader, writer))
                 assert len(fast) == before + 1  # answered by the fast path, from its cache or not
-            assert statuses == [403, 204, 204, 403, 204]
-            for _ in range(40):  # bounded: the entry expires about a second from now
-                if time.time() > expires:
-                    break
-                await asyncio.sleep(0.05)
-            assert time.time() > expires
+            assert statuses == [403, 204, 204, 403, 403, 204]
+            assert expires is not None
+            await changes.until_past(expires)
             before = len(fast)
             assert await _status(reader, writer) == 403  # no write happened: only the expiry changed the answer
             assert len(fast) == before + 1

@@ -6,13 +6,12 @@ and so must a reload that changes what the upstream is sent."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from corsproxy.config import parse_config
 from corsproxy.http.app import STATE
 from corsproxy.http.forward import Exchange
-from corsproxy.store import OriginRecord
+from tests.support import changes
 from tests.support.fwd import config_on, count_exchanges
 from tests.support.inprocess import serve_proxy
 from tests.support.raw_upstream import RawConnection, RawUpstream
@@ -43,23 +42,15 @@ async def test_cached_plans_follow_writes_and_expiry(tmp_path: Path) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         try:
             seen = []
-            for change in ("none", "add", "none", "remove", "none", "expiring"):
-                if change == "add":
-                    store.put(ORIGIN, OriginRecord(), "test")
-                elif change == "remove":
-                    store.remove(ORIGIN, "test")
-                elif change == "expiring":
-                    expires = time.time() + 1.0
-                    store.put(ORIGIN, OriginRecord(expires=expires), "test")
+            expires = None
+            for change in changes.CHANGES:
+                expires = changes.apply(store, ORIGIN, change) or expires
                 before = len(taken)
                 seen.append(await _allowed(reader, writer))
                 assert len(taken) == before + 1  # forwarded by the fast path, from its cache or not
             assert seen == [False, True, True, False, False, True]
-            for _ in range(40):  # bounded: the entry expires about a second from now
-                if time.time() > expires:
-                    break
-                await asyncio.sleep(0.05)
-            assert time.time() > expires
+            assert expires is not None
+            await changes.until_past(expires)
             before = len(taken)
             assert not await _allowed(reader, writer)  # no write happened: only the expiry changed the answer
             assert len(taken) == before + 1

@@ -59,29 +59,24 @@ async def raw(port: int, payload: bytes, *, quiet: float = 0.6) -> bytes:
 
 def count_exchanges(runner: web.AppRunner, taken: list[Exchange]) -> None:
     """Append to ``taken`` every exchange the runner's forwarding fast path starts."""
-    server: Any = runner.server
-    forward = server._forward
-    assert forward is not None, "the forwarding fast path is off"
-
-    def counting(*args: Any) -> Exchange | None:
-        exchange: Exchange | None = forward(*args)
-        if exchange is not None:
-            taken.append(exchange)
-        return exchange
-
-    server._forward = counting
+    _record(runner, "_forward", taken)
 
 
 def count_fast_answers(runner: web.AppRunner, answers: list[bytes]) -> None:
     """Append to ``answers`` every answer the runner's preflight fast path writes."""
+    _record(runner, "_fast", answers)
+
+
+def _record(runner: web.AppRunner, name: str, seen: list[Any]) -> None:
+    """Wrap the runner's fast path ``name`` (read per connection): what it returns, unless ``None``, is kept."""
     server: Any = runner.server
-    fast = server._fast
-    assert fast is not None, "the preflight fast path is off"
+    inner = getattr(server, name)
+    assert inner is not None, f"the fast path {name} is off"
 
-    def counting(*args: Any) -> bytes | None:
-        answer: bytes | None = fast(*args)
-        if answer is not None:
-            answers.append(answer)
-        return answer
+    def recording(*args: Any) -> Any:
+        made = inner(*args)
+        if made is not None:
+            seen.append(made)
+        return made
 
-    server._fast = counting
+    setattr(server, name, recording)
