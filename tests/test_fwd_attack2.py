@@ -9,8 +9,10 @@ are checked on the caches themselves: what a client can make them hold must not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,9 @@ from corsproxy.core.decision import Decision, Kind, Reason
 from corsproxy.core.log_limit import LineLimiter
 from corsproxy.core.outcome import Outcome
 from corsproxy.core.settings import Logging
-from corsproxy.http.forward import Forwarder
+from corsproxy.http.forward import Exchange, Forwarder
 from corsproxy.ops.request_log import JsonFormatter, RequestLog
-from tests.support.fwd import config_on, request
+from tests.support.fwd import ORIGIN, config_on, count_exchanges, normal, request
 from tests.support.inprocess import RunningProxy, serve_proxy
 from tests.support.raw_upstream import OK, RawConnection, RawUpstream
 
@@ -169,3 +171,287 @@ def test_kept_log_line_pieces_stay_within_a_memory_bound(parent: logging.Logger)
         len(str(key[3])) + len(pieces[1]) + len(pieces[2]) + len(pieces[3]) for key, pieces in log._lines.items()
     )
     assert held <= 1 << 23, held
+
+
+# -- bodies buffered with their heads, or not ------------------------------------------------------------------------
+
+
+async def _echo_body(connection: RawConnection) -> None:
+    """200 with a body naming the target and the body's length as the upstream read it."""
+    while (received := await connection.read_request()) is not None:
+        body = b"%s %d" % (received.target.encode("latin-1"), len(received.body))
+        await connection.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+async def _in_parts(port: int, parts: list[bytes]) -> bytes:
+    """Send ``parts`` on one connection, each in its own write a moment after the previous one; read until the proxy
+    closes the connection or is quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = b""
+    try:
+        for part in parts:
+            writer.write(part)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                out += await asyncio.wait_for(reader.read(65536), 0.15)
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 0.6):
+                out += chunk
+    finally:
+        writer.close()
+    return out
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+SPLIT_BODIES: list[tuple[str, list[bytes]]] = [
+    ("length-split", [request("POST", "/s", b"Content-Length: 10\r\n", b"hello"), b"world"]),
+    ("length-head-alone", [request("POST", "/s", b"Content-Length: 10\r\n"), b"helloworld"]),
+    ("chunked-split", [request("POST", "/s", CHUNKED, b"5\r\nhello\r\n"), b"5\r\nworld\r\n", b"0\r\n\r\n"]),
+    ("chunked-last-alone", [request("POST", "/s", CHUNKED, b"5\r\nhello\r\n"), b"0\r\n\r\n"]),
+    (
+        "chunked-over-limit-later",
+        [request("POST", "/s", CHUNKED, b"258\r\n" + b"a" * 600 + b"\r\n"), b"258\r\n" + b"b" * 600 + b"\r\n0\r\n\r\n"],
+    ),
+    (
+        "chunked-over-limit-at-once",
+        [request("POST", "/s", CHUNKED, b"258\r\n" + b"a" * 600 + b"\r\n258\r\n" + b"b" * 600 + b"\r\n0\r\n\r\n")],
+    ),
+    ("chunked-bad-after-good", [request("POST", "/s", CHUNKED, b"5\r\nhello\r\n"), b"zz\r\nxx\r\n0\r\n\r\n"]),
+    ("chunked-bad-after-good-at-once", [request("POST", "/s", CHUNKED, b"5\r\nhello\r\nzz\r\nxx\r\n0\r\n\r\n")]),
+    ("chunked-then-get", [request("POST", "/s", CHUNKED, b"5\r\nhello\r\n"), b"0\r\n\r\n" + request("GET", "/t")]),
+    ("length-then-get", [request("POST", "/s", b"Content-Length: 5\r\n", b"hel"), b"lo" + request("GET", "/t")]),
+    ("length-over-limit-declared", [request("POST", "/s", b"Content-Length: 1001\r\n", b"a" * 500), b"a" * 501]),
+]
+
+
+#: (Over the declared limit: the ordinary path answers 413; a bad chunk in the head's segment: the parser refuses it
+#: before the fast path sees a request.)
+@pytest.mark.parametrize(("name", "parts"), SPLIT_BODIES, ids=[name for name, _ in SPLIT_BODIES])
+async def test_bodies_in_parts_are_forwarded_and_refused_alike(tmp_path: Path, name: str, parts: list[bytes]) -> None:
+    answers, seen = [], []
+    async with RawUpstream(_echo_body) as upstream:
+        for fast in (True, False):
+            config = config_on(tmp_path, upstream.port, f"split-{fast}", limits={"max_body_size": 1000})
+            async with serve_proxy(config, fast_forwarding=fast) as proxy:
+                taken: list[Exchange] = []
+                if fast:
+                    count_exchanges(proxy.runner, taken)
+                before = len(upstream.received)
+                answers.append(normal(await _in_parts(proxy.port, parts)))
+                await asyncio.sleep(0.05)  # an upstream read still under way is recorded before the comparison
+                seen.append([(r.head.split(b"\r\n", 1)[0], r.body, r.complete) for r in upstream.received[before:]])
+                if fast and name not in ("length-over-limit-declared", "chunked-bad-after-good-at-once"):
+                    assert taken, "the fast path did not take the request"
+    assert answers[0].startswith(b"HTTP/1.1 "), answers[0]
+    assert answers[0] == answers[1], answers
+    assert [s for s in seen[0] if s[2]] == [s for s in seen[1] if s[2]], seen  # the same complete requests upstream
+
+
+# -- requests taken in the window before aiohttp's request loop waits ----------------------------------------------
+# The client is a thread with a blocking socket: it sends its next bytes the moment it has read an answer, truly
+# concurrently with the proxy's event loop, which is when they land in the window (see test_fwd_fastpath_gap.py).
+
+
+class _Answers:
+    """Responses read off a blocking socket one at a time (``Content-Length`` framed, or none)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _more(self) -> bool:
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionError:
+            chunk = b""
+        self.buffer += chunk
+        return bool(chunk)
+
+    def next(self) -> bytes:
+        """One response, head and body; b"" when the proxy closed the connection first."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self._more():
+                return b""
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(rest) < length:
+            assert self._more(), "connection closed mid-body"
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        self.buffer = rest[length:]
+        return head + b"\r\n\r\n" + rest[:length]
+
+
+#: A script: (bytes to send, answers to read then) steps on one connection; a None answer count reads until close.
+Script = list[tuple[bytes, int | None]]
+
+
+def _play(port: int, script: Script, rounds: int) -> list[bytes]:
+    answers = []
+    for _ in range(rounds):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            read = _Answers(sock)
+            for data, count in script:
+                if data:
+                    try:
+                        sock.sendall(data)
+                    except ConnectionError:
+                        answers.append(b"<send refused>")
+                        break
+                if count is None:
+                    while answer := read.next():
+                        answers.append(answer)
+                    answers.append(b"<closed>")
+                    break
+                answers.extend(read.next() or b"<closed>" for _ in range(count))
+    return [normal(answer) for answer in answers]
+
+
+def _get(target: str, extra: bytes = b"") -> bytes:
+    return request("GET", target, extra)
+
+
+ABSOLUTE = _get("http://proxy.test/ordinary")  # the ordinary path's: the fast paths leave absolute-form targets
+PREFLIGHT = request("OPTIONS", "/pre", b"Access-Control-Request-Method: PUT\r\n")
+SCRIPTS: dict[str, Script] = {
+    # answered, then two fast-path requests sent at once: their answers in order, each to its own request
+    "pipelined-after-ordinary": [(ABSOLUTE, 1), (_get("/a") + PREFLIGHT + _get("/b"), 3)],
+    # an ordinary answer to a request whose body it does not read (a refused target): aiohttp reads the body away
+    # (lingering) before the next request; the body's bytes must never be taken for a request
+    "unread-body-then-get": [
+        (request("POST", "/x#frag", b"Content-Length: 40\r\n"), 1),
+        (b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n" + b"z" * 6, 0),
+        (_get("/after"), 1),
+    ],
+    # Connection: close: the next request, sent as soon as the answer is read, gets nothing
+    "close-then-get": [(_get("http://proxy.test/c", b"Connection: close\r\n"), 1), (_get("/late"), None)],
+    "http10-then-get": [(b"GET /old HTTP/1.0\r\nHost: x\r\n" + ORIGIN + b"\r\n", 1), (_get("/late"), None)],
+    "http10-keepalive-then-get": [
+        (b"GET /old HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n" + ORIGIN + b"\r\n", 1),
+        (_get("/next"), 1),
+    ],
+    # a refused upgrade (the ordinary path answers it), then a request that takes the fast path
+    "upgrade-refused-then-get": [
+        (
+            _get(
+                "/ws",
+                b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://evil.test\r\n",
+            ),
+            1,
+        ),
+        (_get("/after-ws"), 1),
+    ],
+    # a malformed request: 400 and close, whatever follows
+    "malformed-then-get": [(b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n", 1), (_get("/late"), None)],
+    "tiny-writes": [(ABSOLUTE, 1), *((bytes([byte]), 0) for byte in _get("/tiny")), (b"", 1)],
+}
+
+
+async def _echo_target(connection: RawConnection) -> None:
+    while (received := await connection.read_request()) is not None:
+        body = received.target.encode("latin-1") + b" %d" % len(received.body)
+        await connection.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_requests_in_the_window_are_answered_as_the_ordinary_path_answers(tmp_path: Path, name: str, loop: str) -> None:
+    script = SCRIPTS[name]
+
+    async def scenario() -> None:
+        answers: list[list[bytes]] = []
+        async with RawUpstream(_echo_target) as upstream:
+            for fast in (True, False):
+                config = config_on(tmp_path, upstream.port, f"w-{fast}")
+                async with serve_proxy(config, fast_forwarding=fast, fast_preflights=fast) as proxy:
+                    answers.append(await asyncio.to_thread(_play, proxy.port, script, 8))
+            assert not [r for r in upstream.received if b"smuggled" in r.head]
+        assert answers[0] == answers[1]
+
+    _run(loop, scenario)
+
+
+def _inject_after_ordinary_answers(proxy: RunningProxy, after: bytes, injected: list[bytes]) -> None:
+    """Every connection of ``proxy``, once the ordinary handler has written an answer, receives ``after`` in the
+    window before aiohttp's request loop runs on: from a callback queued while the handler's task was finishing (its
+    answer's access-log call), so it runs after that task ends and before the loop's wake-up. That is where bytes
+    land when the client is quick, made certain instead of likely (uvloop runs I/O before queued callbacks)."""
+    server: Any = proxy.runner.server
+    make = server._new_handler
+
+    def hooked(**kwargs: Any) -> Any:
+        protocol = make(**kwargs)
+        log_access = protocol.log_access
+
+        def access_logged(*args: Any) -> None:
+            log_access(*args)
+            if not injected:
+                injected.append(after)
+                asyncio.get_running_loop().call_soon(protocol.data_received, after)
+
+        protocol.log_access = access_logged
+        return protocol
+
+    server._new_handler = hooked
+
+
+WINDOW: dict[str, tuple[bytes, bytes, int | None]] = {
+    # (first request, for the ordinary path; bytes that land in the window; answers the client then gets, None:
+    # one, then the proxy closes the connection)
+    "keep-alive": (ABSOLUTE, _get("/next") + PREFLIGHT + _get("/last"), 4),
+    "connection-close": (_get("http://proxy.test/c", b"Connection: close\r\n"), _get("/late"), None),
+    "http10": (b"GET /old HTTP/1.0\r\nHost: x\r\n" + ORIGIN + b"\r\n", _get("/late"), None),
+    "unread-body": (
+        request("POST", "/x#frag", b"Content-Length: 40\r\n"),
+        b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n" + b"z" * 6 + _get("/after"),
+        2,
+    ),
+    "unread-body-close": (
+        request("POST", "/x#frag", b"Content-Length: 40\r\nConnection: close\r\n"),
+        b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n" + b"z" * 6 + _get("/after"),
+        None,
+    ),
+    "refused-upgrade": (
+        _get(
+            "/ws",
+            b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://evil.test\r\n",
+        ),
+        _get("/after-ws"),
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("name", list(WINDOW))
+def test_bytes_landing_before_the_request_loop_waits_are_answered_in_order(
+    tmp_path: Path, name: str, loop: str
+) -> None:
+    first, after, count = WINDOW[name]
+
+    async def scenario() -> None:
+        answers: list[list[bytes]] = []
+        taken: list[Exchange] = []
+        async with RawUpstream(_echo_target) as upstream:
+            for fast in (True, False):
+                config = config_on(tmp_path, upstream.port, f"i-{fast}")
+                async with serve_proxy(config, fast_forwarding=fast, fast_preflights=fast) as proxy:
+                    injected: list[bytes] = []
+                    _inject_after_ordinary_answers(proxy, after, injected)
+                    if fast:
+                        count_exchanges(proxy.runner, taken)
+                    script: Script = [(first, None)] if count is None else [(first, count)]
+                    answers.append(await asyncio.to_thread(_play, proxy.port, script, 1))
+                    assert injected
+            assert not [r for r in upstream.received if b"smuggled" in r.head]
+        assert len(answers[0]) == (2 if count is None else count), answers[0]  # (the answer and the close)
+        assert answers[0] == answers[1]
+        if name == "keep-alive":
+            assert [exchange.message.path for exchange in taken] == ["/next", "/last"]
+
+    _run(loop, scenario)
