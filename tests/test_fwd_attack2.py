@@ -243,7 +243,7 @@ async def test_bodies_in_parts_are_forwarded_and_refused_alike(tmp_path: Path, n
                 seen.append([(r.head.split(b"\r\n", 1)[0], r.body, r.complete) for r in upstream.received[before:]])
                 if fast and name not in ("length-over-limit-declared", "chunked-bad-after-good-at-once"):
                     assert taken, "the fast path did not take the request"
-    assert answers[0].startswith(b"HTTP/1.1 "), answers[0]
+    assert answers[0].startswith(b"HTTP/1."), answers[0]  # (the parser's own 400 is an HTTP/1.0 answer)
     assert answers[0] == answers[1], answers
     assert [s for s in seen[0] if s[2]] == [s for s in seen[1] if s[2]], seen  # the same complete requests upstream
 
