@@ -12,20 +12,23 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from corsproxy.core.decision import Decision, Kind, Reason
 from corsproxy.core.log_limit import LineLimiter
 from corsproxy.core.outcome import Outcome
 from corsproxy.core.settings import Logging
 from corsproxy.http.forward import Exchange, Forwarder
-from corsproxy.ops.request_log import JsonFormatter, RequestLog
-from tests.support.fwd import ORIGIN, config_on, count_exchanges, normal, request
+from corsproxy.ops.request_log import JsonFormatter, RequestLog, TextFormatter
+from tests.support.fwd import ORIGIN, config_on, count_exchanges, normal, raw, request
 from tests.support.inprocess import RunningProxy, serve_proxy
 from tests.support.raw_upstream import OK, RawConnection, RawUpstream
 
@@ -455,3 +458,207 @@ def test_bytes_landing_before_the_request_loop_waits_are_answered_in_order(
             assert [exchange.message.path for exchange in taken] == ["/next", "/last"]
 
     _run(loop, scenario)
+
+
+# -- plans kept per request head ------------------------------------------------------------------------------------
+
+
+async def test_a_plan_is_never_shared_between_a_trusted_and_an_untrusted_peer(tmp_path: Path) -> None:
+    """The same head bytes from a trusted proxy (127.0.0.1) and from anyone else (127.0.0.2): the first's
+    X-Forwarded-For is appended to, the second's replaced — whichever comes first, a plan made for one is not used
+    for the other."""
+    head = _get("/who", b"X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n")
+    for order in (("127.0.0.1", "127.0.0.2"), ("127.0.0.2", "127.0.0.1")):
+        async with RawUpstream(_echo_target) as upstream:
+            config = config_on(tmp_path, upstream.port, f"t-{order[0]}", forwarding={"trusted_proxies": ["127.0.0.1"]})
+            async with serve_proxy(config) as proxy:
+                taken: list[Exchange] = []
+                count_exchanges(proxy.runner, taken)
+                for source in order * 2:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, local_addr=(source, 0))
+                    try:
+                        writer.write(head)
+                        assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+                    finally:
+                        writer.close()
+                        await writer.wait_closed()
+                assert len(taken) == 4
+        for source, received in zip(order * 2, upstream.received, strict=True):
+            if source == "127.0.0.1":
+                assert received.values("X-Forwarded-For") == ["6.6.6.6, 127.0.0.1"]
+                assert received.values("X-Forwarded-Host") == ["evil.test"]
+                assert received.values("X-Forwarded-Proto") == ["https"]
+            else:
+                assert received.values("X-Forwarded-For") == ["127.0.0.2"]
+                assert received.values("X-Forwarded-Host") == ["proxy.test"]
+                assert received.values("X-Forwarded-Proto") == ["http"]
+
+
+RELOADS: dict[str, dict[str, Any]] = {
+    "methods": {"cors": {"allow_methods": ["GET"]}},
+    "credentials": {"cors": {"allow_credentials": False}},
+    "expose": {"cors": {"expose_headers": ["x-other"]}},
+    "report-only": {"mode": "report-only"},
+    "preserve-host": {"forwarding": {"preserve_host": True}},
+    # (Not compared: a new upstream URL. The ordinary path keeps the base URL its client session was made with until
+    # a restart, the fast path uses the new one at once.)
+}
+
+
+@pytest.mark.parametrize("name", list(RELOADS))
+async def test_a_reload_changes_the_next_answer_as_on_the_ordinary_path(tmp_path: Path, name: str) -> None:
+    """A plan kept for a head, then a configuration swapped in (as a reload swaps ``ProxyState.config``): the very
+    next answer on the same connection, and what the upstream is sent, are what the ordinary path makes of it."""
+    from corsproxy.config import parse_config
+    from corsproxy.http.app import STATE
+    from tests.support.config import merge
+
+    outcomes = []
+    async with RawUpstream(_echo_target) as upstream:
+        for fast in (True, False):
+            data = config_on(tmp_path, upstream.port, f"r-{fast}")
+            change = RELOADS[name]
+            before = len(upstream.received)
+            async with serve_proxy(data, fast_forwarding=fast) as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                try:
+                    answers = []
+                    for n in range(3):
+                        if n == 2:
+                            proxy.app[STATE].config = parse_config(merge(data, change), env={})
+                        writer.write(request("DELETE", "/d", b"X-Request-Id: 1\r\n"))
+                        answers.append(normal(await _response(reader)))
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
+            outcomes.append((answers, [r.head for r in upstream.received[before:]]))
+    assert outcomes[0] == outcomes[1]
+
+
+# -- response heads held to the end of an upstream read -------------------------------------------------------------
+
+
+def _scripted(writes: list[bytes]) -> Callable[[RawConnection], Coroutine[Any, Any, None]]:
+    """An upstream answering each request with ``writes``, one write each, a moment apart; an empty write closes
+    the connection there."""
+
+    async def handler(connection: RawConnection) -> None:
+        while await connection.read_request() is not None:
+            for data in writes:
+                if not data:
+                    connection.writer.transport.abort()
+                    return
+                await connection.send(data)
+                await asyncio.sleep(0.05)
+
+    return handler
+
+
+ANSWERS: dict[str, tuple[str, list[bytes]]] = {
+    "head-then-body": ("GET", [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", b"ab", b"cd"]),
+    "chunked-pieces": ("GET", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"2\r\nab\r\n", b"0\r\n\r\n"]),
+    "interim-then-final": ("GET", [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK]),
+    "interim-and-head": ("GET", [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", b"ok"]),
+    "head-request": ("HEAD", [b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n"]),
+    "no-content": ("GET", [b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"]),
+    "not-modified": ("GET", [b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\nContent-Length: 9\r\n\r\n']),
+    "until-close": ("GET", [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"part", b"rest"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ANSWERS))
+async def test_responses_in_pieces_are_relayed_as_the_ordinary_path_relays_them(tmp_path: Path, name: str) -> None:
+    method, writes = ANSWERS[name]
+    answers = []
+    for fast in (True, False):
+        async with (
+            RawUpstream(_scripted(writes)) as upstream,
+            serve_proxy(config_on(tmp_path, upstream.port, f"p-{fast}"), fast_forwarding=fast) as proxy,
+        ):
+            answers.append(normal(await raw(proxy.port, request(method, "/p"))))
+    assert answers[0].startswith(b"HTTP/1.1 "), answers[0]
+    assert answers[0] == answers[1], answers
+
+
+@pytest.mark.parametrize(
+    "writes",
+    [
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", b""],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", b""],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", b""],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    ],
+    ids=["length-cut", "chunked-cut", "head-alone-cut", "bad-chunk-with-head"],
+)
+async def test_a_response_cut_after_its_head_never_looks_complete(tmp_path: Path, writes: list[bytes]) -> None:
+    """The head is held to the end of the read; the upstream then dies (or sends garbage): the client gets the head
+    and a cut connection, never a response that looks whole (a last chunk, the announced length)."""
+    async with (
+        RawUpstream(_scripted(writes)) as upstream,
+        serve_proxy(config_on(tmp_path, upstream.port, "cut")) as proxy,
+    ):
+        taken: list[Exchange] = []
+        count_exchanges(proxy.runner, taken)
+        answer = await raw(proxy.port, request("GET", "/cut") + request("GET", "/never"))
+    assert [exchange.error for exchange in taken] == ["disconnect"]
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer  # the head was sent (held to the end of its read)
+    assert not answer.endswith(b"0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"Content-Length: 10" in head:
+        assert len(body) < 10
+    assert answer.count(b"HTTP/1.1 ") == 1  # the pipelined request behind it is not answered on a cut connection
+
+
+# -- the request log's kept line pieces -------------------------------------------------------------------------------
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
+    ['"', "\\", "\u2028", "\x00\x1b", "é", "\udcff", "a\nb"]
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=_TEXT,
+    client=_TEXT,
+    origin=st.none() | _TEXT,
+    error=st.none() | _TEXT,
+    status=st.sampled_from([200, 403, 502]),
+    latency=st.none() | st.floats(0, 1e6),
+    json_lines=st.booleans(),
+)
+def test_direct_lines_are_the_logging_lines_for_any_text(
+    parent: logging.Logger,
+    path: str,
+    client: str,
+    origin: str | None,
+    error: str | None,
+    status: int,
+    latency: float | None,
+    json_lines: bool,
+) -> None:
+    """Whatever a path, client, origin or upstream error holds (quotes, backslashes, control and line-separator
+    characters, non-ASCII, surrogates), the line made from kept pieces — the first time and the second — is the one
+    ``logging`` writes with the same formatter."""
+    formatter = JsonFormatter if json_lines else TextFormatter
+    decision = Decision(Kind.ACTUAL, Reason.ALLOWED, origin=origin)
+    outcome = Outcome("GET", "/" + path, client, decision, status, 7, 0.25, latency, error)
+    lines = []
+    for handler_class in (logging.StreamHandler, _OtherHandler):
+        stream = io.StringIO()
+        handler = handler_class(stream)
+        handler.setFormatter(formatter())
+        parent.handlers[:] = [handler]
+        log = _request_log(logging.getLogger("corsproxy-attack2-test.request"))
+        assert (log._direct_for(logging.INFO) is handler) is (handler_class is logging.StreamHandler)
+        log(outcome)
+        log(outcome)
+        lines.append(_STAMP.sub("-", stream.getvalue()))
+    assert lines[0] == lines[1]
+    assert lines[0].count("\n") == 2 or not json_lines
+
+
+class _OtherHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Not corsproxy's own setup: the request log must use ``logging`` for it."""
+
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
