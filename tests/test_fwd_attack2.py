@@ -662,3 +662,42 @@ class _OtherHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_a_pooled_connection_closed_under_a_request_is_answered_as_on_the_ordinary_path(
+    tmp_path: Path, method: str
+) -> None:
+    """The upstream answers once, then closes its connection when the next request arrives, answering nothing: what
+    a pooled connection the upstream had just closed looks like. The fast path now sends bodies on pooled connections
+    directly; an idempotent request is sent again on a new connection, a POST (and its body) is not."""
+    statuses = []
+    for fast in (True, False):
+        served = 0
+
+        async def once_then_close(connection: RawConnection) -> None:
+            nonlocal served
+            while await connection.read_request() is not None:
+                served += 1
+                if served == 2:
+                    connection.writer.transport.abort()
+                    return
+                await connection.send(OK)
+
+        async with (
+            RawUpstream(once_then_close) as upstream,
+            serve_proxy(config_on(tmp_path, upstream.port, f"stale-{fast}"), fast_forwarding=fast) as proxy,
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(request("GET", "/first"))
+                assert (await _response(reader)).startswith(b"HTTP/1.1 200 ")
+                body = b"" if method == "GET" else b"Content-Length: 5\r\n"
+                writer.write(request(method, "/second", body, b"hello" if body else b""))
+                statuses.append((await _response(reader)).split(b"\r\n", 1)[0])
+            finally:
+                writer.close()
+                await writer.wait_closed()
+            statuses.append(b"%d" % len([r for r in upstream.received if b"/second" in r.head]))
+    assert statuses[0:2] == statuses[2:4], statuses
+    assert statuses[0:2] == ([b"HTTP/1.1 200 OK", b"2"] if method == "GET" else [b"HTTP/1.1 502 Bad Gateway", b"1"])
