@@ -51,6 +51,11 @@ __all__ = ["FORWARDED", "Exchange", "Forwarder"]
 
 #: Request and response heads kept per forwarder (see Forwarder.__init__).
 _HEADS_KEPT = 4096
+#: Bytes of request heads the plans may keep in all (their targets and header lines, and the upstream heads made from
+#: them), and in one plan: a head within the limits can be 128 lines of ``limits.max_header_size`` each, so a bound on
+#: the count alone would let a client make a worker keep gigabytes. Heads clients repeat are a few KiB.
+_PLAN_BYTES_KEPT = 1 << 24
+_PLAN_BYTES_MAX = 1 << 16
 
 log = logging.getLogger("corsproxy")
 
@@ -69,7 +74,8 @@ class Forwarder:
     head for the upstream — is a pure function of the head's bytes, the connection's client address and scheme, the
     configuration and the origin set, and clients send the same heads request after request. So it is kept per head
     (a :class:`_Plan`), under the decision cache's rules: dropped when the configuration, the engine or the origin
-    set's generation changes, not used past the matched entry's expiry, bounded (cleared whole when full).
+    set's generation changes, not used past the matched entry's expiry, bounded in count and in bytes (cleared whole
+    when full; a head too large to be one clients repeat is not kept).
     """
 
     def __init__(self, app: web.Application) -> None:
@@ -79,6 +85,7 @@ class Forwarder:
         self._pool_config: Config | None = None
         self.date_line = DateLine()  # called by the exchanges: the Date line of a response written now
         self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._plans_bytes = 0  # see _PLAN_BYTES_KEPT
         self._response_heads: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
         self._plans_config: Config | None = None  # what the plans were made against
         self._plans_decider: DecisionCache | None = None
@@ -103,6 +110,7 @@ class Forwarder:
         generation = state.store.generation()
         if config is not self._plans_config or decider is not self._plans_decider or generation != self._generation:
             self._plans.clear()
+            self._plans_bytes = 0
             self._response_heads.clear()
             self._plans_config, self._plans_decider, self._generation = config, decider, generation
         has_body = payload is not EMPTY_PAYLOAD
@@ -111,11 +119,21 @@ class Forwarder:
         if plan is None or now >= plan.until:
             plan = self._plan(message, state, config, decider, protocol, has_body, now)
             if plan.until > now:  # not what the decision cache does not memoise either (several Origin lines)
-                _kept(self._plans, key, plan)
+                self._keep(key, plan, message)
         if plan.head is None:
             return None
         return Exchange(self, state, pool, protocol, message, payload if has_body else None, plan.decision,
                         plan.cors_headers, plan.head, started)  # fmt: skip
+
+    def _keep(self, key: tuple[Any, ...], plan: _Plan, message: RawRequestMessage) -> None:
+        size = len(message.path) + len(plan.head or b"") + sum(len(name) + len(value) for name, value in key[2])
+        if size > _PLAN_BYTES_MAX:
+            return  # not a head clients repeat: made again if it comes again
+        if len(self._plans) >= _HEADS_KEPT or self._plans_bytes + size > _PLAN_BYTES_KEPT:
+            self._plans.clear()
+            self._plans_bytes = 0
+        self._plans[key] = plan
+        self._plans_bytes += size
 
     def _plan(
         self,

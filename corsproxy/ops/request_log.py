@@ -134,6 +134,7 @@ class RequestLog:
         self._logger_json = _quote(self.logger.name) + ',"pid":' + str(self._pid)
         self._direct: dict[int, tuple[int, logging.StreamHandler[Any] | None]] = {}  # see _direct_for
         self._lines: dict[tuple[object, ...], tuple[Decision, str, str, str]] = {}  # see _write_direct
+        self._lines_size = 0  # characters the kept pieces hold, see _LINE_PIECES_KEPT
 
     def __call__(self, outcome: Outcome) -> None:
         # Both gates come before anything is built: with logging.level above info (or allowed requests sampled out),
@@ -248,9 +249,12 @@ class RequestLog:
         pieces = self._lines.get(key)
         if pieces is None or pieces[0] is not decision:
             pieces = self._line_pieces(decision, client, method, path, status, sent, error, level, json_line)
-            if len(self._lines) >= 4096:
-                self._lines.clear()  # bounded: clients choose paths and origins
+            size = len(path) + len(pieces[1]) + len(pieces[2])
+            if len(self._lines) >= 4096 or self._lines_size + size > _LINE_PIECES_KEPT:
+                self._lines.clear()  # bounded, in count and in characters: clients choose paths and origins
+                self._lines_size = 0
             self._lines[key] = pieces
+            self._lines_size += size
         if json_line:
             line = "".join(
                 (
@@ -356,6 +360,10 @@ class RequestLog:
 
 
 _MESSAGE = '%s %s %s "%s" origin=%s %s (%s) %d %dB upstream=%s'
+#: Characters the kept line pieces may hold in all: a path can be ``limits.max_header_size`` long and is kept three
+#: times (the key, the message, the path field; quotes and backslashes escaped in two), so a bound on the count alone
+#: would let any client make a worker keep hundreds of megabytes. Lines of paths clients repeat are a few hundred.
+_LINE_PIECES_KEPT = 1 << 22
 #: A JSON string literal, as json.dumps writes one (ensure_ascii): the C encoder when the json module has it.
 _quote = json.encoder.encode_basestring_ascii
 
