@@ -163,7 +163,7 @@ def test_kept_log_line_pieces_stay_within_a_memory_bound(parent: logging.Logger)
     to hundreds of megabytes (4096 entries of a 16 KiB path, kept in the key and twice escaped in the pieces)."""
     stream = _direct_setup(parent)
     log = _request_log(logging.getLogger("corsproxy-attack2-test.request"))
-    assert log._direct_for(logging.INFO) is not None
+    assert log._direct_handler(logging.INFO) is not None
     decision = Decision(Kind.NON_CORS, Reason.NO_ORIGIN)
     padding = '"\\' * 8000
     for n in range(600):  # about 10 MiB of paths
@@ -649,7 +649,7 @@ def test_direct_lines_are_the_logging_lines_for_any_text(
         handler.setFormatter(formatter())
         parent.handlers[:] = [handler]
         log = _request_log(logging.getLogger("corsproxy-attack2-test.request"))
-        assert (log._direct_for(logging.INFO) is handler) is (handler_class is logging.StreamHandler)
+        assert (log._direct_handler(logging.INFO) is handler) is (handler_class is logging.StreamHandler)
         log(outcome)
         log(outcome)
         lines.append(_STAMP.sub("-", stream.getvalue()))
