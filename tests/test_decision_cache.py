@@ -77,6 +77,22 @@ def test_two_origin_lines_are_never_cached(config: Config, store: OriginStore) -
     assert cache._entries == {}
 
 
+@pytest.mark.parametrize("field", ["origin", "request_headers"])
+def test_shapes_with_long_fields_are_judged_not_kept(config: Config, store: OriginStore, field: str) -> None:
+    """A client sends each field up to limits.max_header_size long: a shape that long is answered like any other, but
+    not kept (8192 of them would keep hundreds of megabytes); an ordinary one still is."""
+    cache = DecisionCache(config.engine)
+    long_headers = (",".join(f"x-h{i}" for i in range(2000)),)
+    origin = "https://" + "a" * 3000 + ".example.org" if field == "origin" else "https://app.example.com"
+    asked = CorsRequest("OPTIONS", (origin,), ("PUT",), long_headers if field == "request_headers" else ())
+    decision, headers = cache.judge(asked, store, 0.0)
+    assert decision == config.engine.judge(asked, store, 0.0)
+    assert headers == tuple(preflight_headers(config.engine, decision))
+    assert cache._entries == {}
+    cache.judge(CorsRequest("OPTIONS", ("https://app.example.com",), ("PUT",)), store, 0.0)
+    assert len(cache._entries) == 1
+
+
 def test_cache_key_covers_method_headers_and_private_network(config: Config, store: OriginStore) -> None:
     cache = DecisionCache(config.engine)
     origin = ("https://app.example.com",)

@@ -463,7 +463,7 @@ class DecisionCache:
         set's generation stays the same (the matched entry's expiry; ``-inf`` when the answer is not memoised: a
         request with several ``Origin`` lines). For a cache of serialised answers kept beside this one."""
         engine = self.engine
-        if len(request.origins) != 1:
+        if len(request.origins) != 1 or _field_chars(request) > _KEPT_FIELDS_MAX:
             decision = engine.judge(request, store, now)
             return decision, self._headers(decision), float("-inf")
         generation = store.generation()
@@ -494,6 +494,18 @@ class DecisionCache:
         if decision.allowed and policy is not None and policy.expose_all and policy.allow_credentials:
             return None  # depends on the response's header names
         return tuple(actual_headers(decision))
+
+
+#: Characters of CORS field values a memoised shape may hold: its key keeps them, and a client can send each up to
+#: ``limits.max_header_size`` long, so 8192 shapes of 16 KiB fields would keep hundreds of megabytes. An origin is at
+#: most a few hundred characters and a real preflight's header list rarely a few hundred more; longer ones are judged
+#: each time (and, as the fast paths' caches follow this one, not kept there either).
+_KEPT_FIELDS_MAX = 2048
+
+
+def _field_chars(request: CorsRequest) -> int:
+    fields = (request.origins, request.request_methods, request.request_headers)
+    return sum(len(value) for values in fields for value in values)
 
 
 def route_key(engine: CorsEngine, path: str) -> tuple[int, ...]:
